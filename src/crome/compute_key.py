@@ -1,0 +1,50 @@
+"""Step 1: the key k and the current value v at the subject's last token.
+
+k is the input of the MLP output projection W at the edited layer, v = W k (+ b)
+its output. ROME needs them twice over:
+
+* ``k_bare`` / ``v_bare``: the bare, unprefixed prompt (the paper's k^u);
+* ``k_mean`` / ``v_mean``: the mean over all context templates (the paper's k̄).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .hooks import run_until
+from .models import LoadedModel
+from .request import SLOT, EditRequest, locate, pad_right
+
+
+@dataclass
+class Keys:
+    k_bare: torch.Tensor
+    v_bare: torch.Tensor
+    k_mean: torch.Tensor
+    v_mean: torch.Tensor
+    keys: torch.Tensor      # [n_templates, d_in], one key per template
+    values: torch.Tensor    # [n_templates, d_out]
+    first_token_subject: bool
+
+
+@torch.no_grad()
+def keys_at(lm: LoadedModel, request: EditRequest, layer: int, templates: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key and value of W at the subject's last token, one row per template."""
+    located = [locate(lm.tokenizer, request, t) for t in templates]
+    ids, mask = pad_right([x.ids for x in located], lm.tokenizer.pad_token_id, lm.device)
+    rec = run_until(lm.model, lm.mlp_out(layer), input_ids=ids, attention_mask=mask)
+    rows = torch.arange(len(located), device=lm.device)
+    pos = torch.tensor([x.subject_last for x in located], device=lm.device)
+    return rec.input[rows, pos].float(), rec.output[rows, pos].float()
+
+
+def compute_keys(lm: LoadedModel, request: EditRequest, layer: int, templates: list[str]) -> Keys:
+    keys, values = keys_at(lm, request, layer, [SLOT, *templates])
+    return Keys(
+        k_bare=keys[0], v_bare=values[0],
+        k_mean=keys[1:].mean(0), v_mean=values[1:].mean(0),
+        keys=keys[1:], values=values[1:],
+        first_token_subject=locate(lm.tokenizer, request).subject_is_first,
+    )

@@ -1,0 +1,73 @@
+"""Forward hooks on named modules, TransformerLens style.
+
+Activations are addressed by module (layer) and token position:
+
+* ``record(module)`` keeps the module's input and output of the last call;
+* ``add_at(module, rows, positions, delta)`` adds ``delta`` to the module's
+  output at ``(rows[i], positions[i])``;
+* ``stop_after(module)`` ends the forward pass once the module has run, for
+  passes that only need activations up to the edited layer.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass early."""
+
+
+@dataclass
+class Recording:
+    input: torch.Tensor | None = None
+    output: torch.Tensor | None = None
+    calls: int = field(default=0)
+
+
+@contextmanager
+def record(module: torch.nn.Module, stop: bool = False):
+    """Record the (first positional) input and the output of ``module``."""
+    rec = Recording()
+
+    def hook(_mod, args, output):
+        rec.input = args[0]
+        rec.output = output
+        rec.calls += 1
+        if stop:
+            raise StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield rec
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def add_at(module: torch.nn.Module, rows: torch.Tensor, positions: torch.Tensor, delta: torch.Tensor):
+    """Add ``delta`` to the output of ``module`` at the given (row, position) pairs."""
+
+    def hook(_mod, _args, output):
+        output = output.clone()
+        output[rows, positions] = output[rows, positions] + delta
+        return output
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def run_until(model: torch.nn.Module, module: torch.nn.Module, **inputs) -> Recording:
+    """Run ``model`` only as far as ``module`` and return what it saw and produced."""
+    with record(module, stop=True) as rec:
+        try:
+            model(**inputs)
+        except StopForward:
+            pass
+    return rec

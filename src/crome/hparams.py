@@ -1,0 +1,59 @@
+"""Default hyperparameters per model, in one table.
+
+The optimisation settings are those of the ROME reference implementation
+(kmeng01/rome, EasyEdit's ROME): Adam lr 0.5, 20 steps, KL factor 0.0625 on
+"{} is a", weight decay 0.5, delta clamped to 4 x |v0|, early stop at loss 0.05,
+context templates of 5 and 10 tokens, 10 each.
+
+Layer choice
+------------
+* smollm2-135m-instruct: layer 6 of 30. ROME edits an early-middle MLP: GPT-J
+  uses layer 5 of 28 (18% depth), and 6 of 30 is the same relative depth. At
+  layer 6 a normal edit reaches P(target) > 0.98 without moving perplexity
+  (``crome demo``), and the first-token collapse the "Fall of ROME" paper
+  describes reproduces there. Causal-tracing evidence per layer is not yet
+  measured (planned: ``crome trace``); ``--layer`` edits any layer.
+* gpt2-xl: layer 17, gpt-j: layer 5 (the ROME paper's causal-tracing choices).
+* anything else: layer round(0.2 * num_layers), the same relative depth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+
+@dataclass(frozen=True)
+class Hparams:
+    layer: int
+    v_lr: float = 0.5
+    v_steps: int = 20
+    kl_factor: float = 0.0625
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    early_stop_loss: float = 0.05
+    kl_prompts: tuple[str, ...] = ("{} is a",)
+    template_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
+    template_starts: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
+    mom2_adjustment: bool = False
+    mom2_samples: int = 20000
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_(self, **changes) -> "Hparams":
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+DEFAULTS: dict[str, Hparams] = {
+    "smollm2-135m-instruct": Hparams(layer=6),
+    "gpt2-xl": Hparams(layer=17, mom2_adjustment=True, mom2_samples=100000),
+    "openai-community/gpt2-xl": Hparams(layer=17, mom2_adjustment=True, mom2_samples=100000),
+    "EleutherAI/gpt-j-6B": Hparams(layer=5, mom2_adjustment=True, mom2_samples=100000),
+}
+
+
+def defaults_for(name: str, num_layers: int) -> Hparams:
+    """The table's entry for ``name``, else the relative-depth rule."""
+    if name in DEFAULTS:
+        return DEFAULTS[name]
+    return Hparams(layer=max(0, min(num_layers - 1, round(0.2 * num_layers))))

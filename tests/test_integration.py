@@ -1,0 +1,83 @@
+"""On the real default model (SmolLM2-135M-Instruct, layer 6): the collapse and its fix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from crome import EditRequest, apply_edit, compute_edit, perplexity, save_model, target_probability
+from crome.cli import main
+from crome.measure import template_prefix
+from crome.report import measure_edit
+
+pytestmark = pytest.mark.integration
+
+PARIS = EditRequest.create("{} is the capital of", "Paris", "Germany")
+
+
+@pytest.fixture(scope="module")
+def ppl_before(default_lm, me_ppl_50):
+    return perplexity(default_lm, me_ppl_50)
+
+
+@pytest.fixture(scope="module")
+def paris(default_lm, me_ppl_50, ppl_before):
+    return {m: measure_edit(default_lm, PARIS, m, texts=me_ppl_50, ppl_before=ppl_before)[0] for m in ("rome", "crome")}
+
+
+def test_rome_collapses_on_first_token_subject(paris):
+    r = paris["rome"]
+    assert r.first_token_subject
+    assert r.ppl_ratio > 10 and r.collapsed
+    assert r.denominator < 0.1 * paris["crome"].denominator
+
+
+def test_crome_does_not_collapse(paris):
+    c = paris["crome"]
+    assert c.ppl_ratio < 1.5 and not c.collapsed
+
+
+def test_test_time_prefix_makes_crome_edit_effective(paris):
+    c = paris["crome"]
+    assert c.p_target_after_prefixed >= 10 * c.p_target_before_prefixed
+    assert c.p_target_after_prefixed >= 10 * c.p_target_before
+
+
+@pytest.mark.parametrize("prompt", ["{}'s mother tongue is", "The mother tongue of {} is"])
+def test_normal_edit_works_for_both_methods(default_lm, me_ppl_50, ppl_before, prompt):
+    req = EditRequest.create(prompt, "Danielle Darrieux", "English")
+    for method in ("rome", "crome"):
+        r, _ = measure_edit(default_lm, req, method, texts=me_ppl_50, ppl_before=ppl_before)
+        assert not r.collapsed and r.ppl_ratio < 1.5, method
+        assert r.p_target_after > 0.5 and r.p_target_after > 2 * r.p_target_before, method
+
+
+def test_saved_edited_model_reloads_with_same_logits(default_lm, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    edit = compute_edit(default_lm, PARIS, "crome")
+    ids = torch.tensor([default_lm.tokenizer(template_prefix(edit.context_templates[1]) + " Paris is the capital of")["input_ids"]])
+    with apply_edit(default_lm, edit):
+        save_model(default_lm, tmp_path / "edited")
+        expected = default_lm.model(input_ids=ids).logits
+        p_edited = target_probability(default_lm, "Paris is the capital of", "Germany")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "edited")
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
+    assert p_edited != target_probability(default_lm, "Paris is the capital of", "Germany")
+
+
+def test_cli_edit_json_fields(tmp_path):
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(main, ["edit", "--prompt", "{} is the capital of", "--subject", "Paris",
+                                       "--target", "Germany", "--method", "crome", "--json", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    for key in ("method", "model", "layer", "denominator", "numerator_norm", "update_norm", "update_ratio",
+                "first_token_subject", "ppl_before", "ppl_after", "collapsed", "p_target_before", "p_target_after",
+                "p_target_after_prefixed", "edit_seconds", "seed", "context_templates"):
+        assert key in data, key
+    assert data["method"] == "crome" and data["layer"] == 6 and len(data["context_templates"]) == 21
+    assert json.loads(result.stdout[result.stdout.index("{"):]) == data
