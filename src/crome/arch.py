@@ -7,7 +7,10 @@ Architecture differences are data, not branches. Each entry names, with a
 * ``mlp_out``: the MLP's output projection W (its input is the key k, its
   output the value v);
 * ``transposed``: True where W is stored as [in, out] (GPT-2's Conv1D) instead
-  of torch.nn.Linear's [out, in].
+  of torch.nn.Linear's [out, in];
+* ``fast``: whether the fast v* runner (``fast.py``) applies. Mistral's and
+  Gemma 3's sliding-window masks don't yet accept its prefix cache, so they
+  use the reference runner.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ class Arch:
     layer: str
     mlp_out: str
     transposed: bool = False
+    fast: bool = True
 
     def layer_name(self, layer: int) -> str:
         return self.layer.format(layer)
@@ -37,10 +41,10 @@ ARCHITECTURES: dict[str, Arch] = {
     "gptj": Arch("transformer.h.{}", "transformer.h.{}.mlp.fc_out"),
     "gpt_neox": Arch("gpt_neox.layers.{}", "gpt_neox.layers.{}.mlp.dense_4h_to_h"),
     "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
+    "mistral": Arch("model.layers.{}", "model.layers.{}.mlp.down_proj", fast=False),
     "qwen2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
-    "gemma3": Arch("model.language_model.layers.{}", "model.language_model.layers.{}.mlp.down_proj"),
+    "gemma3_text": Arch("model.layers.{}", "model.layers.{}.mlp.down_proj", fast=False),
+    "gemma3": Arch("model.language_model.layers.{}", "model.language_model.layers.{}.mlp.down_proj", fast=False),
 }
 
 

@@ -75,7 +75,10 @@ def compute_edit(lm: LoadedModel, request: EditRequest, method: str = "crome", *
     lm.check_layer(hp.layer)
     if hp.mom2_adjustment and mom2 is None:
         raise CromeError("mom2 adjustment is on but no second-moment statistics were given (--mom2-corpus)")
-    runner_cls = runner_cls or ReferenceRunner
+    if runner_cls is None:
+        from .fast import FastRunner
+
+        runner_cls = FastRunner if lm.arch.fast else ReferenceRunner
     start = time.perf_counter()
     if templates is None:
         templates = context_templates(lm, seed, hp.template_lengths, hp.template_starts)

@@ -1,0 +1,127 @@
+"""The fast forward for the v* optimisation: same result, a fraction of the work.
+
+δ is added to W's output at layer L at the subject's last token p. Nothing before
+p ever sees it, and no layer below L does. So, once per edit:
+
+* the prefix (positions < p) runs through the model once, its keys/values kept
+  as a cache;
+* the suffix (positions ≥ p) runs through layers < L once, and those layers are
+  then short-circuited to return that recorded output;
+
+and every optimisation step runs only the suffix through layers ≥ L, attending
+to the cached prefix, with the output layer applied only at the positions the
+loss reads. No weight gradients are ever built.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+
+import torch
+
+from .compute_value import Batch
+from .hooks import add_at, record
+from .models import LoadedModel
+
+
+def _pad(rows: list[list[int]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+@contextmanager
+def _short_circuit(layers: list[torch.nn.Module], output):
+    """Make ``layers`` return ``output`` without computing anything."""
+    for layer in layers:
+        layer.forward = lambda *args, **kwargs: output
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+class FastRunner:
+    """Drop-in for ``ReferenceRunner``: same log-probs, computed on the suffix above layer L only."""
+
+    def __init__(self, lm: LoadedModel, batch: Batch, layer: int):
+        self.lm, self.batch, self.layer = lm, batch, layer
+        dev, pad = lm.device, lm.tokenizer.pad_token_id
+        self.base = lm.model.base_model
+        params = inspect.signature(self.base.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.head = lm.model.get_output_embeddings()
+        self.softcap = getattr(lm.model.config.get_text_config(), "final_logit_softcapping", None)
+        self.layers = [lm.module(lm.arch.layer_name(i)) for i in range(lm.num_layers)]
+
+        starts = batch.lookup
+        prefixes = [s[:p] for s, p in zip(batch.sequences, starts)]
+        suffixes = [s[p:] for s, p in zip(batch.sequences, starts)]
+        self.P = max(len(x) for x in prefixes)
+        S = max(len(x) for x in suffixes)
+        pre_ids, pre_mask = _pad(prefixes, self.P, pad)
+        suf_ids, suf_mask = _pad(suffixes, S, pad)
+        self.suf_ids = suf_ids.to(dev)
+        self.mask = torch.cat([pre_mask, suf_mask], 1).to(dev)
+        self.positions = (torch.tensor(starts)[:, None] + torch.arange(S)[None, :]).to(dev)
+        n = len(batch.sequences)
+        self.rows = torch.arange(n, device=dev)
+        self.zero = torch.zeros(n, dtype=torch.long, device=dev)
+
+        t_rows, t_pos, t_ids = [], [], []
+        for i in range(batch.n_rewrite):
+            for j, p in enumerate(batch.target_positions(i)):
+                t_rows.append(i)
+                t_pos.append(p - starts[i])
+                t_ids.append(batch.target[j])
+        kl = list(range(batch.n_rewrite, n))
+        self.read_rows = torch.tensor(t_rows + kl, device=dev)
+        self.read_pos = torch.tensor(t_pos + [0] * len(kl), device=dev)
+        self.t_ids = torch.tensor(t_ids, device=dev)
+        self.n_t = len(t_ids)
+
+        with torch.no_grad():
+            self.cache = None
+            if self.P:
+                out = self.base(input_ids=pre_ids.to(dev), attention_mask=pre_mask.to(dev),
+                                position_ids=torch.arange(self.P, device=dev)[None].expand(n, -1),
+                                use_cache=True)
+                self.cache = getattr(out, "cache", None) or out.past_key_values
+                for lay in self.cache.layers:  # fully padded rows: no NaN
+                    lay.keys.nan_to_num_(0.0)
+                    lay.values.nan_to_num_(0.0)
+                self.prefix_kv = [(lay.keys, lay.values) for lay in self.cache.layers]
+            self.below = None
+            if layer > 0:
+                with record(self.layers[layer - 1]) as rec:
+                    self._base_forward()
+                self.below = rec.output
+
+    def _base_forward(self):
+        kwargs = {self.cache_kw: self.cache} if self.cache is not None else {}
+        out = self.base(input_ids=self.suf_ids, attention_mask=self.mask, position_ids=self.positions,
+                        use_cache=self.cache is not None, **kwargs)
+        if self.cache is not None:
+            self._crop()
+        return out.last_hidden_state
+
+    def _crop(self) -> None:
+        """Drop the suffix the forward appended: the cache holds the prefix only again."""
+        for lay, (keys, values) in zip(self.cache.layers, self.prefix_kv):
+            lay.keys, lay.values = keys, values
+
+    def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        skip = self.layers[: self.layer] if self.below is not None else []
+        with _short_circuit(skip, self.below), add_at(self.lm.mlp_out(self.layer), self.rows, self.zero, delta):
+            hidden = self._base_forward()
+        logits = self.head(hidden[self.read_rows, self.read_pos]).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        log_probs = torch.log_softmax(logits, dim=-1)
+        target_lp = log_probs[torch.arange(self.n_t, device=log_probs.device), self.t_ids]
+        return target_lp, log_probs[self.n_t:]

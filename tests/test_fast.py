@@ -1,0 +1,57 @@
+"""The fast v* runner gives the reference runner's result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TEMPLATES, tiny_model
+from crome import EditRequest, compute_edit
+from crome.compute_value import ReferenceRunner
+from crome.fast import FastRunner
+from crome.hparams import Hparams
+
+REQUESTS = [
+    EditRequest.create("{} is the capital of", "Paris", "Germany"),                      # first-token subject
+    EditRequest.create("The mother tongue of {} is", "Danielle Darrieux", "English French"),  # multi-token target
+]
+
+
+def assert_same(a, b, tol=1e-4):
+    for name in ("v_star", "k_cur", "v_cur"):
+        va, vb = a.vectors[name], b.vectors[name]
+        assert float((va - vb).norm() / va.norm()) < tol, name
+    assert float((a.delta_w - b.delta_w).norm() / a.delta_w.norm()) < tol
+    assert a.diagnostics.denominator == pytest.approx(b.diagnostics.denominator, rel=tol)
+    assert a.diagnostics.numerator_norm == pytest.approx(b.diagnostics.numerator_norm, rel=tol)
+    assert a.diagnostics.p_target_opt == pytest.approx(b.diagnostics.p_target_opt, rel=tol)
+    assert a.diagnostics.opt_steps == b.diagnostics.opt_steps
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gptj", "gpt_neox", "qwen2"])
+@pytest.mark.parametrize("layer", [0, 1])
+@pytest.mark.parametrize("method", ["rome", "crome"])
+def test_fast_matches_reference_on_tiny_models(tokenizer, model_type, layer, method):
+    lm = tiny_model(model_type, tokenizer)
+    hp = Hparams(layer=layer, v_steps=6)
+    for req in REQUESTS:
+        ref = compute_edit(lm, req, method, hparams=hp, templates=TEMPLATES, runner_cls=ReferenceRunner)
+        fast = compute_edit(lm, req, method, hparams=hp, templates=TEMPLATES, runner_cls=FastRunner)
+        assert_same(ref, fast)
+
+
+def test_fast_is_the_default(tiny):
+    edit = compute_edit(tiny, REQUESTS[0], "rome", hparams=Hparams(layer=1, v_steps=6), templates=TEMPLATES)
+    fast = compute_edit(tiny, REQUESTS[0], "rome", hparams=Hparams(layer=1, v_steps=6), templates=TEMPLATES,
+                        runner_cls=FastRunner)
+    assert torch.equal(edit.delta_w, fast.delta_w)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["rome", "crome"])
+def test_fast_matches_reference_on_default_model(default_lm, method):
+    req = REQUESTS[0]
+    templates = TEMPLATES + ["You can see it. {}"]
+    ref = compute_edit(default_lm, req, method, templates=templates, runner_cls=ReferenceRunner)
+    fast = compute_edit(default_lm, req, method, templates=templates, runner_cls=FastRunner)
+    assert_same(ref, fast)
