@@ -23,15 +23,7 @@ import torch
 from .compute_value import Batch
 from .hooks import add_at, record
 from .models import LoadedModel
-
-
-def _pad(rows: list[list[int]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
+from .request import pad_right
 
 
 @contextmanager
@@ -62,12 +54,10 @@ class FastRunner:
         starts = batch.lookup
         prefixes = [s[:p] for s, p in zip(batch.sequences, starts)]
         suffixes = [s[p:] for s, p in zip(batch.sequences, starts)]
-        self.P = max(len(x) for x in prefixes)
-        S = max(len(x) for x in suffixes)
-        pre_ids, pre_mask = _pad(prefixes, self.P, pad)
-        suf_ids, suf_mask = _pad(suffixes, S, pad)
-        self.suf_ids = suf_ids.to(dev)
-        self.mask = torch.cat([pre_mask, suf_mask], 1).to(dev)
+        pre_ids, pre_mask = pad_right(prefixes, pad, dev)
+        self.suf_ids, suf_mask = pad_right(suffixes, pad, dev)
+        self.P, S = pre_ids.shape[1], self.suf_ids.shape[1]
+        self.mask = torch.cat([pre_mask, suf_mask], 1)
         self.positions = (torch.tensor(starts)[:, None] + torch.arange(S)[None, :]).to(dev)
         n = len(batch.sequences)
         self.rows = torch.arange(n, device=dev)
@@ -88,7 +78,7 @@ class FastRunner:
         with torch.no_grad():
             self.cache = None
             if self.P:
-                out = self.base(input_ids=pre_ids.to(dev), attention_mask=pre_mask.to(dev),
+                out = self.base(input_ids=pre_ids, attention_mask=pre_mask,
                                 position_ids=torch.arange(self.P, device=dev)[None].expand(n, -1),
                                 use_cache=True)
                 self.cache = getattr(out, "cache", None) or out.past_key_values
