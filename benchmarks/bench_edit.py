@@ -1,23 +1,38 @@
-"""Reference vs fast v* path on the default model, in one process.
+"""Reference vs fast path on the default model, in one process.
 
-    python benchmarks/bench_edit.py [--n 2] [--layer 6]
+    python benchmarks/bench_edit.py [--n 3] [--layer 6] [--cases 3] \
+        [--ppl-data ../shared/data/me-ppl/ME-PPL_50.json] [--data ../shared/data/counterfact/counterfact-val.json]
 
-Prints seconds per edit for each path, the speed-up, the largest relative
-difference of v* and ΔW, peak resident memory, and the time of a cached model load.
+Prints, for the same requests and context templates:
+* seconds per edit on the reference and the fast v* path, the speed-up, and the
+  largest relative difference of v* and ΔW between them;
+* seconds per post-edit perplexity check (plain vs monitor) and their difference;
+* seconds per full CounterFact case (edit, every metric, perplexity, restore), as
+  ``crome eval`` runs it;
+* a cold model load (GGUF conversion into an empty cache) vs a cached one;
+* peak resident memory of this process.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
+import tempfile
 import time
 
 import torch
 
-from crome import EditRequest, compute_edit, load_model
+from crome import EditRequest, apply_edit, compute_edit, load_model
 from crome.compute_value import ReferenceRunner
-from crome.fast import FastRunner
+from crome.datasets import load_cases
+from crome.evaluate import Settings, evaluate_case
+from crome.fast import FastRunner, PerplexityMonitor
+from crome.hparams import defaults_for
+from crome.measure import perplexity
+from crome.templates import context_templates
+from crome.texts import load_texts
 
 REQUESTS = [
     ("{} is the capital of", "Paris", "Germany"),
@@ -26,16 +41,43 @@ REQUESTS = [
 ]
 
 
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def cold_load() -> float:
+    """Load the default model into an empty cache: the GGUF is dequantized and converted."""
+    old = os.environ.get("CROME_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["CROME_CACHE_DIR"] = tmp
+        try:
+            _, seconds = timed(lambda: load_model(progress=False))
+        finally:
+            if old is None:
+                del os.environ["CROME_CACHE_DIR"]
+            else:
+                os.environ["CROME_CACHE_DIR"] = old
+    return seconds
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=len(REQUESTS))
+    ap.add_argument("--n", type=int, default=len(REQUESTS), help="requests (each edited with rome and crome)")
     ap.add_argument("--layer", type=int, default=None)
+    ap.add_argument("--ppl-data", default=None, help="perplexity texts (default: the bundled corpus)")
+    ap.add_argument("--data", default=None, help="CounterFact file for the full-case timing")
+    ap.add_argument("--cases", type=int, default=3)
     args = ap.parse_args()
-    load_model(progress=False)  # make sure the converted model is cached
-    t = time.perf_counter()
-    lm = load_model(progress=False)
-    load_s = time.perf_counter() - t
-    print(f"torch threads: {torch.get_num_threads()}, device: {lm.device}, cached model load: {load_s:.2f} s")
+
+    cold = cold_load()
+    lm, cached = timed(lambda: load_model(progress=False))
+    print(f"torch {torch.__version__}, threads: {torch.get_num_threads()}, device: {lm.device}")
+    print(f"model load: cold (GGUF conversion) {cold:.1f} s, cached {cached:.2f} s")
+    hp = defaults_for(lm.name, lm.num_layers).with_(layer=args.layer)
+    templates = context_templates(lm, 0, hp.template_lengths, hp.template_starts)
+
     times = {"reference": [], "fast": []}
     worst_v = worst_w = 0.0
     for prompt, subject, target in REQUESTS[: args.n]:
@@ -43,18 +85,38 @@ def main():
         for method in ("rome", "crome"):
             edits = {}
             for name, runner in (("reference", ReferenceRunner), ("fast", FastRunner)):
-                t = time.perf_counter()
-                edits[name] = compute_edit(lm, req, method, layer=args.layer, runner_cls=runner)
-                times[name].append(time.perf_counter() - t)
+                edits[name], s = timed(lambda: compute_edit(lm, req, method, hparams=hp, templates=templates,
+                                                            runner_cls=runner))
+                times[name].append(s)
             a, b = edits["reference"], edits["fast"]
             dv = float((a.vectors["v_star"] - b.vectors["v_star"]).norm() / a.vectors["v_star"].norm())
             dw = float((a.delta_w - b.delta_w).norm() / a.delta_w.norm())
             worst_v, worst_w = max(worst_v, dv), max(worst_w, dw)
-            print(f"{method:5} {req.text()!r:45} reference {times['reference'][-1]:6.1f} s  fast {times['fast'][-1]:6.1f} s"
-                  f"  rel.diff v* {dv:.1e}  ΔW {dw:.1e}")
+            print(f"{method:5} {req.text()!r:45} reference {times['reference'][-1]:5.1f} s  fast "
+                  f"{times['fast'][-1]:5.1f} s  rel.diff v* {dv:.1e}  ΔW {dw:.1e}", flush=True)
     ref, fast = statistics.median(times["reference"]), statistics.median(times["fast"])
-    print(f"median seconds per edit: reference {ref:.1f}, fast {fast:.1f}, speed-up {ref / fast:.1f}x")
+    print(f"edit, median seconds: reference {ref:.1f}, fast {fast:.1f}, speed-up {ref / fast:.1f}x")
     print(f"max relative difference: v* {worst_v:.1e}, ΔW {worst_w:.1e}")
+
+    texts = load_texts(args.ppl_data)
+    monitor, setup = timed(lambda: PerplexityMonitor(lm, texts, hp.layer))
+    edit = compute_edit(lm, EditRequest.create(*REQUESTS[0]), "rome", hparams=hp, templates=templates)
+    with apply_edit(lm, edit):
+        plain, t_plain = timed(lambda: perplexity(lm, texts))
+        quick, t_quick = timed(monitor)
+    print(f"perplexity after an edit ({len(texts)} texts): plain {t_plain:.2f} s, monitor {t_quick:.2f} s "
+          f"(set-up once per run {setup:.2f} s), speed-up {t_plain / t_quick:.1f}x, rel.diff {abs(plain - quick) / plain:.1e}")
+
+    if args.data:
+        cases = load_cases(args.data).cases[: args.cases]
+        secs = []
+        for method in ("rome", "crome"):
+            settings = Settings(method=method, model=lm.name, layer=hp.layer, seed=0)
+            for case in cases:
+                _, s = timed(lambda: evaluate_case(lm, case, settings, hp, templates, monitor))
+                secs.append(s)
+        print(f"full CounterFact case (edit, metrics with and without prefix, perplexity, restore): "
+              f"median {statistics.median(secs):.1f} s over {len(secs)} cases")
     print(f"peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 

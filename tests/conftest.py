@@ -44,6 +44,8 @@ def tiny_config(model_type: str, vocab_size: int):
         return AutoConfig.for_model("gpt_neox", num_hidden_layers=3, hidden_size=32, num_attention_heads=2,
                                     intermediate_size=64, max_position_embeddings=128, **common)
     extra = dict(head_dim=16) if model_type == "gemma3_text" else {}
+    if model_type in ("mistral", "gemma3_text"):
+        extra["sliding_window"] = 6  # shorter than the templated prompts, so the window matters
     return AutoConfig.for_model(model_type, num_hidden_layers=3, hidden_size=32, num_attention_heads=2,
                                 num_key_value_heads=1, intermediate_size=64, max_position_embeddings=128,
                                 **extra, **common)

@@ -8,7 +8,9 @@ import torch
 from conftest import TEMPLATES, tiny_model
 from crome import EditRequest, compute_edit
 from crome.compute_value import ReferenceRunner
-from crome.fast import FastRunner
+from crome.edit import apply_edit
+from crome.fast import FastRunner, PerplexityMonitor
+from crome.measure import perplexity
 from crome.hparams import Hparams
 
 REQUESTS = [
@@ -28,7 +30,7 @@ def assert_same(a, b, tol=1e-4):
     assert a.diagnostics.opt_steps == b.diagnostics.opt_steps
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gptj", "gpt_neox", "qwen2"])
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gptj", "gpt_neox", "qwen2", "mistral", "gemma3_text"])
 @pytest.mark.parametrize("layer", [0, 1])
 @pytest.mark.parametrize("method", ["rome", "crome"])
 def test_fast_matches_reference_on_tiny_models(tokenizer, model_type, layer, method):
@@ -45,6 +47,28 @@ def test_fast_is_the_default(tiny):
     fast = compute_edit(tiny, REQUESTS[0], "rome", hparams=Hparams(layer=1, v_steps=6), templates=TEMPLATES,
                         runner_cls=FastRunner)
     assert torch.equal(edit.delta_w, fast.delta_w)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "mistral", "gemma3_text"])
+def test_perplexity_monitor_matches_reference(tokenizer, model_type):
+    lm = tiny_model(model_type, tokenizer)
+    texts = ["The cat sat on the mat and looked at the door.", "Rain fell.",
+             "A longer passage about rivers, mountains and the people who live between them.", "Yes."]
+    monitor = PerplexityMonitor(lm, texts, layer=1, batch_size=3)
+    assert monitor.baseline == pytest.approx(perplexity(lm, texts, batch_size=3), rel=1e-5)
+    edit = compute_edit(lm, REQUESTS[0], "rome", hparams=Hparams(layer=1, v_steps=4), templates=TEMPLATES)
+    with apply_edit(lm, edit):
+        after = perplexity(lm, texts)
+        assert after != pytest.approx(monitor.baseline, rel=1e-3)  # the edit changed something
+        assert monitor() == pytest.approx(after, rel=1e-5)
+    assert monitor() == pytest.approx(monitor.baseline, rel=1e-6)
+
+
+def test_perplexity_monitor_rejects_bad_layer(tiny):
+    from crome.errors import CromeError
+
+    with pytest.raises(CromeError, match="layer"):
+        PerplexityMonitor(tiny, ["some text"], layer=99)
 
 
 @pytest.mark.integration

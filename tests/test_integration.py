@@ -8,8 +8,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from crome import EditRequest, apply_edit, compute_edit, perplexity, save_model, target_probability
+from crome import EditRequest, apply_edit, compute_edit, save_model, target_probability
 from crome.cli import main
+from crome.fast import PerplexityMonitor
 from crome.measure import template_prefix
 from crome.report import measure_edit
 
@@ -19,13 +20,13 @@ PARIS = EditRequest.create("{} is the capital of", "Paris", "Germany")
 
 
 @pytest.fixture(scope="module")
-def ppl_before(default_lm, me_ppl_50):
-    return perplexity(default_lm, me_ppl_50)
+def monitor(default_lm, me_ppl_50):
+    return PerplexityMonitor(default_lm, me_ppl_50, 6)
 
 
 @pytest.fixture(scope="module")
-def paris(default_lm, me_ppl_50, ppl_before):
-    return {m: measure_edit(default_lm, PARIS, m, texts=me_ppl_50, ppl_before=ppl_before)[0] for m in ("rome", "crome")}
+def paris(default_lm, monitor):
+    return {m: measure_edit(default_lm, PARIS, m, monitor=monitor)[0] for m in ("rome", "crome")}
 
 
 def test_rome_collapses_on_first_token_subject(paris):
@@ -47,10 +48,10 @@ def test_test_time_prefix_makes_crome_edit_effective(paris):
 
 
 @pytest.mark.parametrize("prompt", ["{}'s mother tongue is", "The mother tongue of {} is"])
-def test_normal_edit_works_for_both_methods(default_lm, me_ppl_50, ppl_before, prompt):
+def test_normal_edit_works_for_both_methods(default_lm, monitor, prompt):
     req = EditRequest.create(prompt, "Danielle Darrieux", "English")
     for method in ("rome", "crome"):
-        r, _ = measure_edit(default_lm, req, method, texts=me_ppl_50, ppl_before=ppl_before)
+        r, _ = measure_edit(default_lm, req, method, monitor=monitor)
         assert not r.collapsed and r.ppl_ratio < 1.5, method
         assert r.p_target_after > 0.5 and r.p_target_after > 2 * r.p_target_before, method
 
@@ -81,3 +82,28 @@ def test_cli_edit_json_fields(tmp_path):
         assert key in data, key
     assert data["method"] == "crome" and data["layer"] == 6 and len(data["context_templates"]) == 21
     assert json.loads(result.stdout[result.stdout.index("{"):]) == data
+
+
+def test_guard_refuses_the_collapsing_rome_edit(default_lm):
+    from crome.guard import GuardRefused, guarded_edit
+
+    before = {k: v.clone() for k, v in default_lm.model.state_dict().items()}
+    with pytest.raises(GuardRefused, match="predicted to collapse"):
+        guarded_edit(default_lm, PARIS, "rome", "refuse")
+    after = default_lm.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    edit, decision = guarded_edit(default_lm, PARIS, "rome", "fallback")
+    assert edit.method == "crome" and decision["guard_predicted_collapse"]
+    assert torch.equal(edit.delta_w, compute_edit(default_lm, PARIS, "crome").delta_w)
+    normal = EditRequest.create("The mother tongue of {} is", "Danielle Darrieux", "English")
+    edit, decision = guarded_edit(default_lm, normal, "rome", "refuse")  # a healthy ROME edit passes
+    assert edit.method == "rome" and decision["guard_predicted_collapse"] is False
+
+
+def test_cli_guard_refuse_exits_3_with_one_line(tmp_path):
+    res = CliRunner().invoke(main, ["edit", "--prompt", "{} is the capital of", "--subject", "Paris",
+                                    "--target", "Germany", "--method", "rome", "--guard", "refuse", "--no-ppl",
+                                    "--out", str(tmp_path / "r.json")])
+    assert res.exit_code == 3, res.output
+    assert "guard refused" in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "r.json").exists()

@@ -6,11 +6,11 @@ Architecture differences are data, not branches. Each entry names, with a
 * ``layer``: the transformer block;
 * ``mlp_out``: the MLP's output projection W (its input is the key k, its
   output the value v);
+* ``attn_out``: the attention's output projection (causal tracing restores its output);
 * ``transposed``: True where W is stored as [in, out] (GPT-2's Conv1D) instead
   of torch.nn.Linear's [out, in];
-* ``fast``: whether the fast v* runner (``fast.py``) applies. Mistral's and
-  Gemma 3's sliding-window masks don't yet accept its prefix cache, so they
-  use the reference runner.
+* ``fast``: whether the fast runner (``fast.py``) applies; every family here
+  supports it, the flag is for a future layout that doesn't.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from .errors import CromeError
 class Arch:
     layer: str
     mlp_out: str
+    attn_out: str
     transposed: bool = False
     fast: bool = True
 
@@ -33,18 +34,22 @@ class Arch:
     def mlp_out_name(self, layer: int) -> str:
         return self.mlp_out.format(layer)
 
+    def attn_out_name(self, layer: int) -> str:
+        return self.attn_out.format(layer)
 
-_LLAMA_LIKE = Arch("model.layers.{}", "model.layers.{}.mlp.down_proj")
+
+_LLAMA_LIKE = Arch("model.layers.{}", "model.layers.{}.mlp.down_proj", "model.layers.{}.self_attn.o_proj")
 
 ARCHITECTURES: dict[str, Arch] = {
-    "gpt2": Arch("transformer.h.{}", "transformer.h.{}.mlp.c_proj", transposed=True),
-    "gptj": Arch("transformer.h.{}", "transformer.h.{}.mlp.fc_out"),
-    "gpt_neox": Arch("gpt_neox.layers.{}", "gpt_neox.layers.{}.mlp.dense_4h_to_h"),
+    "gpt2": Arch("transformer.h.{}", "transformer.h.{}.mlp.c_proj", "transformer.h.{}.attn.c_proj", transposed=True),
+    "gptj": Arch("transformer.h.{}", "transformer.h.{}.mlp.fc_out", "transformer.h.{}.attn.out_proj"),
+    "gpt_neox": Arch("gpt_neox.layers.{}", "gpt_neox.layers.{}.mlp.dense_4h_to_h", "gpt_neox.layers.{}.attention.dense"),
     "llama": _LLAMA_LIKE,
-    "mistral": Arch("model.layers.{}", "model.layers.{}.mlp.down_proj", fast=False),
+    "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
-    "gemma3_text": Arch("model.layers.{}", "model.layers.{}.mlp.down_proj", fast=False),
-    "gemma3": Arch("model.language_model.layers.{}", "model.language_model.layers.{}.mlp.down_proj", fast=False),
+    "gemma3_text": _LLAMA_LIKE,
+    "gemma3": Arch("model.language_model.layers.{}", "model.language_model.layers.{}.mlp.down_proj",
+                   "model.language_model.layers.{}.self_attn.o_proj"),
 }
 
 

@@ -1,4 +1,7 @@
-"""The fast forward for the v* optimisation: same result, a fraction of the work.
+"""Fast paths: the same numbers as the straightforward computation, a fraction of the work.
+
+``FastRunner`` replaces ``compute_value.ReferenceRunner`` in the v* optimisation;
+``PerplexityMonitor`` replaces ``measure.perplexity`` after edits at one layer.
 
 δ is added to W's output at layer L at the subject's last token p. Nothing before
 p ever sees it, and no layer below L does. So, once per edit:
@@ -16,12 +19,13 @@ loss reads. No weight gradients are ever built.
 from __future__ import annotations
 
 import inspect
+import math
 from contextlib import contextmanager
 
 import torch
 
 from .compute_value import Batch
-from .hooks import add_at, record
+from .hooks import add_at, record, run_until
 from .models import LoadedModel
 from .request import pad_right
 
@@ -47,14 +51,14 @@ class FastRunner:
         self.base = lm.model.base_model
         params = inspect.signature(self.base.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.head = lm.model.get_output_embeddings()
-        self.softcap = getattr(lm.model.config.get_text_config(), "final_logit_softcapping", None)
         self.layers = [lm.module(lm.arch.layer_name(i)) for i in range(lm.num_layers)]
 
         starts = batch.lookup
         prefixes = [s[:p] for s, p in zip(batch.sequences, starts)]
         suffixes = [s[p:] for s, p in zip(batch.sequences, starts)]
-        pre_ids, pre_mask = pad_right(prefixes, pad, dev)
+        # prefixes padded on the left, so that every row's prefix ends where its suffix
+        # starts: index distances then equal token distances, as sliding windows assume
+        pre_ids, pre_mask = pad_right(prefixes, pad, dev, left=True)
         self.suf_ids, suf_mask = pad_right(suffixes, pad, dev)
         self.P, S = pre_ids.shape[1], self.suf_ids.shape[1]
         self.mask = torch.cat([pre_mask, suf_mask], 1)
@@ -79,13 +83,15 @@ class FastRunner:
             self.cache = None
             if self.P:
                 out = self.base(input_ids=pre_ids, attention_mask=pre_mask,
-                                position_ids=torch.arange(self.P, device=dev)[None].expand(n, -1),
+                                position_ids=(torch.tensor(starts, device=dev)[:, None] - self.P
+                                              + torch.arange(self.P, device=dev)[None]).clamp(min=0),
                                 use_cache=True)
                 self.cache = getattr(out, "cache", None) or out.past_key_values
                 for lay in self.cache.layers:  # fully padded rows: no NaN
                     lay.keys.nan_to_num_(0.0)
                     lay.values.nan_to_num_(0.0)
-                self.prefix_kv = [(lay.keys, lay.values) for lay in self.cache.layers]
+                # everything a cache layer holds (keys, values, a sliding window's length)
+                self.prefix_state = [dict(vars(lay)) for lay in self.cache.layers]
             self.below = None
             if layer > 0:
                 with record(self.layers[layer - 1]) as rec:
@@ -102,16 +108,53 @@ class FastRunner:
 
     def _crop(self) -> None:
         """Drop the suffix the forward appended: the cache holds the prefix only again."""
-        for lay, (keys, values) in zip(self.cache.layers, self.prefix_kv):
-            lay.keys, lay.values = keys, values
+        for lay, state in zip(self.cache.layers, self.prefix_state):
+            vars(lay).clear()
+            vars(lay).update(state)
 
     def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         skip = self.layers[: self.layer] if self.below is not None else []
         with _short_circuit(skip, self.below), add_at(self.lm.mlp_out(self.layer), self.rows, self.zero, delta):
             hidden = self._base_forward()
-        logits = self.head(hidden[self.read_rows, self.read_pos]).float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        log_probs = torch.log_softmax(logits, dim=-1)
+        log_probs = torch.log_softmax(self.lm.logits(hidden[self.read_rows, self.read_pos]), dim=-1)
         target_lp = log_probs[torch.arange(self.n_t, device=log_probs.device), self.t_ids]
         return target_lp, log_probs[self.n_t:]
+
+
+class PerplexityMonitor:
+    """Perplexity of a fixed text set, measured again cheaply after edits at ``layer``.
+
+    An edit at layer L changes nothing below L. The texts are tokenised once, the
+    output of layer L-1 is recorded once (with the unedited model), and each later
+    call runs only layers ≥ L and the output layer. ``baseline`` is the unedited
+    model's perplexity. The numbers equal ``measure.perplexity`` (same token
+    weighting; batches sorted by length, so up to float rounding).
+    """
+
+    def __init__(self, lm: LoadedModel, texts: list[str], layer: int, batch_size: int = 10, max_length: int = 256):
+        lm.check_layer(layer)
+        self.lm, self.layer = lm, layer
+        self.layers = [lm.module(lm.arch.layer_name(i)) for i in range(lm.num_layers)]
+        tokens = sorted((lm.tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts), key=len)
+        self.batches = []  # texts of similar length batched together: little padding
+        for start in range(0, len(tokens), batch_size):
+            seqs = tokens[start:start + batch_size]
+            ids, mask = pad_right(seqs, lm.tokenizer.pad_token_id, lm.device)
+            below = None
+            if layer > 0:
+                with torch.no_grad():
+                    below = run_until(lm.model, self.layers[layer - 1], input_ids=ids, attention_mask=mask).output
+            self.batches.append((ids, mask, below))
+        self.baseline = self()
+
+    @torch.no_grad()
+    def __call__(self) -> float:
+        nll, count = 0.0, 0
+        for ids, mask, below in self.batches:
+            skip = self.layers[: self.layer] if below is not None else []
+            with _short_circuit(skip, below):
+                logits = self.lm.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            m = mask[:, 1:].bool()
+            nll += float(torch.nn.functional.cross_entropy(logits[m], ids[:, 1:][m], reduction="sum").double())
+            count += int(m.sum())
+        return math.exp(nll / count)

