@@ -2,7 +2,7 @@
 time and sequentially, on the default model.
 
     python benchmarks/reference_table.py --data ../shared/data/counterfact/counterfact-val.json \
-        --ppl-data ../shared/data/me-ppl/ME-PPL_50.json --n 200 --seq 100 --out-dir docs/results
+        --ppl-data ../shared/data/me-ppl/ME-PPL_50.json --n 200 --seq 100 --monitor-every 1,5 --out-dir docs/results
 
 Writes, into --out-dir: eval-rome.jsonl, eval-crome.jsonl (one case at a time, each
 restored), seq-rome.jsonl, seq-crome.jsonl (edits accumulate), their timing files,
@@ -34,15 +34,16 @@ def plot_sequential(runs: dict[str, list[dict]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    colours = {"rome": "tab:red", "crome": "tab:blue"}
     for method, recs in runs.items():
         steps = [r["step"] for r in recs if r.get("collapsed") is not None]
         ppl = [r["ppl_after"] if r.get("ppl_after") is not None else float("inf") for r in recs
                if r.get("collapsed") is not None]
-        ax1.plot(steps, ppl, label=method.upper().replace("CROME", "C-ROME"))
+        ax1.plot(steps, ppl, color=colours.get(method), label=method.upper().replace("CROME", "C-ROME"))
         for key, style in (("retained_efficacy", "-"), ("retained_efficacy_prefixed", "--")):
             pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
             if pts:
-                ax2.plot(*zip(*pts), style, label=f"{method.upper().replace('CROME', 'C-ROME')}"
+                ax2.plot(*zip(*pts), style, color=colours.get(method), label=f"{method.upper().replace('CROME', 'C-ROME')}"
                          + (" (test prefix)" if "prefixed" in key else ""))
     bases = [recs[0]["ppl_before"] for recs in runs.values() if recs]
     if bases:
@@ -68,6 +69,8 @@ def main():
     ap.add_argument("--test-prefix", default="fixed")
     ap.add_argument("--out-dir", default="docs/results")
     ap.add_argument("--methods", default="rome,crome")
+    ap.add_argument("--monitor-every", default="1",
+                    help="sequential runs: perplexity and retained efficacy every k-th edit; one k, or one per method (1,5)")
     args = ap.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,10 +88,14 @@ def main():
             "torch": torch.__version__, "threads": torch.get_num_threads(), "data": Path(args.data).name,
             "n": args.n, "seq": args.seq, "seed": args.seed, "test_prefix": args.test_prefix, "runs": {}}
 
+    every = [int(k) for k in args.monitor_every.split(",")]
+    every = dict(zip(methods, every if len(every) == len(methods) else every * len(methods)))
+
     def settings(method, sequential):
         return evaluate.Settings(method=method, model=lm.name, layer=hp.layer, seed=args.seed,
                                  test_prefix=args.test_prefix, data=Path(args.data).name,
-                                 ppl_data=Path(args.ppl_data).name, sequential=sequential)
+                                 ppl_data=Path(args.ppl_data).name, sequential=sequential,
+                                 monitor_every=every[method] if sequential else 1)
 
     runs = {}
     for kind, n, sequential in (("eval", args.n, False), ("seq", args.seq, True)):
@@ -104,12 +111,17 @@ def main():
                                                 "cases_per_minute": summary.cases_per_minute(path)}
             print(f"{kind}-{method}: {len(records)} records, {info['runs'][f'{kind}-{method}']}", flush=True)
 
+    # tables and plot from every run in the folder (a method may have run in an earlier invocation)
     for kind, name in (("eval", "reference-table.md"), ("seq", "sequential-table.md")):
-        header, rows = summary.side_by_side([(m.upper().replace("CROME", "C-ROME"), runs[(kind, m)]) for m in methods])
+        found = {m: evaluate.ResultsFile(out / f"{kind}-{m}.jsonl").read() for m in ("rome", "crome")}
+        found = {m: recs for m, recs in found.items() if recs}
+        if not found:
+            continue
+        header, rows = summary.side_by_side([(m.upper().replace("CROME", "C-ROME"), recs) for m, recs in found.items()])
         (out / name).write_text(summary.to_markdown(header, rows))
         print(summary.to_markdown(header, rows))
-    if args.seq:
-        plot_sequential({m: runs[("seq", m)] for m in methods}, out / "sequential.png")
+        if kind == "seq":
+            plot_sequential(found, out / "sequential.png")
     (out / "run.json").write_text(json.dumps(info, indent=2))
 
 
