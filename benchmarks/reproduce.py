@@ -239,7 +239,7 @@ def write_doc(runs, calib, anatomy, keys, first, prefix, trace, guard, path: Pat
         f"Calibrated on {g['calibration']['n']} ROME edits of counterfact-train "
         f"({g['calibration']['collapsed']} collapsed): the first 50 cases, plus the 30 cases of the next 1,000 "
         "with the smallest ROME denominators (collapses are rare; keys alone give the denominator, so this "
-        "enrichment costs no edits): rule `{g['rule']['feature']} "
+        f"enrichment costs no edits): rule `{g['rule']['feature']} "
         f"{'>' if g['rule']['above'] else '<'} {g['rule']['threshold']:.3g}`. On the {g['test']['n']} held-out "
         f"counterfact-val ROME edits ({g['test']['collapsed']} collapsed): precision {_f(g['test']['precision'])}, "
         f"recall {_f(g['test']['recall'])} ({g['test']['predicted']} predicted). crome's built-in rule "

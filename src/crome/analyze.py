@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .evaluate import json_safe
 from .summary import to_markdown
 
 KIND_COLOURS = {"k^u, first-token subject": "tab:red", "k^u, other subject": "tab:orange",
@@ -39,7 +40,7 @@ def _plt():
 
 def _write(out_dir: Path, name: str, data: dict, header: list[str], rows: list[list[str]]) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(_nan_to_none(data), indent=1, allow_nan=False, default=_jsonable))
+    (out_dir / f"{name}.json").write_text(json.dumps(json_safe(data), indent=1, allow_nan=False, default=_jsonable))
     (out_dir / f"{name}.md").write_text(to_markdown(header, rows))
     return data
 
@@ -104,22 +105,12 @@ def update_anatomy(runs: list[tuple[str, list[dict]]], out_dir: Path) -> dict:
             m = {k: statistics.median([p[k] for p in pts]) if pts else math.nan for k in ANATOMY}
             medians[f"{label} / {group}"] = dict(n=len(pts), **m)
             rows.append([label, group, str(len(pts))] + [_g(m[k]) for k in ANATOMY])
-    data = dict(points=points, medians=_nan_to_none(medians), plots=["update_scatter.png", "denominator_hist.png"])
+    data = dict(points=points, medians=json_safe(medians), plots=["update_scatter.png", "denominator_hist.png"])
     return _write(out_dir, "update_anatomy", data, ["run", "edits", "n"] + [f"median {k}" for k in ANATOMY], rows)
 
 
 def _number(x) -> bool:
     return isinstance(x, (int, float)) and not math.isnan(x)
-
-
-def _nan_to_none(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_nan_to_none(v) for v in x]
-    return x
 
 
 # ------------------------------------------------------------------ 2. key geometry
@@ -373,5 +364,5 @@ def guard_analysis(calibration: list[dict], test: list[dict], out_dir: Path) -> 
     rows = [[name, str(result[key]["n"]), str(result[key]["collapsed"]), str(result[key]["predicted"]),
              _g(result[key]["precision"]), _g(result[key]["recall"])]
             for name, key in (("calibration", "calibration"), ("test (held out)", "test"))]
-    return _write(out_dir, "guard", _nan_to_none(result), ["cases", "n", "collapsed", "predicted collapse",
+    return _write(out_dir, "guard", json_safe(result), ["cases", "n", "collapsed", "predicted collapse",
                                                            "precision", "recall"], rows)

@@ -193,7 +193,7 @@ class ResultsFile:
 
     def append(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(_finite(record), allow_nan=False) + "\n").encode()
+        line = (json.dumps(json_safe(record), allow_nan=False) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line)
@@ -202,14 +202,14 @@ class ResultsFile:
             os.close(fd)
 
 
-def _finite(x):
+def json_safe(x):
     """NaN and inf become null: the file stays strict JSON."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_finite(v) for v in x]
+        return [json_safe(v) for v in x]
     return x
 
 
