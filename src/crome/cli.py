@@ -288,17 +288,8 @@ def _print_table(header, rows, title=None):
 def summarize(results, md_path, csv_path):
     """Summaries of eval runs, side by side."""
     from . import summary
-    from .evaluate import ResultsFile
 
-    runs = []
-    for path in results:
-        records = ResultsFile(path).read()
-        if not records:
-            raise CromeError(f"{path}: no results")
-        if "case_id" not in records[0] or "method" not in records[0]:
-            raise CromeError(f"{path}: not a crome eval results file")
-        runs.append((summary.label(records, path), records))
-    header, rows = summary.side_by_side(runs)
+    header, rows = summary.side_by_side(_runs(results))
     _print_table(header, rows)
     if md_path:
         Path(md_path).write_text(summary.to_markdown(header, rows))
@@ -312,13 +303,16 @@ def analyze():
 
 
 def _runs(paths):
+    """(label, records) per eval results file; one-line errors for empty or foreign files."""
     from . import summary
     from .evaluate import ResultsFile
 
     runs = []
     for path in paths:
         records = ResultsFile(path).read()
-        if not records or "case_id" not in records[0]:
+        if not records:
+            raise CromeError(f"{path}: no results")
+        if "case_id" not in records[0] or "method" not in records[0]:
             raise CromeError(f"{path}: not a crome eval results file")
         runs.append((summary.label(records, path), records))
     return runs

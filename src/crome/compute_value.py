@@ -41,6 +41,13 @@ class Batch:
         end = len(self.sequences[i])
         return list(range(end - len(self.target), end))
 
+    def target_reads(self) -> tuple[list[int], list[int], list[int]]:
+        """(row, position, target token id) of every target token in every rewriting prompt."""
+        reads = [(i, p, self.target[j]) for i in range(self.n_rewrite)
+                 for j, p in enumerate(self.target_positions(i))]
+        rows, positions, ids = zip(*reads)
+        return list(rows), list(positions), list(ids)
+
 
 def build_batch(lm: LoadedModel, request: EditRequest, templates: list[str], kl_prompts) -> Batch:
     tok = lm.tokenizer
@@ -76,12 +83,7 @@ class ReferenceRunner:
         dev = lm.device
         self.rows = torch.arange(len(batch.sequences), device=dev)
         self.lookup = torch.tensor(batch.lookup, device=dev)
-        t_rows, t_pos, t_ids = [], [], []
-        for i in range(batch.n_rewrite):
-            for j, p in enumerate(batch.target_positions(i)):
-                t_rows.append(i)
-                t_pos.append(p)
-                t_ids.append(batch.target[j])
+        t_rows, t_pos, t_ids = batch.target_reads()
         self.t_rows = torch.tensor(t_rows, device=dev)
         self.t_pos = torch.tensor(t_pos, device=dev)
         self.t_ids = torch.tensor(t_ids, device=dev)

@@ -67,12 +67,8 @@ class FastRunner:
         self.rows = torch.arange(n, device=dev)
         self.zero = torch.zeros(n, dtype=torch.long, device=dev)
 
-        t_rows, t_pos, t_ids = [], [], []
-        for i in range(batch.n_rewrite):
-            for j, p in enumerate(batch.target_positions(i)):
-                t_rows.append(i)
-                t_pos.append(p - starts[i])
-                t_ids.append(batch.target[j])
+        t_rows, t_pos, t_ids = batch.target_reads()
+        t_pos = [p - starts[i] for i, p in zip(t_rows, t_pos)]  # suffix coordinates
         kl = list(range(batch.n_rewrite, n))
         self.read_rows = torch.tensor(t_rows + kl, device=dev)
         self.read_pos = torch.tensor(t_pos + [0] * len(kl), device=dev)
