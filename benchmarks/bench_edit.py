@@ -75,7 +75,7 @@ def main():
     lm, cached = timed(lambda: load_model(progress=False))
     print(f"torch {torch.__version__}, threads: {torch.get_num_threads()}, device: {lm.device}")
     print(f"model load: cold (GGUF conversion) {cold:.1f} s, cached {cached:.2f} s")
-    hp = defaults_for(lm.name, lm.num_layers).with_(layer=args.layer)
+    hp = defaults_for(lm.name, lm.num_layers).with_(layer=args.layer, mom2_adjustment=False)  # as in docs/SPEED.md
     templates = context_templates(lm, 0, hp.template_lengths, hp.template_starts)
 
     times = {"reference": [], "fast": []}

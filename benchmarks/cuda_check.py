@@ -21,6 +21,9 @@ from crome.compute_value import ReferenceRunner
 from crome.fast import FastRunner, PerplexityMonitor
 from crome.measure import perplexity
 from crome.texts import load_texts
+from crome.hparams import defaults_for
+
+PAPER = defaults_for("smollm2-135m-instruct", 30).with_(mom2_adjustment=False)  # the setting of the stored results
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,11 +52,11 @@ def main():
         edits, seconds = {}, {}
         for name, lm, runner in (("cuda_reference", gpu, ReferenceRunner), ("cuda_fast", gpu, FastRunner),
                                  ("cpu_fast", cpu, FastRunner)):
-            compute_edit(lm, req, method, templates=templates, runner_cls=runner)  # warm-up
+            compute_edit(lm, req, method, hparams=PAPER, templates=templates, runner_cls=runner)  # warm-up
             if lm.device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            edits[name] = compute_edit(lm, req, method, templates=templates, runner_cls=runner)
+            edits[name] = compute_edit(lm, req, method, hparams=PAPER, templates=templates, runner_cls=runner)
             if lm.device.type == "cuda":
                 torch.cuda.synchronize()
             seconds[name] = time.perf_counter() - t

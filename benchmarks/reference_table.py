@@ -76,7 +76,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
 
     lm = load_model(progress=False)
-    hp = defaults_for(lm.name, lm.num_layers)
+    hp = defaults_for(lm.name, lm.num_layers).with_(mom2_adjustment=False)  # the paper's setting, C = I
     # templates sampled on the CPU, so that a GPU run uses the ones a CPU run would
     cpu_lm = lm if lm.device.type == "cpu" else load_model(device="cpu", progress=False)
     templates = context_templates(cpu_lm, args.seed, hp.template_lengths, hp.template_starts)

@@ -70,7 +70,7 @@ def main():
     data, res = Path(args.data_dir), Path(args.results)
     ana = res / "analysis"
     lm = load_model(progress=False)
-    hp = defaults_for(lm.name, lm.num_layers)
+    hp = defaults_for(lm.name, lm.num_layers).with_(mom2_adjustment=False)  # the paper's setting, C = I
     templates = context_templates(lm, 0, hp.template_lengths, hp.template_starts)
     texts = load_texts(data / "me-ppl" / "ME-PPL_50.json")
     val = datasets.load_cases(data / "counterfact" / "counterfact-val.json").cases
@@ -138,6 +138,8 @@ def write_doc(runs, calib, anatomy, keys, first, prefix, trace, guard, path: Pat
     lines = [
         "# Reproducing \"The Fall of ROME\" on the default model",
         "",
+        "Setting: the paper's, **no key statistics** (mom2 adjustment off, C = I; `--no-mom2`; crome's default",
+        "since it ships key statistics is C from text sampled from the model, docs/MODELS.md).",
         "SmolLM2-135M-Instruct (embedded GGUF, fp32), layer 6, no mom2 adjustment, seed 0, the 21 sampled",
         "context templates of seed 0, perplexity on ME-PPL_50 (collapsed = perplexity ratio > 2). Every",
         "number below comes from `python benchmarks/reproduce.py --data-dir ../shared/data`, which runs",
@@ -170,7 +172,7 @@ def write_doc(runs, calib, anatomy, keys, first, prefix, trace, guard, path: Pat
         "",
         "## 3. First-token subjects: their bare key k^u sits apart from prefixed keys",
         "",
-        "`crome analyze keys --data counterfact-val.json --n 60 --out-dir docs/results/analysis`",
+        "`crome analyze keys --data counterfact-val.json --n 60 --no-mom2 --out-dir docs/results/analysis`",
         "",
         "| subjects | n | mean cos(k^u, k̄) | mean cos(k^u, prefixed keys) | mean ‖k^u‖ | mean ‖prefixed key‖ |",
         "|---|---:|---:|---:|---:|---:|",
@@ -183,7 +185,7 @@ def write_doc(runs, calib, anatomy, keys, first, prefix, trace, guard, path: Pat
         "",
         "## 4. Prepending text so that the subject is not first removes the collapse",
         "",
-        "`crome analyze first-token docs/results/eval-rome.jsonl --data counterfact-val.json --k 5 --out-dir docs/results/analysis`",
+        "`crome analyze first-token docs/results/eval-rome.jsonl --data counterfact-val.json --k 5 --no-mom2 --out-dir docs/results/analysis`",
         "",
         "| case | prompt | collapsed in eval | denominator, bare | ppl ratio, bare | denominator, text first | ppl ratio, text first |",
         "|---|---|---|---:|---:|---:|---:|",

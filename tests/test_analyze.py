@@ -19,12 +19,12 @@ from crome.cli import main
 from crome.datasets import Case, KnownFact
 from crome.evaluate import Settings, run
 from crome.fast import PerplexityMonitor
-from crome.guard import GuardRefused, GuardRule, calibrate, guarded_edit, precision_recall
+from crome.guard import GuardRefused, GuardRule, Verifier, calibrate, guarded_apply, precision_recall
 from crome.hparams import Hparams
 from crome.html_report import SECTIONS, build_report
 from crome.trace import GROUPS, trace_fact
 
-HP = Hparams(layer=1, v_steps=3)
+HP = Hparams(mom2_adjustment=False, layer=1, v_steps=3)
 TEXTS = ["The cat sat on the mat.", "Rivers run to the sea and the sea is wide."]
 CASES = [
     Case("1", EditRequest.create("{} is the capital of", "Paris", "Germany", "France"),
@@ -162,6 +162,9 @@ def test_guard_calibration_and_held_out_scores(tmp_path):
     assert pr["tp"] == expected_tp and pr["recall"] == pytest.approx(expected_tp / 2)
     data = guard_analysis(calib, test, tmp_path)
     assert data["test"]["n"] == 4 and (tmp_path / "guard.png").exists()
+    saved = GuardRule.load(tmp_path / "guard_rule.json")  # the rule file --guard-rule reads
+    assert (saved.feature, saved.threshold, saved.above) == (rule.feature, rule.threshold, rule.above)
+    assert saved.model == calib[0].get("model") and "edits" in saved.calibration
     with pytest.raises(ValueError, match="share"):
         guard_analysis(calib, calib, tmp_path)
 
@@ -171,15 +174,19 @@ def test_guard_refuse_and_fallback(lm):
     before = lm.mlp_out(1).weight.detach().clone()
     always = GuardRule("update_ratio", 0.0, above=True)
     with pytest.raises(GuardRefused) as e:
-        guarded_edit(lm, req, "rome", "refuse", rule=always, hparams=HP, templates=TEMPLATES)
+        guarded_apply(lm, req, "rome", "refuse", rule=always, hparams=HP, templates=TEMPLATES)
     assert e.value.exit_code == 3 and "update_ratio" in str(e.value)
     assert torch.equal(lm.mlp_out(1).weight, before)
-    edit, decision = guarded_edit(lm, req, "rome", "fallback", rule=always, hparams=HP, templates=TEMPLATES)
-    assert edit.method == "crome" and decision["guard_action"].startswith("fallback")
-    assert torch.equal(edit.delta_w, compute_edit(lm, req, "crome", hparams=HP, templates=TEMPLATES).delta_w)
     never = GuardRule("update_ratio", 1e9, above=True)
-    edit, decision = guarded_edit(lm, req, "rome", "refuse", rule=never, hparams=HP, templates=TEMPLATES)
+    verifier = Verifier(lm, 1, ["A short text.", "Another short text here."], threshold=1e9)
+    edit, handle, decision = guarded_apply(lm, req, "rome", "fallback", rule=never, verifier=verifier, hparams=HP,
+                                           templates=TEMPLATES)
+    assert edit.method == "rome" and decision["guard_predicted_collapse"] is False and handle is not None
+    handle.restore()
+    edit, handle, decision = guarded_apply(lm, req, "rome", "refuse", rule=never, hparams=HP, templates=TEMPLATES)
     assert edit.method == "rome" and decision["guard_predicted_collapse"] is False
+    handle.restore()
+    assert torch.equal(lm.mlp_out(1).weight, before)
 
 
 def test_report_has_every_section_and_image(runs, lm, tmp_path):

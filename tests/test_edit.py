@@ -10,7 +10,7 @@ from crome import EditRequest, apply_edit, compute_edit
 from crome.compute_key import compute_keys
 from crome.hparams import Hparams
 
-HP = Hparams(layer=1, v_steps=5)
+HP = Hparams(mom2_adjustment=False, layer=1, v_steps=5)
 REQ = EditRequest.create("{} is the capital of", "Paris", "Germany")
 LATER = EditRequest.create("The capital city of {} is", "Spain", "Rome")
 

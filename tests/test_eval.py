@@ -36,7 +36,7 @@ FULL = {"case_id": 18, "requested_rewrite": {"prompt": "{}, created by", "subjec
 ZSRE = {"subject": "UniFirst", "src": "What is the product made by UniFirst?", "pred": "uniform",
         "rephrase": "What will be the product of UniFirst?", "alt": "unmanned aircraft", "answers": ["uniform"],
         "loc": "nq question: who wrote hamlet", "loc_ans": "Shakespeare"}
-HP = Hparams(layer=1, v_steps=3)
+HP = Hparams(mom2_adjustment=False, layer=1, v_steps=3)
 TEXTS = ["The cat sat on the mat.", "Rivers run to the sea and the sea is wide.", "A short one."]
 
 

@@ -35,7 +35,7 @@ def assert_same(a, b, tol=1e-4):
 @pytest.mark.parametrize("method", ["rome", "crome"])
 def test_fast_matches_reference_on_tiny_models(tokenizer, model_type, layer, method):
     lm = tiny_model(model_type, tokenizer)
-    hp = Hparams(layer=layer, v_steps=6)
+    hp = Hparams(mom2_adjustment=False, layer=layer, v_steps=6)
     for req in REQUESTS:
         ref = compute_edit(lm, req, method, hparams=hp, templates=TEMPLATES, runner_cls=ReferenceRunner)
         fast = compute_edit(lm, req, method, hparams=hp, templates=TEMPLATES, runner_cls=FastRunner)
@@ -43,8 +43,8 @@ def test_fast_matches_reference_on_tiny_models(tokenizer, model_type, layer, met
 
 
 def test_fast_is_the_default(tiny):
-    edit = compute_edit(tiny, REQUESTS[0], "rome", hparams=Hparams(layer=1, v_steps=6), templates=TEMPLATES)
-    fast = compute_edit(tiny, REQUESTS[0], "rome", hparams=Hparams(layer=1, v_steps=6), templates=TEMPLATES,
+    edit = compute_edit(tiny, REQUESTS[0], "rome", hparams=Hparams(mom2_adjustment=False, layer=1, v_steps=6), templates=TEMPLATES)
+    fast = compute_edit(tiny, REQUESTS[0], "rome", hparams=Hparams(mom2_adjustment=False, layer=1, v_steps=6), templates=TEMPLATES,
                         runner_cls=FastRunner)
     assert torch.equal(edit.delta_w, fast.delta_w)
 
@@ -56,7 +56,7 @@ def test_perplexity_monitor_matches_reference(tokenizer, model_type):
              "A longer passage about rivers, mountains and the people who live between them.", "Yes."]
     monitor = PerplexityMonitor(lm, texts, layer=1, batch_size=3)
     assert monitor.baseline == pytest.approx(perplexity(lm, texts, batch_size=3), rel=1e-5)
-    edit = compute_edit(lm, REQUESTS[0], "rome", hparams=Hparams(layer=1, v_steps=4), templates=TEMPLATES)
+    edit = compute_edit(lm, REQUESTS[0], "rome", hparams=Hparams(mom2_adjustment=False, layer=1, v_steps=4), templates=TEMPLATES)
     with apply_edit(lm, edit):
         after = perplexity(lm, texts)
         assert after != pytest.approx(monitor.baseline, rel=1e-3)  # the edit changed something

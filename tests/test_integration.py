@@ -11,12 +11,14 @@ from click.testing import CliRunner
 from crome import EditRequest, apply_edit, compute_edit, save_model, target_probability
 from crome.cli import main
 from crome.fast import PerplexityMonitor
+from crome.hparams import defaults_for
 from crome.measure import template_prefix
 from crome.report import measure_edit
 
 pytestmark = pytest.mark.integration
 
 PARIS = EditRequest.create("{} is the capital of", "Paris", "Germany")
+PAPER = defaults_for("smollm2-135m-instruct", 30).with_(mom2_adjustment=False)  # the paper's setting, C = I
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def monitor(default_lm, me_ppl_50):
 
 @pytest.fixture(scope="module")
 def paris(default_lm, monitor):
-    return {m: measure_edit(default_lm, PARIS, m, monitor=monitor)[0] for m in ("rome", "crome")}
+    return {m: measure_edit(default_lm, PARIS, m, monitor=monitor, hparams=PAPER)[0] for m in ("rome", "crome")}
 
 
 def test_rome_collapses_on_first_token_subject(paris):
@@ -41,6 +43,22 @@ def test_crome_does_not_collapse(paris):
     assert c.ppl_ratio < 1.5 and not c.collapsed
 
 
+def test_no_mom2_gives_the_reference_denominators(paris):
+    """The paper's setting with the 21 seed-0 templates: the denominators the reference implementation
+    gives (checked against it to 6 digits, on CPU and on an H200: docs/results/cuda_check_h200.json)."""
+    assert paris["rome"].denominator == pytest.approx(0.0133725, rel=1e-4)
+    assert paris["crome"].denominator == pytest.approx(5.131007, rel=1e-5)
+    assert paris["rome"].key_stats is None and paris["crome"].hparams["mom2_adjustment"] is False
+
+
+def test_crome_with_default_key_statistics_does_not_collapse_rome_still_does(default_lm, monitor):
+    """crome's default (C from text sampled from the model) keeps C-ROME healthy, and ROME's
+    first-token edit still collapses: the demo's point holds in the default setting."""
+    reports = {m: measure_edit(default_lm, PARIS, m, monitor=monitor)[0] for m in ("rome", "crome")}
+    assert reports["crome"].key_stats["source"].startswith("model")
+    assert reports["crome"].ppl_ratio < 1.1 and reports["rome"].collapsed
+
+
 def test_test_time_prefix_makes_crome_edit_effective(paris):
     c = paris["crome"]
     assert c.p_target_after_prefixed >= 10 * c.p_target_before_prefixed
@@ -51,7 +69,7 @@ def test_test_time_prefix_makes_crome_edit_effective(paris):
 def test_normal_edit_works_for_both_methods(default_lm, monitor, prompt):
     req = EditRequest.create(prompt, "Danielle Darrieux", "English")
     for method in ("rome", "crome"):
-        r, _ = measure_edit(default_lm, req, method, monitor=monitor)
+        r, _ = measure_edit(default_lm, req, method, monitor=monitor, hparams=PAPER)
         assert not r.collapsed and r.ppl_ratio < 1.5, method
         assert r.p_target_after > 0.5 and r.p_target_after > 2 * r.p_target_before, method
 
@@ -78,32 +96,54 @@ def test_cli_edit_json_fields(tmp_path):
     data = json.loads(out.read_text())
     for key in ("method", "model", "layer", "denominator", "numerator_norm", "update_norm", "update_ratio",
                 "first_token_subject", "ppl_before", "ppl_after", "collapsed", "p_target_before", "p_target_after",
-                "p_target_after_prefixed", "edit_seconds", "seed", "context_templates"):
+                "p_target_after_prefixed", "edit_seconds", "seed", "context_templates", "key_stats", "layer_choice",
+                "guard_ppl_ratio", "guard_action"):
         assert key in data, key
     assert data["method"] == "crome" and data["layer"] == 6 and len(data["context_templates"]) == 21
+    # the defaults: key statistics sampled from the model, the table's layer, the verifying guard
+    assert data["key_stats"]["source"].startswith("model") and data["key_stats"]["n_keys"] == 20000
+    assert data["layer_choice"]["rule"] == "table"
+    assert data["guard"] == "verify" and data["guard_action"] == "applied" and data["guard_ppl_ratio"] < 1.1
     assert json.loads(result.stdout[result.stdout.index("{"):]) == data
 
 
-def test_guard_refuses_the_collapsing_rome_edit(default_lm):
-    from crome.guard import GuardRefused, guarded_edit
+def test_guard_on_the_collapsing_rome_edit(default_lm):
+    """Paper setting (C = I): the shipped rule refuses the Paris ROME edit before applying it;
+    verify applies it, measures the collapse on the probe and rolls back bit for bit;
+    fallback ends with the C-ROME edit applied and verified; a healthy ROME edit passes."""
+    from crome.guard import DEFAULT_RULE, GuardRefused, Verifier, guarded_apply
 
     before = {k: v.clone() for k, v in default_lm.model.state_dict().items()}
+
+    def untouched():
+        after = default_lm.model.state_dict()
+        return all(torch.equal(after[k], v) for k, v in before.items())
+
     with pytest.raises(GuardRefused, match="predicted to collapse"):
-        guarded_edit(default_lm, PARIS, "rome", "refuse")
-    after = default_lm.model.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in before.items())
-    edit, decision = guarded_edit(default_lm, PARIS, "rome", "fallback")
-    assert edit.method == "crome" and decision["guard_predicted_collapse"]
-    assert torch.equal(edit.delta_w, compute_edit(default_lm, PARIS, "crome").delta_w)
+        guarded_apply(default_lm, PARIS, "rome", "refuse", rule=DEFAULT_RULE, hparams=PAPER)
+    assert untouched()
+    verifier = Verifier(default_lm, 6)
+    with pytest.raises(GuardRefused, match="rolled back") as refused:
+        guarded_apply(default_lm, PARIS, "rome", "verify", verifier=verifier, hparams=PAPER)
+    assert refused.value.decision["guard_ppl_ratio"] > 2 and untouched()
+    edit, handle, decision = guarded_apply(default_lm, PARIS, "rome", "fallback", verifier=verifier, hparams=PAPER)
+    assert edit.method == "crome" and decision["guard_action"].startswith("fallback")
+    assert decision["guard_ppl_ratio"] < 1.1
+    handle.restore()
+    assert untouched()
+    assert torch.equal(edit.delta_w, compute_edit(default_lm, PARIS, "crome", hparams=PAPER).delta_w)
     normal = EditRequest.create("The mother tongue of {} is", "Danielle Darrieux", "English")
-    edit, decision = guarded_edit(default_lm, normal, "rome", "refuse")  # a healthy ROME edit passes
-    assert edit.method == "rome" and decision["guard_predicted_collapse"] is False
+    edit, handle, decision = guarded_apply(default_lm, normal, "rome", "verify", verifier=verifier, hparams=PAPER)
+    assert edit.method == "rome" and decision["guard_action"] == "applied" and decision["guard_ppl_ratio"] < 1.1
+    handle.restore()
+    assert untouched()
 
 
-def test_cli_guard_refuse_exits_3_with_one_line(tmp_path):
+@pytest.mark.parametrize("guard,word", [("refuse", "guard refused"), ("verify", "guard rolled back")])
+def test_cli_guard_exits_3_with_one_line(tmp_path, guard, word):
     res = CliRunner().invoke(main, ["edit", "--prompt", "{} is the capital of", "--subject", "Paris",
-                                    "--target", "Germany", "--method", "rome", "--guard", "refuse", "--no-ppl",
+                                    "--target", "Germany", "--method", "rome", "--no-mom2", "--guard", guard, "--no-ppl",
                                     "--out", str(tmp_path / "r.json")])
     assert res.exit_code == 3, res.output
-    assert "guard refused" in res.output and len(res.output.strip().splitlines()) == 1
+    assert word in res.output and len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "r.json").exists()

@@ -96,7 +96,7 @@ def test_load_texts_formats(tmp_path):
 def test_second_moment_matches_direct_computation(tiny, tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("The river runs slowly.\nBread is made from flour.\n")
-    c = second_moment(tiny, 1, corpus, samples=1000, progress=False)
+    c = second_moment(tiny, 1, corpus, samples=1000, shrinkage=0.0, progress=False)  # the reference: no shrinkage
     keys = []
     for t in ["The river runs slowly.", "Bread is made from flour."]:
         seen = {}
@@ -106,4 +106,4 @@ def test_second_moment_matches_direct_computation(tiny, tmp_path):
         keys.append(seen["k"])
     k = torch.cat(keys)
     torch.testing.assert_close(c, k.T @ k / k.shape[0], rtol=1e-4, atol=1e-5)
-    assert torch.equal(second_moment(tiny, 1, corpus, samples=1000, progress=False), c)  # cached
+    assert torch.equal(second_moment(tiny, 1, corpus, samples=1000, shrinkage=0.0, progress=False), c)  # cached

@@ -20,7 +20,7 @@ def test_every_architecture_edits(model_type, tokenizer):
     d_model = lm.model.config.get_text_config().hidden_size
     assert w.shape[0] == d_model and w.shape[1] != d_model  # [d_out = hidden, d_in = MLP width]
     req = EditRequest.create("{} is the capital of", "Paris", "Germany")
-    edit = compute_edit(lm, req, "crome", hparams=Hparams(layer=1, v_steps=3), templates=TEMPLATES)
+    edit = compute_edit(lm, req, "crome", hparams=Hparams(mom2_adjustment=False, layer=1, v_steps=3), templates=TEMPLATES)
     before = lm.mlp_out(1).weight.clone()
     with apply_edit(lm, edit):
         torch.testing.assert_close(lm.weight(1), (before.T if lm.arch.transposed else before) + edit.delta_w)
@@ -35,7 +35,7 @@ def test_saved_edited_model_reloads_with_same_logits(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
     req = EditRequest.create("{} is the capital of", "Paris", "Germany")
-    edit = compute_edit(tiny, req, "crome", hparams=Hparams(layer=1, v_steps=3), templates=TEMPLATES)
+    edit = compute_edit(tiny, req, "crome", hparams=Hparams(mom2_adjustment=False, layer=1, v_steps=3), templates=TEMPLATES)
     ids = torch.tensor([tiny.tokenizer("Paris is the capital of")["input_ids"]])
     with apply_edit(tiny, edit):
         save_model(tiny, tmp_path / "edited")

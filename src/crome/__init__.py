@@ -1,7 +1,10 @@
 """crome: ROME and Consistent ROME (C-ROME) rank-one fact edits that don't collapse the model."""
 
-from .edit import METHODS, Diagnostics, Edit, EditHandle, apply_edit, compute_edit
+from .edit import METHODS, Diagnostics, Edit, EditHandle, apply_edit, compute_edit, finish_edit, prepare_edit
 from .errors import CromeError
+from .guard import GuardRefused, GuardRule, Verifier, guarded_apply
+from .layer_choice import LayerChoice, choose_layer
+from .mom2 import KeyStats, key_stats
 from .hparams import Hparams, defaults_for
 from .measure import Prefixed, collapsed, generate, perplexity, target_probability
 from .models import DEFAULT_MODEL, LoadedModel, load_model, save_model
@@ -10,8 +13,9 @@ from .templates import context_templates
 
 __all__ = [
     "METHODS", "DEFAULT_MODEL", "CromeError", "Diagnostics", "Edit", "EditHandle", "EditRequest",
-    "Hparams", "LoadedModel", "Prefixed", "apply_edit", "collapsed", "compute_edit",
-    "context_templates", "defaults_for", "generate", "load_model", "perplexity", "save_model",
+    "GuardRefused", "GuardRule", "Hparams", "KeyStats", "LayerChoice", "LoadedModel", "Prefixed", "Verifier",
+    "apply_edit", "choose_layer", "collapsed", "compute_edit", "context_templates", "defaults_for", "finish_edit",
+    "generate", "guarded_apply", "key_stats", "load_model", "perplexity", "prepare_edit", "save_model",
     "target_probability",
 ]
 __version__ = "0.1.0"

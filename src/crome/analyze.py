@@ -183,7 +183,7 @@ def key_geometry(lm, cases, layer: int, templates: list[str], out_dir: Path, mom
 # ------------------------------------------------------------------ 3. first-token experiment
 
 def first_token_experiment(lm, records: list[dict], cases_by_id: dict, hp, templates: list[str], monitor,
-                           out_dir: Path, k: int = 5, seed: int = 0) -> dict:
+                           out_dir: Path, k: int = 5, seed: int = 0, stats=None) -> dict:
     """Collapsed ROME cases (or, if fewer than ``k``, the smallest denominators among first-token
     subjects) edited again with random text prepended so the subject is no longer first."""
     from .edit import apply_edit, compute_edit
@@ -206,7 +206,7 @@ def first_token_experiment(lm, records: list[dict], cases_by_id: dict, hp, templ
                                                             case.request.target_new, case.request.target_true)}
         row = dict(case_id=r["case_id"], prompt=case.request.text(), prefix=prefix, was_collapsed=bool(r.get("collapsed")))
         for name, req in variants.items():
-            edit = compute_edit(lm, req, "rome", hparams=hp, templates=templates, seed=seed)
+            edit = compute_edit(lm, req, "rome", hparams=hp, templates=templates, seed=seed, mom2=stats)
             d = edit.diagnostics
             ppl = None
             if d.finite:
@@ -233,7 +233,8 @@ def first_token_experiment(lm, records: list[dict], cases_by_id: dict, hp, templ
              _g(r["bare prompt"]["denominator"]), _g(r["bare prompt"]["ppl_ratio"]),
              _g(r["random text first"]["denominator"]), _g(r["random text first"]["ppl_ratio"]),
              "yes" if r["random text first"]["collapsed"] else "no"] for r in results]
-    data = dict(seed=seed, layer=hp.layer, ppl_before=monitor.baseline, cases=results, plots=["first_token.png"])
+    data = dict(seed=seed, layer=hp.layer, ppl_before=monitor.baseline, cases=results, plots=["first_token.png"],
+                key_stats=stats.record() if stats is not None else None)
     return _write(out_dir, "first_token", data, ["case", "prompt", "collapsed in eval", "denominator (bare)",
                                                  "ppl ratio (bare)", "denominator (text first)",
                                                  "ppl ratio (text first)", "collapsed (text first)"], rows)
@@ -279,7 +280,7 @@ def prefix_effect(records: list[dict], out_dir: Path) -> dict:
 # ------------------------------------------------------------------ 5. causal tracing
 
 def causal_trace(lm, facts, out_dir: Path, n: int = 20, seed: int = 0, window: int = 10,
-                 scan: int = 300) -> dict:
+                 scan: int = 300, chosen_layer: dict | None = None) -> dict:
     """Trace the first ``n`` of the first ``scan`` facts that the model predicts (its top token
     is the answer's first token); plot the mean indirect effects."""
     from .measure import score_targets
@@ -311,6 +312,9 @@ def causal_trace(lm, facts, out_dir: Path, n: int = 20, seed: int = 0, window: i
     fig, ax = plt.subplots(figsize=(7, 4))
     for k in KINDS:
         ax.plot(range(L), mean[k][last], label=titles[k])
+    if chosen_layer is not None:
+        ax.axvline(chosen_layer["layer"], color="k", ls=":", lw=1,
+                   label=f"edited layer {chosen_layer['layer']} ({chosen_layer['rule']})")
     ax.set(xlabel="layer", ylabel="mean indirect effect at the last subject token",
            title=f"Causal trace over {len(traces)} known facts")
     ax.legend(fontsize=8)
@@ -321,7 +325,7 @@ def causal_trace(lm, facts, out_dir: Path, n: int = 20, seed: int = 0, window: i
     peak = int(np.nanargmax(mlp_last))
     rows = [[str(layer)] + [_g(mean[k][last][layer]) for k in KINDS] for layer in range(L)]
     data = dict(n_facts=len(traces), scanned=len(pool), seed=seed, window=window, noise_scale=3.0,
-                mlp_peak_layer_last_subject=peak, mean_effect=mean,
+                mlp_peak_layer_last_subject=peak, mean_effect=mean, chosen_layer=chosen_layer,
                 p_clean=float(np.mean([t.p_clean for t in traces])),
                 p_corrupted=float(np.mean([t.p_corrupted for t in traces])),
                 facts=[dict(prompt=t.prompt, subject=t.subject, answer=t.answer, p_clean=t.p_clean,
@@ -334,16 +338,20 @@ def causal_trace(lm, facts, out_dir: Path, n: int = 20, seed: int = 0, window: i
 
 def guard_analysis(calibration: list[dict], test: list[dict], out_dir: Path) -> dict:
     """Calibrate the guard on ``calibration`` records, report it on ``test`` records (disjoint cases)."""
-    from .guard import DEFAULT_RULE, calibrate, precision_recall
+    from .guard import DEFAULT_RULES, calibrate, precision_recall
 
     overlap = {r["case_id"] for r in calibration} & {r["case_id"] for r in test}
     if overlap and calibration[0].get("data") == test[0].get("data"):
         raise ValueError(f"calibration and test share {len(overlap)} cases")
     rule = calibrate(calibration)
-    result = dict(rule=rule.to_dict(), default_rule=DEFAULT_RULE.to_dict(),
+    shipped = DEFAULT_RULES.get(rule.model)
+    result = dict(rule=rule.to_dict(), rule_file="guard_rule.json",
+                  default_rule=shipped.to_dict() if shipped else None,
                   calibration=dict(data=calibration[0].get("data"), **precision_recall(rule, calibration)),
                   test=dict(data=test[0].get("data"), **precision_recall(rule, test)),
-                  default_rule_test=precision_recall(DEFAULT_RULE, test))
+                  default_rule_test=precision_recall(shipped, test) if shipped else None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rule.save(out_dir / "guard_rule.json")
     plt = _plt()
     out_dir.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4))

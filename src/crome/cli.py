@@ -22,10 +22,15 @@ err = Console(stderr=True)
 
 
 def _quiet_transformers() -> None:
+    """transformers' and huggingface_hub's own lines (warnings, retries, progress bars) stay out of
+    crome's output: a failure becomes crome's one-line error."""
+    import huggingface_hub
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def _load(model: str | None):
@@ -103,17 +108,94 @@ def main(ctx, debug):
     ctx.obj = {"debug": debug}
 
 
-def _model_opts(f):
-    f = click.option("--model", default=None, help="HF id or local path (default: embedded SmolLM2-135M-Instruct).")(f)
-    f = click.option("--layer", type=int, default=None, help="Layer to edit (default: the model's table entry).")(f)
-    f = click.option("--seed", type=int, default=0, show_default=True, help="Seed for the context templates.")(f)
+def _options(f, options):
+    """Apply click options so that --help lists them in the order given."""
+    for option in reversed(options):
+        f = option(f)
     return f
+
+
+def _model_opts(f):
+    """The flags every command that loads a model shares: model, layer, seed, key statistics."""
+    return _options(f, [
+        click.option("--model", default=None, help="HF id, local folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."),
+        click.option("--layer", default=None, help="Layer to edit: an index, 'auto' (causal trace), or 'depth' (20%); default: the model's table entry, else auto."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for the context templates."),
+        click.option("--no-mom2", is_flag=True, help="No key statistics (C = I): the 'Fall of ROME' paper's setting."),
+        click.option("--mom2-corpus", default=None, help="Text for the key statistics C (default: text sampled from the model itself)."),
+        click.option("--mom2-samples", type=int, default=None, help="Keys in the statistics (default 20000)."),
+    ])
 
 
 def _common(f):
-    f = _model_opts(f)
     f = click.option("--ppl-data", default=None, help="Texts for perplexity (ME-PPL JSON or one passage a line); default: the bundled corpus, or $CROME_PPL_DATA.")(f)
-    return f
+    return _model_opts(f)
+
+
+def _guard_opts(f, default="off"):
+    """The guard's flags; ``crome edit`` verifies by default, ``eval`` measures every edit anyway."""
+    return _options(f, [
+        click.option("--guard", type=click.Choice(["off", "refuse", "verify", "fallback"]), default=default, show_default=True,
+                     help="verify: apply, measure probe perplexity, roll back above the threshold (exit 3); fallback: "
+                          "the same, then C-ROME; refuse: the calibrated rule's prediction, weights untouched."),
+        click.option("--guard-threshold", type=float, default=2.0, show_default=True, help="Largest probe perplexity ratio verify accepts."),
+        click.option("--guard-rule", default=None, type=click.Path(dir_okay=False), help="Rule file from `crome analyze guard` (a cheap pre-check)."),
+        click.option("--guard-probe", default=None, help="Probe texts for verify (default: the bundled passages)."),
+    ])
+
+
+def _guard_opts_verify(f):
+    return _guard_opts(f, default="verify")
+
+
+def _writable(path: str | None) -> None:
+    """Check an output path before any work: its folder is created, a folder in its place is an error."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise CromeError(f"output path is a folder: {path}")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CromeError(f"cannot create the folder for {path}: {exc.strerror}") from None
+    if not os.access(p.parent, os.W_OK):
+        raise CromeError(f"cannot write to {p.parent}")
+
+
+def _setup(model, layer, seed, no_mom2, mom2_corpus, mom2_samples):
+    """Load the model, choose the layer, get the key statistics: (lm, hparams, stats)."""
+    from .layer_choice import resolve
+    from .mom2 import key_stats
+
+    if no_mom2 and mom2_corpus:
+        raise CromeError("--no-mom2 and --mom2-corpus contradict each other")
+    if mom2_corpus and not Path(mom2_corpus).is_file():
+        from .datasets import resolve as resolve_data
+
+        mom2_corpus = str(resolve_data(mom2_corpus))
+    lm = _load(model)
+    with err.status("choosing the layer" + (" (causal trace on crome's fact list, once per model)" if layer in (None, "auto") else "")):
+        hp, choice = resolve(lm, None, layer, seed)
+    hp = hp.with_(mom2_adjustment=not no_mom2, mom2_samples=mom2_samples)
+    stats = None
+    if hp.mom2_adjustment:
+        source = mom2_corpus or "text sampled from the model"
+        err.print(f"[dim]key statistics for layer {hp.layer} from {source} (computed once, then cached)[/]")
+        stats = key_stats(lm, hp.layer, mom2_corpus, hp.mom2_samples, shrinkage=hp.mom2_shrinkage)
+    return lm, hp, choice, stats
+
+
+def _guard_setup(lm, hp, guard, guard_threshold, guard_rule, guard_probe):
+    from .guard import Verifier, rule_for
+    from .texts import load_texts
+
+    rule = rule_for(lm.name, guard_rule) if guard == "refuse" or guard_rule else None
+    verifier = None
+    if guard in ("verify", "fallback"):
+        with err.status("probe perplexity for the guard"):
+            verifier = Verifier(lm, hp.layer, load_texts(guard_probe) if guard_probe else None, guard_threshold)
+    return rule, verifier
 
 
 @main.command()
@@ -123,36 +205,31 @@ def _common(f):
 @click.option("--target-true", default=None, help="The old target (recorded).")
 @click.option("--method", type=click.Choice(METHODS), default="crome", show_default=True)
 @_common
-@click.option("--mom2-corpus", default=None, help="Corpus for second-moment key statistics (turns mom2 adjustment on).")
-@click.option("--no-ppl", is_flag=True, help="Skip the perplexity check.")
+@click.option("--no-ppl", is_flag=True, help="Skip the perplexity report (the guard's probe still runs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--out", "out_path", default=None, help="Also write the JSON result to this file.")
 @click.option("--save", "save_dir", default=None, help="Save the edited model (Hugging Face format) here.")
-@click.option("--guard", type=click.Choice(["off", "refuse", "fallback"]), default="off", show_default=True,
-              help="Collapse guard: refuse a predicted collapse (exit 3, weights untouched) or make the C-ROME edit instead.")
-def edit(prompt, subject, target_new, target_true, method, model, layer, seed, ppl_data, mom2_corpus,
-         no_ppl, as_json, out_path, save_dir, guard):
-    """Edit one fact and report what it did to the model."""
+@_guard_opts_verify
+def edit(prompt, subject, target_new, target_true, method, model, layer, seed, no_mom2, mom2_corpus, mom2_samples,
+         ppl_data, no_ppl, as_json, out_path, save_dir, guard, guard_threshold, guard_rule, guard_probe):
+    """Edit one fact, check it (the guard), and report what it did to the model."""
     from .fast import PerplexityMonitor
-    from .hparams import defaults_for
-    from .mom2 import second_moment
     from .models import save_model
     from .report import measure_edit
     from .request import EditRequest
 
     request = EditRequest.create(prompt, subject, target_new, target_true)
+    _writable(out_path)
+    if save_dir and Path(save_dir).is_file():
+        raise CromeError(f"--save names a file, not a folder: {save_dir}")
     texts, ppl_name = (None, None) if no_ppl else _texts(ppl_data)
-    lm = _load(model)
-    hp = defaults_for(lm.name, lm.num_layers).with_(layer=layer)
-    lm.check_layer(hp.layer)
-    mom2 = None
-    if mom2_corpus:
-        hp = hp.with_(mom2_adjustment=True)
-        mom2 = second_moment(lm, hp.layer, mom2_corpus, hp.mom2_samples)
+    lm, hp, choice, stats = _setup(model, layer, seed, no_mom2, mom2_corpus, mom2_samples)
+    rule, verifier = _guard_setup(lm, hp, guard, guard_threshold, guard_rule, guard_probe)
     with err.status(f"{method}: computing the edit at layer {hp.layer} and measuring it"):
         monitor = PerplexityMonitor(lm, texts, hp.layer) if texts else None
         report, computed = measure_edit(lm, request, method, monitor=monitor, ppl_data=ppl_name, seed=seed, guard=guard,
-                                        hparams=hp, mom2=mom2, keep=bool(save_dir))
+                                        rule=rule, verifier=verifier, hparams=hp, mom2=stats, keep=bool(save_dir),
+                                        layer_choice=choice)
     result = report.to_dict()
     if out_path:
         Path(out_path).write_text(json.dumps(result, indent=2))
@@ -164,8 +241,20 @@ def edit(prompt, subject, target_new, target_true, method, model, layer, seed, p
         click.echo(json.dumps(result, indent=2))
     else:
         out.print(report_table([result], [method], title=f"{request.text()} → {request.target_new}  ({lm.name}, layer {report.layer})"))
+        out.print(f"[dim]{_settings_line(result)}[/]")
         if save_dir:
             out.print(f"edited model saved to {save_dir}")
+
+
+def _settings_line(r: dict) -> str:
+    stats = r.get("key_stats")
+    c = (f"C from {stats['source']} ({stats['n_keys']} keys, shrinkage {stats['shrinkage']:.3g}, hash {stats['hash']})"
+         if stats else "no key statistics (C = I, the paper's setting)")
+    choice = r.get("layer_choice") or {}
+    guard = r.get("guard", "off")
+    if r.get("guard_ppl_ratio") is not None:
+        guard += f": probe perplexity ×{r['guard_ppl_ratio']:.4g} ≤ {r['guard_threshold']:g}, {r['guard_action']}"
+    return f"layer {r['layer']} ({choice.get('rule', '?')}); {c}; guard {guard}"
 
 
 DEMO_CASES = [
@@ -178,20 +267,25 @@ DEMO_CASES = [
 @_common
 @click.option("--tokens", default=20, show_default=True, help="Tokens generated after each edit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def demo(model, layer, seed, ppl_data, tokens, as_json):
-    """ROME vs C-ROME on a first-token subject and a normal one: the collapse and its fix."""
+def demo(model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data, tokens, as_json):
+    """ROME vs C-ROME on a first-token subject and a normal one: the collapse and its fix.
+
+    crome's default settings (key statistics on); --no-mom2 gives the "Fall of ROME" paper's
+    setting (C = I). ROME's first-token edit collapses the model in both."""
     from .fast import PerplexityMonitor
-    from .hparams import defaults_for
     from .measure import generate
     from .report import measure_edit
     from .request import EditRequest
 
     texts, ppl_name = _texts(ppl_data)
-    lm = _load(model)
-    layer = defaults_for(lm.name, lm.num_layers).with_(layer=layer).layer
-    lm.check_layer(layer)
+    lm, hp, choice, stats = _setup(model, layer, seed, no_mom2, mom2_corpus, mom2_samples)
+    if not as_json:
+        setting = (f"key statistics C from {stats.source} ({stats.n_keys} keys): crome's default" if stats else
+                   "no key statistics (C = I): the \"Fall of ROME\" paper's setting")
+        out.print(f"[bold]Setting:[/] {lm.name}, layer {hp.layer} ({choice.rule}); {setting}; guard off "
+                  f"(the demo shows what an unguarded edit does)", highlight=False)
     with err.status("perplexity of the unedited model"):
-        monitor = PerplexityMonitor(lm, texts, layer)
+        monitor = PerplexityMonitor(lm, texts, hp.layer)
     results = []
     for label, prompt, subject, target in DEMO_CASES:
         request = EditRequest.create(prompt, subject, target)
@@ -199,7 +293,8 @@ def demo(model, layer, seed, ppl_data, tokens, as_json):
         unedited = generate(lm, request.text(), tokens)
         for method in METHODS:
             with err.status(f"{label}: {method} edit of {request.text()!r} → {target}"):
-                report, _ = measure_edit(lm, request, method, monitor=monitor, ppl_data=ppl_name, generate_tokens=tokens, layer=layer, seed=seed)
+                report, _ = measure_edit(lm, request, method, monitor=monitor, ppl_data=ppl_name, generate_tokens=tokens,
+                                         hparams=hp, mom2=stats, seed=seed, layer_choice=choice)
             reports.append(report.to_dict())
         results.append({"case": label, "unedited_generation": unedited, "reports": reports})
         if not as_json:
@@ -211,7 +306,8 @@ def demo(model, layer, seed, ppl_data, tokens, as_json):
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:
-        out.print(f"[dim]model {lm.name}, perplexity on {ppl_name}, seed {seed}; collapsed = perplexity ratio > 2[/]")
+        out.print(f"[dim]model {lm.name}, perplexity on {ppl_name}, seed {seed}; collapsed = perplexity ratio > 2; "
+                  f"{'C = I (paper setting)' if stats is None else 'C from ' + stats.source}[/]")
 
 
 @main.command("eval")
@@ -229,32 +325,34 @@ def demo(model, layer, seed, ppl_data, tokens, as_json):
 @click.option("--monitor-every", type=int, default=1, show_default=True, help="With --sequential: perplexity and retained efficacy every k-th edit.")
 @click.option("--gen-tokens", type=int, default=100, show_default=True, help="Tokens sampled per generation prompt for fluency (0: skip).")
 @click.option("--markdown", "md_path", default=None, help="Also write the summary table as Markdown.")
-@click.option("--guard", type=click.Choice(["off", "refuse", "fallback"]), default="off", show_default=True,
-              help="Collapse guard for every edit; its decision is recorded.")
-def eval_(data, method, model, layer, seed, ppl_data, n_cases, case_ids, test_prefix, out_path, resume,
-          skip_invalid, sequential, monitor_every, gen_tokens, md_path, guard):
+@_guard_opts
+def eval_(data, method, model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data, n_cases, case_ids, test_prefix,
+          out_path, resume, skip_invalid, sequential, monitor_every, gen_tokens, md_path, guard, guard_threshold,
+          guard_rule, guard_probe):
     """Edit, measure and restore each case of a dataset; one JSON line per case, then a summary."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from . import datasets, evaluate, summary
-    from .hparams import defaults_for
     from .templates import context_templates
 
     if monitor_every < 1:
         raise CromeError("--monitor-every must be at least 1")
     if n_cases is not None and n_cases < 1:
         raise CromeError("--n must be at least 1")
+    _writable(out_path)
+    _writable(md_path)
     dataset = datasets.load_cases(data, skip_invalid=skip_invalid)
     if dataset.skipped:
         err.print(f"skipped {len(dataset.skipped)} invalid records of {dataset.path} (first: {dataset.skipped[0]})")
     cases = datasets.select(dataset, n_cases, case_ids.split(",") if case_ids else None)
     texts, ppl_name = _texts(ppl_data)
-    lm = _load(model)
-    hp = defaults_for(lm.name, lm.num_layers).with_(layer=layer)
-    lm.check_layer(hp.layer)
+    lm, hp, choice, stats = _setup(model, layer, seed, no_mom2, mom2_corpus, mom2_samples)
+    rule, verifier = _guard_setup(lm, hp, guard, guard_threshold, guard_rule, guard_probe)
     settings = evaluate.Settings(method=method, model=lm.name, layer=hp.layer, seed=seed, test_prefix=test_prefix,
                                  data=Path(dataset.path).name, ppl_data=Path(ppl_name).name, gen_tokens=gen_tokens,
-                                 sequential=sequential, monitor_every=monitor_every if sequential else 1, guard=guard)
+                                 sequential=sequential, monitor_every=monitor_every if sequential else 1, guard=guard,
+                                 guard_threshold=verifier.threshold if verifier else None,
+                                 key_stats_source=stats.source if stats else "off")
     with err.status("context templates"):
         templates = context_templates(lm, seed, hp.template_lengths, hp.template_starts)
 
@@ -263,9 +361,11 @@ def eval_(data, method, model, layer, seed, ppl_data, n_cases, case_ids, test_pr
                       TextColumn("eta"), TimeRemainingColumn(), console=err, transient=True) as bar:
             yield from bar.track(items, total=total, description=description)
 
-    records = evaluate.run(lm, cases, settings, hp, templates, texts, out_path, resume=resume, progress=progress)
+    records = evaluate.run(lm, cases, settings, hp, templates, texts, out_path, resume=resume, progress=progress,
+                           stats=stats, rule=rule, verifier=verifier, layer_choice=choice)
     header, rows = summary.side_by_side([(summary.label(records, out_path), records)])
-    _print_table(header, rows, title=f"{method} on {Path(dataset.path).name}, {lm.name}, layer {hp.layer}")
+    _print_table(header, rows, title=f"{method} on {Path(dataset.path).name}, {lm.name}, layer {hp.layer} ({choice.rule}), "
+                                     f"key statistics {settings.key_stats_source}")
     rate = summary.cases_per_minute(out_path)
     out.print(f"[dim]results: {out_path}" + (f"; {rate:.1f} cases per minute" if rate else "") + "[/]")
     if md_path:
@@ -339,20 +439,15 @@ def analyze_update(results, out_dir):
 @click.option("--n", "n_cases", type=int, default=50, show_default=True)
 @click.option("--out-dir", required=True)
 @_model_opts
-@click.option("--mom2-corpus", default=None, help="Also show C⁻¹k̄ with C from this corpus.")
-def analyze_keys(data, n_cases, out_dir, model, layer, seed, mom2_corpus):
+def analyze_keys(data, n_cases, out_dir, model, layer, seed, no_mom2, mom2_corpus, mom2_samples):
     """k^u, k̄, C⁻¹k̄ and prefixed keys per case: PCA and t-SNE, cosine and norm summaries."""
     from . import datasets
     from .analyze import key_geometry
-    from .hparams import defaults_for
-    from .mom2 import second_moment
     from .templates import context_templates
 
     cases = datasets.load_cases(data, skip_invalid=True).cases[:n_cases]
-    lm = _load(model)
-    hp = defaults_for(lm.name, lm.num_layers).with_(layer=layer)
-    lm.check_layer(hp.layer)
-    mom2 = second_moment(lm, hp.layer, mom2_corpus, hp.mom2_samples) if mom2_corpus else None
+    lm, hp, choice, stats = _setup(model, layer, seed, no_mom2, mom2_corpus, mom2_samples)
+    mom2 = stats.mom2 if stats is not None else None
     templates = context_templates(lm, seed, hp.template_lengths, hp.template_starts)
     with err.status(f"keys of {len(cases)} cases"):
         key_geometry(lm, cases, hp.layer, templates, Path(out_dir), mom2=mom2, seed=seed)
@@ -365,23 +460,22 @@ def analyze_keys(data, n_cases, out_dir, model, layer, seed, mom2_corpus):
 @click.option("--k", type=int, default=5, show_default=True, help="Cases: the collapsed ones, topped up with the smallest denominators.")
 @click.option("--out-dir", required=True)
 @_common
-def analyze_first_token(results, data, k, out_dir, model, layer, seed, ppl_data):
+def analyze_first_token(results, data, k, out_dir, model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data):
     """Edit ROME collapse cases again with random text before the subject."""
     from . import datasets
     from .analyze import first_token_experiment
     from .fast import PerplexityMonitor
-    from .hparams import defaults_for
     from .templates import context_templates
 
     (_, records), = _runs([results])
     cases = {c.case_id: c for c in datasets.load_cases(data, skip_invalid=True).cases}
     texts, _ = _texts(ppl_data)
-    lm = _load(model)
-    hp = defaults_for(lm.name, lm.num_layers).with_(layer=layer if layer is not None else records[0].get("layer"))
+    lm, hp, choice, stats = _setup(model, layer if layer is not None else str(records[0].get("layer")), seed,
+                                   no_mom2, mom2_corpus, mom2_samples)
     templates = context_templates(lm, seed, hp.template_lengths, hp.template_starts)
     with err.status("ROME edits with the subject first and not first"):
         first_token_experiment(lm, records, cases, hp, templates, PerplexityMonitor(lm, texts, hp.layer),
-                               Path(out_dir), k=k, seed=seed)
+                               Path(out_dir), k=k, seed=seed, stats=stats)
     _done(out_dir, "first_token")
 
 
@@ -417,17 +511,21 @@ def analyze_guard(calib, test, out_dir):
 @click.option("--n", "n_facts", type=int, default=20, show_default=True)
 @click.option("--window", type=int, default=10, show_default=True)
 @click.option("--out-dir", required=True)
-@click.option("--model", default=None, help="HF id or local path (default: embedded SmolLM2-135M-Instruct).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the corrupting noise.")
-def trace(data, n_facts, window, out_dir, model, seed):
-    """Causal tracing on known facts: where in the model the fact is recalled."""
+@_model_opts
+def trace(data, n_facts, window, out_dir, model, layer, seed, no_mom2, mom2_corpus, mom2_samples):
+    """Causal tracing on known facts: where in the model the fact is recalled.
+
+    --seed seeds the corrupting noise. The layer and key-statistics flags are those of the
+    other commands: the layer they choose is marked in the plot (tracing needs no C)."""
     from .analyze import causal_trace
     from .datasets import load_knowns
+    from .layer_choice import choose_layer
 
     facts = load_knowns(data)
     lm = _load(model)
+    chosen = choose_layer(lm, layer, seed)
     with err.status(f"tracing {n_facts} facts"):
-        causal_trace(lm, facts, Path(out_dir), n=n_facts, seed=seed, window=window)
+        causal_trace(lm, facts, Path(out_dir), n=n_facts, seed=seed, window=window, chosen_layer=chosen.record())
     _done(out_dir, "trace")
 
 

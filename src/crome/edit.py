@@ -13,11 +13,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .compute_key import compute_keys
-from .compute_value import ReferenceRunner, compute_v_star
+from .compute_key import Keys, compute_keys
+from .compute_value import ReferenceRunner, ValueResult, compute_v_star
 from .errors import CromeError
-from .hparams import Hparams, defaults_for
+from .hparams import Hparams
 from .models import LoadedModel
+from .mom2 import KeyStats
 from .request import EditRequest
 from .templates import context_templates
 from .update import CURRENT_KEY, current, rank_one_update
@@ -55,26 +56,44 @@ class Edit:
     seed: int
     hparams: Hparams
     seconds: float
+    key_stats: dict | None = None      # KeyStats.record(): source, n_keys, shrinkage, hash (None: C = I)
+    layer_choice: dict | None = None   # LayerChoice.record(): how the layer was chosen
 
     def to_dict(self) -> dict:
         return {
             "request": self.request.to_dict(), "method": self.method, "layer": self.layer,
             **asdict(self.diagnostics), "seed": self.seed, "edit_seconds": self.seconds,
             "hparams": self.hparams.to_dict(), "context_templates": self.context_templates,
+            "key_stats": self.key_stats, "layer_choice": self.layer_choice,
         }
 
 
-def compute_edit(lm: LoadedModel, request: EditRequest, method: str = "crome", *,
-                 hparams: Hparams | None = None, layer: int | None = None,
-                 templates: list[str] | None = None, seed: int = 0,
-                 mom2: torch.Tensor | None = None, runner_cls=None) -> Edit:
-    """Compute (not apply) the ROME (``method="rome"``) or C-ROME (``"crome"``) edit."""
-    if method not in METHODS:
-        raise CromeError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
-    hp = (hparams or defaults_for(lm.name, lm.num_layers)).with_(layer=layer)
-    lm.check_layer(hp.layer)
-    if hp.mom2_adjustment and mom2 is None:
-        raise CromeError("mom2 adjustment is on but no second-moment statistics were given (--mom2-corpus)")
+@dataclass
+class Prepared:
+    """Steps 1 and 2 of an edit (keys, v*): the same for every method and every C."""
+
+    request: EditRequest
+    hparams: Hparams
+    keys: Keys
+    value: ValueResult
+    templates: list[str]
+    seed: int
+    seconds: float
+    layer_choice: dict | None = None
+
+
+def prepare_edit(lm: LoadedModel, request: EditRequest, *, hparams: Hparams | None = None,
+                 layer: int | str | None = None, templates: list[str] | None = None, seed: int = 0,
+                 runner_cls=None, layer_choice=None) -> Prepared:
+    """The key (step 1) and v* (step 2); ``layer``: an index, "auto", or None for the model's default.
+    ``layer_choice``: how ``hparams.layer`` was chosen, when the caller chose it (recorded)."""
+    from .layer_choice import resolve
+
+    hp, choice = resolve(lm, hparams, layer, seed)
+    if layer_choice is not None:
+        if layer_choice.layer != hp.layer:
+            raise CromeError(f"the layer choice says layer {layer_choice.layer}, the edit is at layer {hp.layer}")
+        choice = layer_choice
     if runner_cls is None:
         from .fast import FastRunner
 
@@ -84,11 +103,21 @@ def compute_edit(lm: LoadedModel, request: EditRequest, method: str = "crome", *
         templates = context_templates(lm, seed, hp.template_lengths, hp.template_starts)
     if not templates:
         raise CromeError("no context templates")
-
-    keys = compute_keys(lm, request, hp.layer, templates)                              # step 1
+    keys = compute_keys(lm, request, hp.layer, templates)                                  # step 1
     value = compute_v_star(lm, request, hp.layer, templates, keys.v_bare, hp, runner_cls)  # step 2
+    return Prepared(request, hp, keys, value, list(templates), seed, time.perf_counter() - start, choice.record())
+
+
+def finish_edit(lm: LoadedModel, prepared: Prepared, method: str, stats: KeyStats | None) -> Edit:
+    """Step 3, the update, for ``method`` with key statistics ``stats`` (None: C = identity)."""
+    if method not in METHODS:
+        raise CromeError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
+    start = time.perf_counter()
+    hp, keys, value = prepared.hparams, prepared.keys, prepared.value
+    if stats is not None and stats.layer != hp.layer:
+        raise CromeError(f"key statistics are for layer {stats.layer}, the edit is at layer {hp.layer}")
     k_cur, v_cur = current(keys, method)
-    c_inv_k = torch.linalg.solve(mom2.to(keys.k_mean), keys.k_mean) if mom2 is not None else None
+    c_inv_k = stats.solve(keys.k_mean) if stats is not None else None
     delta_w, u, denominator = rank_one_update(keys.k_mean, k_cur, v_cur, value.v_star, c_inv_k)  # step 3
 
     w = lm.weight(hp.layer)
@@ -106,11 +135,53 @@ def compute_edit(lm: LoadedModel, request: EditRequest, method: str = "crome", *
         opt_steps=value.steps,
         finite=bool(torch.isfinite(delta_w).all()) and math.isfinite(update_norm),
     )
-    return Edit(request=request, method=method, layer=hp.layer, delta_w=delta_w.to(w.dtype),
+    return Edit(request=prepared.request, method=method, layer=hp.layer, delta_w=delta_w.to(w.dtype),
                 diagnostics=diagnostics,
                 vectors=dict(k_bare=keys.k_bare, k_mean=keys.k_mean, k_cur=k_cur, v_cur=v_cur,
-                             v_star=value.v_star, u=u), context_templates=list(templates), seed=seed,
-                hparams=hp, seconds=time.perf_counter() - start)
+                             v_star=value.v_star, u=u), context_templates=prepared.templates, seed=prepared.seed,
+                hparams=hp, seconds=prepared.seconds + time.perf_counter() - start,
+                key_stats=stats.record() if stats is not None else None, layer_choice=prepared.layer_choice)
+
+
+def resolve_stats(lm: LoadedModel, hp: Hparams, mom2: KeyStats | torch.Tensor | None,
+                  progress: bool = False) -> KeyStats | None:
+    """The key statistics an edit with ``hp`` uses: None with mom2 adjustment off; ``mom2`` when
+    given (a bare matrix is wrapped); else C from text sampled from the model (cached)."""
+    if not hp.mom2_adjustment:
+        if mom2 is not None:
+            raise CromeError("key statistics were given but mom2 adjustment is off (--no-mom2)")
+        return None
+    if mom2 is None:
+        from .mom2 import key_stats
+
+        return key_stats(lm, hp.layer, None, hp.mom2_samples, shrinkage=hp.mom2_shrinkage, progress=progress)
+    if isinstance(mom2, torch.Tensor):
+        return KeyStats(mom2=mom2, source="matrix given", source_hash="", layer=hp.layer, n_keys=0,
+                        shrinkage=0.0, hash=_tensor_hash(mom2))
+    return mom2
+
+
+def _tensor_hash(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def compute_edit(lm: LoadedModel, request: EditRequest, method: str = "crome", *,
+                 hparams: Hparams | None = None, layer: int | str | None = None,
+                 templates: list[str] | None = None, seed: int = 0,
+                 mom2: KeyStats | torch.Tensor | None = None, runner_cls=None, layer_choice=None) -> Edit:
+    """Compute (not apply) the ROME (``method="rome"``) or C-ROME (``"crome"``) edit.
+
+    Key statistics: ``mom2`` when given, else (mom2 adjustment on, the default) C from text
+    sampled from the model, computed once and cached; ``hparams.mom2_adjustment=False`` uses
+    C = I, the "Fall of ROME" paper's setting."""
+    if method not in METHODS:
+        raise CromeError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
+    prepared = prepare_edit(lm, request, hparams=hparams, layer=layer, templates=templates, seed=seed,
+                            runner_cls=runner_cls, layer_choice=layer_choice)
+    stats = resolve_stats(lm, prepared.hparams, mom2)
+    return finish_edit(lm, prepared, method, stats)
 
 
 class EditHandle:

@@ -24,11 +24,12 @@ from .datasets import Case
 from .edit import apply_edit
 from .errors import CromeError
 from .fast import PerplexityMonitor
-from .guard import GuardRefused, guarded_edit
+from .guard import GuardRefused, GuardRule, Verifier, guarded_apply
 from .hparams import Hparams
 from .measure import collapsed, sample, score_targets, template_prefix
 from .metrics import accuracy, agreement, fluency, prob, score_and_magnitude
 from .models import LoadedModel
+from .mom2 import KeyStats
 
 TEST_PREFIXES = ("none", "fixed", "random")
 
@@ -48,6 +49,8 @@ class Settings:
     sequential: bool = False
     monitor_every: int = 1
     guard: str = "off"
+    guard_threshold: float | None = None
+    key_stats_source: str = "off"   # source of C (mom2 adjustment), or "off"
 
 
 # ---------------------------------------------------------------- one case's numbers
@@ -104,8 +107,12 @@ def choose_test_prefix(mode: str, templates: list[str], seed: int, case_id: str)
 
 
 def evaluate_case(lm: LoadedModel, case: Case, settings: Settings, hp: Hparams, templates: list[str],
-                  monitor: PerplexityMonitor | None, measure_ppl: bool = True, keep: bool = False):
-    """Edit, measure and (unless ``keep``) restore one case. Returns (record, handle or None)."""
+                  monitor: PerplexityMonitor | None, measure_ppl: bool = True, keep: bool = False,
+                  stats: KeyStats | None = None, rule: GuardRule | None = None, verifier: Verifier | None = None,
+                  layer_choice=None):
+    """Edit, measure and (unless ``keep``) restore one case. Returns (record, handle or None).
+
+    ``stats``: key statistics (needed when ``hp.mom2_adjustment``); ``rule``/``verifier``: the guard's."""
     prefix = choose_test_prefix(settings.test_prefix, templates, settings.seed, case.case_id)
     req = case.request
     rec = dict(case_id=case.case_id, **asdict(settings), test_prefix_text=prefix,
@@ -117,25 +124,25 @@ def evaluate_case(lm: LoadedModel, case: Case, settings: Settings, hp: Hparams, 
     rec["before"] = _metrics(before, where)
     rec["before_prefixed"] = _metrics(before_px, where) if prefix else None
     try:
-        edit, decision = guarded_edit(lm, req, settings.method, settings.guard, hparams=hp, templates=templates,
-                                      seed=settings.seed)
+        edit, handle, decision = guarded_apply(lm, req, settings.method, settings.guard, rule=rule, verifier=verifier,
+                                               hparams=hp, templates=templates, seed=settings.seed, mom2=stats,
+                                               layer_choice=layer_choice)
     except GuardRefused as e:
-        rec.update(error=str(e), guard_predicted_collapse=True, guard_action="refused", **asdict(e.edit.diagnostics))
+        rec.update(error=str(e), **{k: v for k, v in e.decision.items() if k != "guard"})
+        if e.edit is not None:
+            rec.update(asdict(e.edit.diagnostics), key_stats=e.edit.key_stats, layer_choice=e.edit.layer_choice)
         return rec, None
     except CromeError as e:
         rec["error"] = str(e)
         return rec, None
-    rec.update(guard_predicted_collapse=decision["guard_predicted_collapse"], guard_action=decision["guard_action"],
-               edited_with=edit.method)
-    rec.update(asdict(edit.diagnostics))
-    handle = None
+    rec.update({k: v for k, v in decision.items() if k != "guard"})
+    rec.update(asdict(edit.diagnostics), key_stats=edit.key_stats, layer_choice=edit.layer_choice)
     ppl_before = monitor.baseline if monitor is not None else None
     rec.update(ppl_before=ppl_before, ppl_after=None, ppl_ratio=None, collapsed=None,
                metrics=None, metrics_prefixed=None, fluency=None)
-    if not edit.diagnostics.finite:
+    if handle is None:
         rec["error"] = "non-finite update (NaN or inf): not applied"
     else:
-        handle = apply_edit(lm, edit)
         try:
             rec["applied"] = True
             rec["metrics"] = _metrics(score_targets(lm, pairs), where, before)
@@ -237,10 +244,13 @@ def _check_resumable(done: list[dict], settings: Settings, out: Path, resume: bo
 # ---------------------------------------------------------------- runs
 
 def run(lm: LoadedModel, cases: list[Case], settings: Settings, hp: Hparams, templates: list[str],
-        texts: list[str] | None, out: str | os.PathLike, resume: bool = False, progress=None) -> list[dict]:
+        texts: list[str] | None, out: str | os.PathLike, resume: bool = False, progress=None,
+        stats: KeyStats | None = None, rule: GuardRule | None = None, verifier: Verifier | None = None,
+        layer_choice=None) -> list[dict]:
     """Evaluate ``cases`` into ``out``; returns every record of the file (earlier ones included).
 
-    ``progress(iterable, total, description)`` wraps the loop (a progress bar)."""
+    ``progress(iterable, total, description)`` wraps the loop (a progress bar); ``stats``,
+    ``rule`` and ``verifier`` as in ``evaluate_case``."""
     results, timing = ResultsFile(out), ResultsFile(timing_path(out))
     done = results.read()
     _check_resumable(done, settings, results.path, resume)
@@ -256,7 +266,8 @@ def run(lm: LoadedModel, cases: list[Case], settings: Settings, hp: Hparams, tem
             start = time.perf_counter()
             monitor_now = not settings.sequential or (step + 1) % settings.monitor_every == 0 or step == len(todo) - 1
             rec, handle = evaluate_case(lm, case, settings, hp, templates, monitor, measure_ppl=monitor_now,
-                                        keep=settings.sequential)
+                                        keep=settings.sequential, stats=stats, rule=rule, verifier=verifier,
+                                        layer_choice=layer_choice)
             if settings.sequential:
                 if handle is not None:
                     applied.append((case, rec["test_prefix_text"]))

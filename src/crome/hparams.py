@@ -14,7 +14,14 @@ Layer choice
   describes reproduces there. Causal-tracing evidence per layer is not yet
   measured (planned: ``crome trace``); ``--layer`` edits any layer.
 * gpt2-xl: layer 17, gpt-j: layer 5 (the ROME paper's causal-tracing choices).
-* anything else: layer round(0.2 * num_layers), the same relative depth.
+* anything else: ``--layer auto`` (``layer_choice.py``): the peak of the MLP's causal
+  effect at the subject's last token, traced on facts the model knows; the relative
+  depth rule round(0.2 * num_layers) is what ``defaults_for`` returns for them.
+
+Key statistics (``mom2_adjustment``) are on for every model: C comes from text
+sampled from the model itself unless a corpus is given (``mom2.py``);
+``mom2_shrinkage=None`` means the Ledoit–Wolf estimate. The "Fall of ROME" paper's
+setting, and crome's demo, turn it off (``--no-mom2``).
 """
 
 from __future__ import annotations
@@ -34,26 +41,33 @@ class Hparams:
     kl_prompts: tuple[str, ...] = ("{} is a",)
     template_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     template_starts: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
-    mom2_adjustment: bool = False
+    mom2_adjustment: bool = True
     mom2_samples: int = 20000
+    mom2_shrinkage: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def with_(self, **changes) -> "Hparams":
+        """A copy with the changes that are not None."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
 DEFAULTS: dict[str, Hparams] = {
     "smollm2-135m-instruct": Hparams(layer=6),
-    "gpt2-xl": Hparams(layer=17, mom2_adjustment=True, mom2_samples=100000),
-    "openai-community/gpt2-xl": Hparams(layer=17, mom2_adjustment=True, mom2_samples=100000),
-    "EleutherAI/gpt-j-6B": Hparams(layer=5, mom2_adjustment=True, mom2_samples=100000),
+    "gpt2-xl": Hparams(layer=17, mom2_samples=100000),
+    "openai-community/gpt2-xl": Hparams(layer=17, mom2_samples=100000),
+    "EleutherAI/gpt-j-6B": Hparams(layer=5, mom2_samples=100000),
 }
 
 
+def depth_rule(num_layers: int) -> int:
+    """Layer round(0.2 * num_layers): ROME's GPT-J choice (5 of 28) as a relative depth."""
+    return max(0, min(num_layers - 1, round(0.2 * num_layers)))
+
+
 def defaults_for(name: str, num_layers: int) -> Hparams:
-    """The table's entry for ``name``, else the relative-depth rule."""
+    """The table's entry for ``name``, else the relative-depth rule (see ``layer_choice`` for ``auto``)."""
     if name in DEFAULTS:
         return DEFAULTS[name]
-    return Hparams(layer=max(0, min(num_layers - 1, round(0.2 * num_layers))))
+    return Hparams(layer=depth_rule(num_layers))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 from pathlib import Path
 
 SECTIONS = [
@@ -49,6 +50,14 @@ def _image(path: Path) -> str:
     return f"<figure><img alt='{html.escape(path.name)}' src='data:image/png;base64,{data}'><figcaption>{html.escape(path.name)}</figcaption></figure>"
 
 
+def _shown(run_dir: Path) -> str:
+    """The folder as a shared page should name it: relative to where the report was made."""
+    try:
+        return os.path.relpath(run_dir.resolve(), Path.cwd())
+    except ValueError:  # another drive (Windows)
+        return run_dir.name
+
+
 def build_report(run_dir: str | Path, out: str | Path) -> Path:
     run_dir, out = Path(run_dir), Path(out)
     parts, missing = [], []
@@ -78,7 +87,7 @@ def build_report(run_dir: str | Path, out: str | Path) -> Path:
              "td{text-align:right}td:first-child{text-align:left}img{max-width:100%}figure{margin:1em 0}"
              ".missing{color:#888}.kv td{text-align:left}")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>crome report: {html.escape(run_dir.name)}</title>"
-            f"<style>{style}</style></head><body><h1>crome report</h1><p>{html.escape(str(run_dir))}</p>{note}"
+            f"<style>{style}</style></head><body><h1>crome report</h1><p>{html.escape(_shown(run_dir))}</p>{note}"
             + "".join(parts) + "</body></html>")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")

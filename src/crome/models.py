@@ -7,9 +7,11 @@ is cached as safetensors in the user cache folder so later loads take seconds.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,11 @@ class LoadedModel:
     tokenizer: object
     name: str
     arch: Arch
+    identity: str = ""   # what caches are keyed by: the name and, where known, the weights' hash
+
+    def __post_init__(self):
+        if not self.identity:
+            self.identity = f"{self.name}@{weights_fingerprint(self.model)}"
 
     @property
     def num_layers(self) -> int:
@@ -66,6 +73,16 @@ class LoadedModel:
             )
 
 
+@torch.no_grad()
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap hash of the weights: every tensor's name, shape and first 4,096 values."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(p.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def default_device() -> torch.device:
     """CUDA when present, else CPU; CROME_DEVICE overrides."""
     if os.environ.get("CROME_DEVICE"):
@@ -98,40 +115,54 @@ def default_gguf_path() -> Path:
     return path
 
 
-def _converted_default(progress: bool = True) -> Path:
-    """Dequantize the embedded GGUF once and keep it as a normal HF folder."""
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (the cache key of a converted GGUF: it changes when the file does)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _converted_gguf(gguf: Path, label: str, progress: bool = True) -> Path:
+    """Dequantize a GGUF file once and keep it as a normal HF folder, keyed by the file's content."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = default_gguf_path()
-    stamp = f"{gguf.stat().st_size}"
-    target = cache_dir() / "models" / DEFAULT_MODEL
+    digest = file_digest(gguf)
+    target = cache_dir() / "models" / f"{_slug(label)}-{digest[:16]}"
     marker = target / "crome-converted.json"
-    if marker.exists() and json.loads(marker.read_text()).get("source_size") == stamp:
+    if marker.exists() and json.loads(marker.read_text()).get("sha256") == digest:
         return target
     if progress:
         from rich.console import Console
 
-        Console(stderr=True).print(
-            f"[dim]converting the embedded GGUF to fp32 (once), cache: {target}[/dim]"
-        )
-    tmp = target.with_name(target.name + ".tmp")
+        Console(stderr=True).print(f"[dim]converting {gguf.name} to fp32 (once), cache: {target}[/dim]")
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    _strip_gguf_config(model)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many kinds for unreadable or unsupported files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CromeError(f"cannot convert GGUF file {gguf}: {first}") from None
+    _strip_gguf_config(model, label)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / "crome-converted.json").write_text(json.dumps({"source": str(gguf), "source_size": stamp}))
+    (tmp / "crome-converted.json").write_text(json.dumps({"source": str(gguf), "sha256": digest}))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
 
 
-def _strip_gguf_config(model: torch.nn.Module) -> None:
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label)[:80]
+
+
+def _strip_gguf_config(model: torch.nn.Module, label: str) -> None:
     """A dequantized GGUF model is a plain fp32 model: forget where it came from."""
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config.name_or_path = DEFAULT_MODEL
+    model.config.name_or_path = label
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
     model.is_quantized = False
@@ -146,14 +177,21 @@ def load_model(
     """Load a causal LM for editing.
 
     ``name=None`` (or ``"smollm2-135m-instruct"``) is the embedded default model;
-    anything else is a Hugging Face model id or a local folder.
+    a path ending in ``.gguf`` is converted to fp32 once and cached by the file's
+    sha256; anything else is a Hugging Face model id or a local folder.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device) if device is not None else default_device()
     label = name or DEFAULT_MODEL
     if name in (None, DEFAULT_MODEL):
-        path: str | Path = _converted_default(progress)
+        path: str | Path = _converted_gguf(default_gguf_path(), DEFAULT_MODEL, progress)
+    elif name.lower().endswith(".gguf"):
+        gguf = Path(name).expanduser()
+        if not gguf.is_file():
+            raise CromeError(f"cannot load model '{label}': no such GGUF file")
+        label = gguf.stem
+        path = _converted_gguf(gguf.resolve(), label, progress)
     else:
         path = name
         looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1

@@ -1,60 +1,200 @@
-"""Second-moment statistics of keys, C = E[k kᵀ], for ROME's mom2 adjustment.
+"""Key statistics C = E[k kᵀ] for ROME's mom2 adjustment: u = C⁻¹k̄ / ‖C⁻¹k̄‖.
 
-Keys are collected at every token position of a text corpus (a file, or the
-Wikipedia summaries in the shared data), up to ``samples`` key vectors, and
-cached on disk keyed by model, layer, corpus content and sample count.
+Without C (identity), u = k̄/‖k̄‖ overlaps the keys of unrelated text and an edit
+leaks into everything the layer reads; with C it points where ordinary keys have
+little energy. So crome uses C by default, from one of two sources:
+
+* ``corpus``: a text file the user names (plain text, ME-PPL JSON, Wikipedia summaries);
+* ``model`` (the default): text sampled from the model itself, seeded. It needs no
+  download and fits any model and tokenizer; docs/MODELS.md compares it with
+  Wikipedia text on two real models.
+
+Keys are collected at every token position, up to ``samples`` of them. C is then
+shrunk towards a multiple of the identity, C_λ = (1 − λ) S + λ (tr S / d) I, with
+the Ledoit–Wolf λ (the second-moment form, as scikit-learn's ``ledoit_wolf`` with
+``assume_centered=True``): a corpus smaller than the key dimension gives a singular
+S, and C_λ is still well conditioned; with many keys λ is close to 0. A fixed λ can
+be asked for instead (``mom2_shrinkage``; 0 reproduces the reference exactly).
+
+Everything is cached on disk by model, layer, source (content hash) and settings,
+and every result records ``KeyStats.record()``: source, number of keys, λ, hash.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .errors import CromeError
 from .hooks import run_until
-from .models import LoadedModel, cache_dir
+from .models import LoadedModel, cache_dir, file_digest
+from .request import pad_right
 from .texts import load_texts
 
+MODEL_SOURCE = "model"
+# starts of the sampled texts: common openings of English prose, one per row in turn
+SAMPLE_STARTS = ("The", "In", "A", "It", "This", "When", "He", "She", "We", "They", "There", "I",
+                 "One", "After", "According to", "On", "For", "Many", "Some", "His")
 
-def _corpus_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+
+@dataclass
+class KeyStats:
+    """C (shrunk) for one model and layer, and where it came from."""
+
+    mom2: torch.Tensor = field(repr=False)   # [d_in, d_in], float32
+    source: str           # "model (sampled, seed 0)" or the corpus file name
+    source_hash: str      # content hash of the corpus, or of the sampled token ids
+    layer: int
+    n_keys: int
+    shrinkage: float      # λ
+    hash: str             # sha256 of C's bytes, first 16 hex digits
+
+    def solve(self, k: torch.Tensor) -> torch.Tensor:
+        """C⁻¹ k."""
+        return torch.linalg.solve(self.mom2.to(k), k)
+
+    def record(self) -> dict:
+        return dict(source=self.source, source_hash=self.source_hash, layer=self.layer, n_keys=self.n_keys,
+                    shrinkage=self.shrinkage, hash=self.hash)
+
+
+def ledoit_wolf(total: torch.Tensor, fourth: float, n: int) -> float:
+    """Ledoit–Wolf shrinkage λ for the second moment S = total / n of n vectors x_i,
+    from ``total`` = Σ x xᵀ and ``fourth`` = Σ ‖x_i‖⁴ (no need to keep the vectors)."""
+    d = total.shape[0]
+    s = total / n
+    mu = float(torch.trace(s)) / d
+    s_fro2 = float((s * s).sum())
+    beta = (fourth / n - s_fro2) / (d * n)
+    delta = (s_fro2 - 2 * mu * float(torch.trace(s)) + d * mu * mu) / d
+    beta = min(beta, delta)
+    return 0.0 if beta <= 0 else beta / delta
+
+
+def shrink(s: torch.Tensor, lam: float) -> torch.Tensor:
+    mu = torch.trace(s) / s.shape[0]
+    return (1 - lam) * s + lam * mu * torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
 
 
 @torch.no_grad()
-def second_moment(lm: LoadedModel, layer: int, corpus: str | Path, samples: int = 20000,
-                  max_length: int = 128, batch_size: int = 8, progress: bool = True) -> torch.Tensor:
-    """C = mean of k kᵀ over ``samples`` key vectors from ``corpus`` (cached)."""
-    corpus = Path(corpus)
-    key = f"{lm.name}|{layer}|{_corpus_hash(corpus)}|{samples}|{max_length}"
+def sample_token_ids(lm: LoadedModel, n_tokens: int, seed: int = 0, length: int = 128, batch_size: int = 64,
+                     top_k: int = 50) -> list[list[int]]:
+    """Texts sampled from the model (top-k, seeded), as token ids: at least ``n_tokens`` in all."""
+    tok = lm.tokenizer
+    n_rows = -(-n_tokens // length)
+    cache_kw = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
+    generator = torch.Generator().manual_seed(seed)
+    rows: list[list[int]] = []
+    for start in range(0, n_rows, batch_size):
+        starts = [tok(SAMPLE_STARTS[(start + i) % len(SAMPLE_STARTS)])["input_ids"]
+                  for i in range(min(batch_size, n_rows - start))]
+        ids, mask = pad_right(starts, tok.pad_token_id, lm.device, left=True)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache, seqs = getattr(out, "cache", None) or out.past_key_values, [list(s) for s in starts]
+        logits = out.logits[:, -1].float()
+        for _ in range(length - min(len(s) for s in starts)):
+            top = logits.topk(top_k, dim=-1)
+            choice = torch.multinomial(torch.softmax(top.values, -1).cpu(), 1, generator=generator).to(lm.device)
+            nxt = top.indices.gather(1, choice)
+            for s, t in zip(seqs, nxt[:, 0].tolist()):
+                s.append(t)
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            positions = positions[:, -1:] + 1
+            out = lm.model(input_ids=nxt, attention_mask=mask, position_ids=positions, use_cache=True,
+                           **{cache_kw: cache})
+            cache, logits = getattr(out, "cache", None) or out.past_key_values, out.logits[:, -1].float()
+        rows += [s[:length] for s in seqs]
+    return rows
+
+
+def _sources(lm: LoadedModel, corpus: str | Path | None, samples: int, seed: int, max_length: int):
+    """(label, content hash, token-id rows) of the statistics' source; rows are built lazily."""
+    if corpus is not None:
+        path = Path(corpus)
+        if not path.is_file():
+            raise CromeError(f"mom2 corpus not found: {path}")
+
+        def rows():
+            out, n = [], 0
+            for text in load_texts(path):
+                if n >= samples:
+                    break
+                out.append(lm.tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
+                n += len(out[-1])
+            return out
+        return path.name, file_digest(path)[:16], rows
+    key = json.dumps([lm.identity, "sampled", seed, samples, max_length, SAMPLE_STARTS])
+    ids_path = cache_dir() / "mom2" / ("sampled-" + hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
+
+    def rows():
+        if ids_path.exists():
+            return json.loads(ids_path.read_text())
+        ids = sample_token_ids(lm, samples, seed=seed, length=max_length)
+        ids_path.parent.mkdir(parents=True, exist_ok=True)
+        ids_path.write_text(json.dumps(ids))
+        return ids
+    return f"{MODEL_SOURCE} (sampled, seed {seed})", hashlib.sha256(key.encode()).hexdigest()[:16], rows
+
+
+@torch.no_grad()
+def key_stats(lm: LoadedModel, layer: int, corpus: str | Path | None = None, samples: int = 20000,
+              shrinkage: float | None = None, seed: int = 0, max_length: int = 128, batch_size: int = 8,
+              progress: bool = True) -> KeyStats:
+    """C for ``layer`` from ``corpus`` (a file) or, when None, from text sampled from the model (cached)."""
+    lm.check_layer(layer)
+    if shrinkage is not None and not 0.0 <= shrinkage <= 1.0:
+        raise CromeError(f"mom2 shrinkage must be in [0, 1], not {shrinkage}")
+    label, source_hash, rows = _sources(lm, corpus, samples, seed, max_length)
+    key = json.dumps([lm.identity, layer, source_hash, samples, max_length])
     path = cache_dir() / "mom2" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".pt")
     if path.exists():
-        return torch.load(path, map_location=lm.device)["mom2"]
-    texts = load_texts(corpus)
-    d_in = lm.weight(layer).shape[1]
-    total = torch.zeros(d_in, d_in, dtype=torch.float64, device=lm.device)
-    count = 0
+        saved = torch.load(path, map_location="cpu")
+        total, fourth, count = saved["total"], saved["fourth"], saved["count"]
+    else:
+        total, fourth, count = _accumulate(lm, layer, rows, samples, batch_size, progress, label)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"total": total, "fourth": fourth, "count": count, "key": key}, tmp)
+        tmp.replace(path)
+    if count == 0:
+        raise CromeError(f"mom2 source {label} gave no keys")
+    lam = ledoit_wolf(total, fourth, count) if shrinkage is None else float(shrinkage)
+    c = shrink(total / count, lam).float()
+    if not torch.isfinite(c).all():
+        raise CromeError(f"key statistics from {label} are not finite")
+    digest = hashlib.sha256(c.numpy().tobytes()).hexdigest()[:16]
+    return KeyStats(mom2=c.to(lm.device), source=label, source_hash=source_hash, layer=layer, n_keys=count,
+                    shrinkage=lam, hash=digest)
+
+
+def _accumulate(lm, layer, rows, samples, batch_size, progress, label):
     from rich.progress import Progress
 
+    rows = rows()
+    d_in = lm.weight(layer).shape[1]
+    total = torch.zeros(d_in, d_in, dtype=torch.float64, device=lm.device)
+    fourth, count = 0.0, 0
     with Progress(transient=True, disable=not progress) as bar:
-        task = bar.add_task(f"mom2 stats, layer {layer}", total=samples)
-        for start in range(0, len(texts), batch_size):
-            enc = lm.tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                               truncation=True, max_length=max_length).to(lm.device)
-            rec = run_until(lm.model, lm.mlp_out(layer), **enc)
-            k = rec.input[enc["attention_mask"].bool()].double()
-            k = k[: samples - count]
+        task = bar.add_task(f"key statistics, layer {layer}, {label}", total=samples)
+        for start in range(0, len(rows), batch_size):
+            ids, mask = pad_right(rows[start:start + batch_size], lm.tokenizer.pad_token_id, lm.device)
+            rec = run_until(lm.model, lm.mlp_out(layer), input_ids=ids, attention_mask=mask)
+            k = rec.input[mask.bool()].double()[: samples - count]
             total += k.T @ k
+            fourth += float((k.pow(2).sum(1) ** 2).sum())
             count += k.shape[0]
             bar.update(task, completed=count)
             if count >= samples:
                 break
-    mom2 = (total / count).float()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"mom2": mom2.cpu(), "count": count, "key": json.dumps(key)}, path)
-    return mom2
+    return total.cpu(), fourth, count
+
+
+def second_moment(lm: LoadedModel, layer: int, corpus: str | Path, samples: int = 20000, **kwargs) -> torch.Tensor:
+    """C alone (the matrix of ``key_stats``)."""
+    return key_stats(lm, layer, corpus, samples, **kwargs).mom2

@@ -51,7 +51,7 @@ def context_templates(lm: LoadedModel, seed: int = 0,
                       starts=("The", "Therefore", "Because", "I", "You"),
                       use_cache: bool = True) -> list[str]:
     """Seeded context templates for ``lm``, cached on disk per model and settings."""
-    key = json.dumps([lm.name, seed, [list(x) for x in lengths], list(starts), str(lm.device.type)])
+    key = json.dumps([lm.identity, seed, [list(x) for x in lengths], list(starts), str(lm.device.type)])
     path = cache_dir() / "templates" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
     if use_cache and path.exists():
         return json.loads(path.read_text())["templates"]

@@ -40,6 +40,7 @@ class Trace:
     p_corrupted: float
     groups: list[str]              # the position group of each token
     effects: dict[str, list]       # kind -> [layer][position] indirect effect
+    subject_last: int = -1         # position of the subject's last token
 
 
 def _modules(lm: LoadedModel, kind: str) -> list[torch.nn.Module]:
@@ -100,8 +101,22 @@ def position_groups(n_tokens: int, first: int, last: int) -> list[str]:
 
 
 @torch.no_grad()
+def embedding_std(lm: LoadedModel, ids: torch.Tensor) -> float:
+    """Standard deviation of the embeddings as the model sees them: the table's, times the
+    scale the embedding module applies (Gemma multiplies by √d), measured on ``ids``."""
+    module = lm.model.get_input_embeddings()
+    table = module.weight[ids[0]].float()
+    scale = float(module(ids)[0].float().norm() / table.norm())
+    return float(module.weight.float().std()) * scale
+
+
+@torch.no_grad()
 def trace_fact(lm: LoadedModel, prompt: str, subject: str, answer: str, seed: int = 0,
-               noise_scale: float = 3.0, window: int = 10, batch_size: int = 128) -> Trace:
+               noise_scale: float = 3.0, window: int = 10, batch_size: int = 128,
+               kinds: tuple[str, ...] = KINDS, last_subject_only: bool = False, first_layer: int = 0) -> Trace:
+    """Indirect effects of every (kind, layer, position); with ``last_subject_only`` only the
+    subject's last token is restored (the other positions' effects stay 0). Windows of MLP and
+    attention layers start at ``first_layer`` at the lowest."""
     from .request import target_ids
 
     req = EditRequest.create(prompt, subject, answer)
@@ -109,10 +124,9 @@ def trace_fact(lm: LoadedModel, prompt: str, subject: str, answer: str, seed: in
     ids = torch.tensor([loc.ids], device=lm.device)
     answer_id = target_ids(lm.tokenizer, req.text(), answer)[0]
     n, L = len(loc.ids), lm.num_layers
-    emb = lm.model.get_input_embeddings().weight
     gen = torch.Generator().manual_seed(seed)
-    noise = (torch.randn(loc.subject_last - loc.subject_first + 1, emb.shape[1], generator=gen)
-             * noise_scale * float(emb.float().std())).to(lm.device)
+    noise = (torch.randn(loc.subject_last - loc.subject_first + 1, lm.model.get_input_embeddings().weight.shape[1],
+                         generator=gen) * noise_scale * embedding_std(lm, ids)).to(lm.device)
 
     def p_answer(input_ids):
         logits = lm.model(input_ids=input_ids).logits[:, -1].float()
@@ -120,7 +134,7 @@ def trace_fact(lm: LoadedModel, prompt: str, subject: str, answer: str, seed: in
 
     clean = {}
     with ExitStack() as stack:
-        recs = {(k, i): stack.enter_context(record(m)) for k in KINDS for i, m in enumerate(_modules(lm, k))}
+        recs = {(k, i): stack.enter_context(record(m)) for k in kinds for i, m in enumerate(_modules(lm, k))}
         p_clean = float(p_answer(ids)[0])
     for key, rec in recs.items():
         clean[key] = _first(rec.output)[0].detach()
@@ -128,14 +142,16 @@ def trace_fact(lm: LoadedModel, prompt: str, subject: str, answer: str, seed: in
         p_corrupt = float(p_answer(ids)[0])
 
     # one row per (kind, layer, position): which (module, position) it restores
-    plan = [(k, layer, pos) for k in KINDS for layer in range(L) for pos in range(n)]
-    effects = {k: [[0.0] * n for _ in range(L)] for k in KINDS}
-    modules = {k: _modules(lm, k) for k in KINDS}
+    positions = [loc.subject_last] if last_subject_only else range(n)
+    plan = [(k, layer, pos) for k in kinds for layer in range(L) for pos in positions]
+    effects = {k: [[0.0] * n for _ in range(L)] for k in kinds}
+    modules = {k: _modules(lm, k) for k in kinds}
     for start in range(0, len(plan), batch_size):
         chunk = plan[start:start + batch_size]
         restore: dict[tuple[str, int], list[tuple[int, int]]] = {}
         for row, (k, layer, pos) in enumerate(chunk):
-            span = [layer] if k == "hidden" else range(max(0, layer - window // 2), min(L, layer - window // 2 + window))
+            span = [layer] if k == "hidden" else range(max(first_layer, layer - window // 2),
+                                                       min(L, layer - window // 2 + window))
             for j in span:
                 restore.setdefault((k, j), []).append((row, pos))
         with ExitStack() as stack:
@@ -148,7 +164,8 @@ def trace_fact(lm: LoadedModel, prompt: str, subject: str, answer: str, seed: in
         for (k, layer, pos), value in zip(chunk, p):
             effects[k][layer][pos] = value - p_corrupt
     return Trace(prompt=req.text(), subject=subject, answer=answer, p_clean=p_clean, p_corrupted=p_corrupt,
-                 groups=position_groups(n, loc.subject_first, loc.subject_last), effects=effects)
+                 groups=position_groups(n, loc.subject_first, loc.subject_last), effects=effects,
+                 subject_last=loc.subject_last)
 
 
 def by_group(trace: Trace) -> dict[str, list[list[float]]]:

@@ -1,0 +1,179 @@
+"""Evidence for docs/MODELS.md: C-ROME on real models, key statistics off and on, two layer rules.
+
+For each model, for the layer of the table (or the 20%-depth rule where the model has no
+entry) and the ``auto`` layer (causal trace), and for each source of key statistics:
+
+* ``off``: C = I (the "Fall of ROME" setting);
+* ``model``: text sampled from the model itself (crome's default);
+* ``passages``: the 50 passages that ship with crome (~2k keys, shrinkage does the rest);
+* ``wikipedia``: 20k keys of the Wikipedia summaries in the shared data (the reference source);
+
+the first N counterfact-val cases are edited with C-ROME. Keys and v* do not depend on C, so
+they are computed once per case and layer, and each C gives its own update (edit.finish_edit),
+which is applied, measured (ES/PS/NS with and without the test-time prefix, perplexity ratio
+on ME-PPL_50, cosine of the update direction u with the Wikipedia one) and restored.
+
+Results go to one JSONL per model (resumable); ``--summarize`` writes docs/MODELS.md tables.
+
+    python benchmarks/models_eval.py --model default --n 50
+    python benchmarks/models_eval.py --model path/to/gemma-3-270m-q4_k_m.gguf --n 50
+    python benchmarks/models_eval.py --summarize docs/results/models/*.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+DATA = Path(os.environ.get("CROME_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SOURCES = ("off", "model", "passages", "wikipedia")
+
+
+def run(args) -> None:
+    import torch
+    import transformers
+
+    from crome import datasets
+    from crome.edit import apply_edit, finish_edit, prepare_edit
+    from crome.evaluate import _metrics, _pairs, choose_test_prefix
+    from crome.fast import PerplexityMonitor
+    from crome.hparams import DEFAULTS, defaults_for
+    from crome.layer_choice import auto_layer
+    from crome.measure import score_targets
+    from crome.models import load_model
+    from crome.mom2 import key_stats
+    from crome.templates import context_templates
+    from crome.texts import default_corpus_path, load_texts
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_model(None if args.model == "default" else args.model, progress=False)
+    out = Path(args.out or f"docs/results/models/{lm.name}.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if out.exists():
+        for line in out.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["layer_rule"], r["source"], r["case_id"]))
+
+    base = defaults_for(lm.name, lm.num_layers)
+    table_rule = "table" if lm.name in DEFAULTS else "depth 20%"
+    t0 = time.perf_counter()
+    auto = auto_layer(lm)
+    auto_seconds = time.perf_counter() - t0
+    layers = {table_rule: base.layer, "auto": auto.layer}
+    cases = datasets.load_cases(DATA / "counterfact" / "counterfact-val.json").cases[: args.n]
+    texts = load_texts(DATA / "me-ppl" / "ME-PPL_50.json")
+    corpora = {"model": None, "passages": default_corpus_path(),
+               "wikipedia": DATA / "wikipedia" / "vital_articles_summaries_en.json"}
+    templates = context_templates(lm, 0, base.template_lengths, base.template_starts)
+
+    setups = []  # per layer: (rule, layer, hparams, key statistics per source, seconds per source, monitor)
+    for rule, layer in dict.fromkeys(layers.items()):
+        stats, cost = {}, {}
+        for name in args.sources:
+            t = time.perf_counter()
+            stats[name] = None if name == "off" else key_stats(lm, layer, corpora[name], 20000, progress=False)
+            cost[name] = None if name == "off" else time.perf_counter() - t
+        setups.append((rule, layer, base.with_(layer=layer), stats, cost, PerplexityMonitor(lm, texts, layer)))
+    for case in cases:  # cases outside, layers inside: a cut-short run still compares the layers
+        for rule, layer, hp, stats, cost, monitor in setups:
+            todo = [s for s in args.sources if (rule, s, case.case_id) not in done]
+            if not todo:
+                continue
+            t = time.perf_counter()
+            prepared = prepare_edit(lm, case.request, hparams=hp, templates=templates, seed=0)
+            v_seconds = time.perf_counter() - t
+            pairs, where = _pairs(case)
+            prefix = choose_test_prefix("fixed", templates, 0, case.case_id)
+            before = score_targets(lm, pairs)
+            before_px = score_targets(lm, pairs, prefix=prefix)
+            u_ref = finish_edit(lm, prepared, "crome", stats["wikipedia"]).vectors["u"] if "wikipedia" in stats else None
+            for name in todo:
+                edit = finish_edit(lm, prepared, "crome", stats[name])
+                u = edit.vectors["u"]
+                rec = dict(model=lm.name, case_id=case.case_id, layer_rule=rule, layer=layer, source=name,
+                           key_stats=edit.key_stats, stats_seconds=cost.get(name), v_seconds=v_seconds,
+                           auto_layer=auto.record(), auto_seconds=auto_seconds,
+                           first_token_subject=edit.diagnostics.first_token_subject,
+                           denominator=edit.diagnostics.denominator, update_ratio=edit.diagnostics.update_ratio,
+                           cos_u_wikipedia=float(torch.nn.functional.cosine_similarity(u, u_ref, dim=0))
+                           if u_ref is not None else None, ppl_before=monitor.baseline)
+                if edit.diagnostics.finite:
+                    with apply_edit(lm, edit):
+                        rec["metrics"] = _metrics(score_targets(lm, pairs), where, before)
+                        rec["metrics_prefixed"] = _metrics(score_targets(lm, pairs, prefix=prefix), where, before_px)
+                        ppl = monitor()
+                    rec.update(ppl_after=ppl, ppl_ratio=ppl / monitor.baseline)
+                with open(out, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            print(f"{lm.name} {rule} L{layer} case {case.case_id}: {time.perf_counter() - t:.1f}s", flush=True)
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.mean(xs) if xs else float("nan")
+
+
+def summarize(paths: list[str]) -> str:
+    lines = []
+    for path in paths:
+        recs = [json.loads(line) for line in Path(path).read_text().splitlines()]
+        if not recs:
+            continue
+        model = recs[0]["model"]
+        auto = recs[0]["auto_layer"]
+        lines += [f"### {model}", "",
+                  f"{len({r['case_id'] for r in recs})} counterfact-val cases, C-ROME, seed 0; perplexity on ME-PPL_50 "
+                  f"(unedited: {recs[0]['ppl_before']:.1f} at layer {recs[0]['layer']}). Auto layer: "
+                  f"{auto['layer']} ({auto['rule']}, {auto['detail'].get('n_facts', 0)} known facts, "
+                  f"{recs[0]['auto_seconds']:.0f} s).", "",
+                  "| layer | key statistics | n | ES | PS | NS | ES / PS / NS with prefix | ppl ratio median | ppl ratio max "
+                  "| collapsed (>2×) | cos(u, u_wiki) median | keys | λ | stats seconds |",
+                  "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        groups: dict = {}
+        for r in recs:
+            groups.setdefault((r["layer_rule"], r["layer"], r["source"]), []).append(r)
+        for (rule, layer, source), rs in groups.items():
+            ok = [r for r in rs if r.get("metrics")]
+            ratios = [r["ppl_ratio"] for r in ok]
+            m = {k: _mean([r["metrics"][k] for r in ok]) for k in ("es", "ps", "ns")}
+            mp = {k: _mean([r["metrics_prefixed"][k] for r in ok]) for k in ("es", "ps", "ns")}
+            cos = [r["cos_u_wikipedia"] for r in rs if r.get("cos_u_wikipedia") is not None]
+            ks = rs[0]["key_stats"] or {}
+            secs = [r["stats_seconds"] for r in rs if r.get("stats_seconds") is not None]
+            lines.append(
+                f"| {layer} ({rule}) | {source} | {len(rs)} | {m['es']:.2f} | {m['ps']:.2f} | {m['ns']:.2f} | "
+                f"{mp['es']:.2f} / {mp['ps']:.2f} / {mp['ns']:.2f} | "
+                f"{statistics.median(ratios):.3f} | {max(ratios):.3f} | {sum(x > 2 for x in ratios)} | "
+                f"{statistics.median(cos):.3f} | {ks.get('n_keys', '-')} | "
+                f"{'%.3g' % ks['shrinkage'] if ks else '-'} | {('%.0f' % secs[0]) if secs else '-'} |"
+                if cos else
+                f"| {layer} ({rule}) | {source} | {len(rs)} | {m['es']:.2f} | {m['ps']:.2f} | {m['ns']:.2f} | "
+                f"{mp['es']:.2f} / {mp['ps']:.2f} / {mp['ns']:.2f} | "
+                f"{statistics.median(ratios):.3f} | {max(ratios):.3f} | {sum(x > 2 for x in ratios)} | - | "
+                f"{ks.get('n_keys', '-')} | {'%.3g' % ks['shrinkage'] if ks else '-'} | "
+                f"{('%.0f' % secs[0]) if secs else '-'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--summarize", nargs="+", default=None, help="Results files: print the Markdown tables.")
+    args = ap.parse_args()
+    if args.summarize:
+        print(summarize(args.summarize))
+    else:
+        run(args)

@@ -1,0 +1,413 @@
+"""Safe edits on any model: GGUF files, key statistics, layer choice, the verifying guard."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import TEMPLATES, tiny_model
+from crome import EditRequest, apply_edit, compute_edit
+from crome.errors import CromeError
+from crome.hparams import Hparams
+
+HP = Hparams(mom2_adjustment=False, layer=1, v_steps=3)
+REQ = EditRequest.create("{} is the capital of", "Paris", "Germany")
+
+
+# ------------------------------------------------------------------ GGUF files
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's layout of q/k rows (its converter permutes them; loaders undo it)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_llama_gguf(model, path) -> None:
+    """A tiny Llama written as an F32 GGUF by the ``gguf`` package, with the default model's tokenizer."""
+    import gguf
+
+    from crome.models import default_gguf_path
+
+    cfg = model.config
+    src = gguf.GGUFReader(default_gguf_path())
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_theta if hasattr(cfg, "rope_theta") else cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_tokenizer_model(src.fields["tokenizer.ggml.model"].contents())
+    w.add_tokenizer_pre(src.fields["tokenizer.ggml.pre"].contents())
+    w.add_token_list(src.fields["tokenizer.ggml.tokens"].contents())
+    w.add_token_types(src.fields["tokenizer.ggml.token_type"].contents())
+    w.add_token_merges(src.fields["tokenizer.ggml.merges"].contents())
+    for key in ("bos", "eos", "unknown", "padding"):
+        value = src.fields[f"tokenizer.ggml.{key}_token_id"].contents()
+        getattr(w, {"bos": "add_bos_token_id", "eos": "add_eos_token_id", "unknown": "add_unk_token_id",
+                    "padding": "add_pad_token_id"}[key])(value)
+    w.add_add_bos_token(False)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i in range(cfg.num_hidden_layers):
+        for hf, gg in per_layer.items():
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+    for hf, gg in names.items():
+        t = sd[hf]
+        if gg.endswith("attn_q.weight"):
+            t = _permute(t, cfg.num_attention_heads)
+        elif gg.endswith("attn_k.weight"):
+            t = _permute(t, cfg.num_key_value_heads)
+        w.add_tensor(gg, np.ascontiguousarray(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_file_loads_with_the_source_logits_and_a_changed_file_reconverts(tokenizer, tmp_path, monkeypatch):
+    from crome.models import load_model
+
+    monkeypatch.setenv("CROME_CACHE_DIR", str(tmp_path / "cache"))
+    src = tiny_model("llama", tokenizer, seed=3)
+    src.model.lm_head.weight = torch.nn.Parameter(src.model.lm_head.weight.detach().clone())  # untied
+    path = tmp_path / "tiny.gguf"
+    write_llama_gguf(src.model, path)
+    ids = torch.tensor([tokenizer("The capital of France is Paris")["input_ids"]])
+    lm = load_model(str(path), device="cpu", progress=False)
+    assert lm.name == "tiny" and lm.arch.mlp_out == "model.layers.{}.mlp.down_proj"
+    torch.testing.assert_close(lm.model(input_ids=ids).logits, src.model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    folders = sorted(p.name for p in (tmp_path / "cache" / "models").iterdir())
+    assert len(folders) == 1
+    assert load_model(str(path), device="cpu", progress=False).identity == lm.identity  # cached, same weights
+
+    with torch.no_grad():
+        src.model.model.layers[0].mlp.down_proj.weight.mul_(2.0)
+    write_llama_gguf(src.model, path)  # same name, new content
+    changed = load_model(str(path), device="cpu", progress=False)
+    assert len(list((tmp_path / "cache" / "models").iterdir())) == 2
+    assert changed.identity != lm.identity
+    torch.testing.assert_close(changed.model(input_ids=ids).logits, src.model(input_ids=ids).logits,
+                               rtol=1e-4, atol=1e-4)
+
+    # end to end through the CLI: --model x.gguf, the auto layer (a random model knows no facts:
+    # the depth rule, recorded), key statistics sampled from the model, the verifying guard
+    from crome.cli import main
+
+    res = CliRunner().invoke(main, ["edit", "--model", str(path), "--prompt", "{} is the capital of", "--subject",
+                                    "Paris", "--target", "Germany", "--layer", "auto", "--mom2-samples", "300",
+                                    "--guard-threshold", "1e9", "--json", "--no-ppl"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout[res.stdout.index("{"):])
+    assert data["model"] == "tiny" and data["layer"] == 1 and data["layer_choice"]["rule"] == "depth"
+    assert data["key_stats"]["n_keys"] == 300 and data["guard_action"] == "applied" and data["applied"]
+
+
+def test_missing_gguf_file_is_a_one_line_error(tmp_path):
+    from crome.models import load_model
+
+    with pytest.raises(CromeError, match="no such GGUF file"):
+        load_model(str(tmp_path / "nothing.gguf"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(CromeError, match="cannot convert GGUF file"):
+        load_model(str(bad), progress=False)
+
+
+# ------------------------------------------------------------------ key statistics
+
+def test_ledoit_wolf_matches_scikit_learn():
+    from sklearn.covariance import ledoit_wolf
+
+    from crome.mom2 import ledoit_wolf as lw, shrink
+
+    rng = np.random.default_rng(0)
+    for n, d in ((40, 16), (10, 32)):  # n > d, and n < d (a singular second moment)
+        x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + 0.5
+        expected, lam_sk = ledoit_wolf(x, assume_centered=True)
+        t = torch.tensor(x, dtype=torch.float64)
+        lam = lw(t.T @ t, float((t.pow(2).sum(1) ** 2).sum()), n)
+        assert lam == pytest.approx(lam_sk, rel=1e-9)
+        np.testing.assert_allclose(shrink(t.T @ t / n, lam).numpy(), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_key_stats_direction_equals_a_direct_solve(tiny, tmp_path):
+    """u = C⁻¹k̄/‖C⁻¹k̄‖ with C the (shrunk) mean of k kᵀ over the corpus' keys, recomputed here."""
+    from crome.hooks import run_until
+    from crome.mom2 import key_stats
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["The cat sat on the mat and looked at the garden."] * 2 +
+                                ["Rain fell over the old town all night long."] * 2))
+    stats = key_stats(tiny, 1, corpus, samples=1000, progress=False)
+    keys = []
+    for line in corpus.read_text().splitlines():
+        ids = torch.tensor([tiny.tokenizer(line)["input_ids"]])
+        keys.append(run_until(tiny.model, tiny.mlp_out(1), input_ids=ids).input[0].double())
+    k = torch.cat(keys)
+    assert stats.n_keys == k.shape[0] < k.shape[1]  # fewer keys than dimensions: S alone is singular
+    s = k.T @ k / k.shape[0]
+    assert torch.linalg.matrix_rank(s) < s.shape[0]
+    assert 0 < stats.shrinkage <= 1
+    c = (1 - stats.shrinkage) * s + stats.shrinkage * torch.trace(s) / s.shape[0] * torch.eye(s.shape[0], dtype=s.dtype)
+    torch.testing.assert_close(stats.mom2.double(), c, rtol=1e-5, atol=1e-6)
+
+    edit = compute_edit(tiny, REQ, "crome", hparams=HP.with_(mom2_adjustment=True), templates=TEMPLATES, mom2=stats)
+    direct = torch.linalg.solve(c, edit.vectors["k_mean"].double())
+    torch.testing.assert_close(edit.vectors["u"].double(), direct / direct.norm(), rtol=1e-4, atol=1e-5)
+    assert edit.key_stats == stats.record() and edit.key_stats["n_keys"] == stats.n_keys
+    assert torch.isfinite(edit.delta_w).all()
+
+
+def test_key_stats_cache_is_keyed_by_model_layer_source_and_count(tokenizer, tmp_path, monkeypatch):
+    from crome.mom2 import key_stats
+
+    monkeypatch.setenv("CROME_CACHE_DIR", str(tmp_path / "cache"))
+    lm = tiny_model("llama", tokenizer, seed=0)
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("One line of text about the weather.\nAnother line about the sea and ships.\n")
+    a = key_stats(lm, 1, corpus, samples=500, progress=False)
+    files = lambda: sorted(p.name for p in (tmp_path / "cache" / "mom2").glob("*.pt"))  # noqa: E731
+    assert len(files()) == 1
+    assert key_stats(lm, 1, corpus, samples=500, progress=False).hash == a.hash and len(files()) == 1  # a hit
+    assert key_stats(lm, 0, corpus, samples=500, progress=False).layer == 0 and len(files()) == 2
+    assert key_stats(lm, 1, corpus, samples=5, progress=False).n_keys == 5 and len(files()) == 3
+    corpus.write_text("A changed corpus gives other statistics.\n")
+    changed = key_stats(lm, 1, corpus, samples=500, progress=False)
+    assert changed.hash != a.hash and changed.source_hash != a.source_hash and len(files()) == 4
+    other = tiny_model("llama", tokenizer, seed=1)  # same name, other weights
+    assert key_stats(other, 1, corpus, samples=500, progress=False).hash != changed.hash and len(files()) == 5
+
+
+def test_default_key_stats_are_sampled_from_the_model_seeded_and_recorded(tokenizer, tmp_path, monkeypatch):
+    from crome.mom2 import MODEL_SOURCE, key_stats
+
+    monkeypatch.setenv("CROME_CACHE_DIR", str(tmp_path / "cache"))
+    lm = tiny_model("gpt2", tokenizer)
+    a = key_stats(lm, 1, None, samples=300, progress=False)
+    assert a.source.startswith(MODEL_SOURCE) and a.n_keys == 300
+    for p in (tmp_path / "cache" / "mom2").iterdir():
+        p.unlink()  # recompute everything, sampling included: the seed makes it identical
+    assert key_stats(lm, 1, None, samples=300, progress=False).hash == a.hash
+    assert key_stats(lm, 1, None, samples=300, seed=1, progress=False).hash != a.hash
+    edit = compute_edit(lm, REQ, "crome", hparams=HP.with_(mom2_adjustment=True, mom2_samples=300), templates=TEMPLATES)
+    assert edit.key_stats["source"] == a.source and edit.key_stats["hash"] == a.hash
+
+
+def test_mom2_off_with_statistics_given_is_an_error(tiny):
+    with pytest.raises(CromeError, match="mom2 adjustment is off"):
+        compute_edit(tiny, REQ, "crome", hparams=HP, templates=TEMPLATES, mom2=torch.eye(64))
+
+
+def test_statistics_for_another_layer_are_refused(tiny, tmp_path):
+    from crome.mom2 import key_stats
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Some text for the statistics.\n")
+    stats = key_stats(tiny, 0, corpus, samples=50, progress=False)
+    with pytest.raises(CromeError, match="layer 0"):
+        compute_edit(tiny, REQ, "crome", hparams=HP.with_(mom2_adjustment=True), templates=TEMPLATES, mom2=stats)
+
+
+# ------------------------------------------------------------------ layer choice
+
+def test_layer_auto_traces_caches_and_records(tokenizer, tmp_path, monkeypatch):
+    from crome.layer_choice import auto_layer, choose_layer, load_facts
+
+    monkeypatch.setenv("CROME_CACHE_DIR", str(tmp_path / "cache"))
+    assert len(load_facts()) >= 40
+    lm = tiny_model("llama", tokenizer)
+    choice = choose_layer(lm, "auto")
+    # a random tiny model knows no facts: the relative-depth rule, and the record says why
+    assert choice.rule == "depth" and "knows 0" in choice.detail["reason"]
+    import crome.layer_choice as lc
+
+    monkeypatch.setattr(lc, "MIN_FACTS", 0)
+    forced = auto_layer(lm, use_cache=False)
+    assert forced.rule == "depth"  # still no known fact to trace
+    assert choose_layer(lm, 2).record() == {"layer": 2, "rule": "user", "detail": {}}
+    assert choose_layer(lm, "depth").layer == 1
+    with pytest.raises(CromeError, match="'auto'"):
+        choose_layer(lm, "middle")
+    with pytest.raises(CromeError, match="out of range"):
+        choose_layer(lm, 9)
+
+
+def test_auto_layer_peaks_where_the_trace_peaks(tokenizer, tmp_path, monkeypatch):
+    """With facts the model 'knows' (scores patched), the chosen layer is the argmax of the traced
+    MLP effect over layers >= 1, and the choice is cached."""
+    import crome.layer_choice as lc
+    from crome import trace as tr
+
+    monkeypatch.setenv("CROME_CACHE_DIR", str(tmp_path / "cache"))
+    lm = tiny_model("llama", tokenizer)
+
+    class Hit:
+        hits = [True]
+
+    monkeypatch.setattr("crome.measure.score_targets", lambda lm, pairs, prefix=None: [Hit() for _ in pairs])
+    calls = []
+
+    def fake_trace(lm, prompt, subject, answer, **kw):
+        calls.append(kw)
+        effects = {"mlp": [[0.0, 0.0], [0.1, 0.3], [0.2, 0.1]]}
+        return tr.Trace(prompt, subject, answer, 1.0, 0.0, ["x", "y"], effects, subject_last=1)
+
+    monkeypatch.setattr(tr, "trace_fact", fake_trace)
+    choice = lc.auto_layer(lm, n_facts=4)
+    assert choice.rule == "auto" and choice.layer == 1 and choice.detail["n_facts"] == 4
+    assert all(kw["first_layer"] == 1 and kw["last_subject_only"] and kw["kinds"] == ("mlp",) for kw in calls)
+    assert choice.detail["effects"] == pytest.approx([0.0, 0.3, 0.1])
+    n = len(calls)
+    assert lc.auto_layer(lm, n_facts=4).layer == 1 and len(calls) == n  # cached
+
+
+def test_compute_edit_records_the_layer_choice(tiny):
+    edit = compute_edit(tiny, REQ, "crome", hparams=HP, templates=TEMPLATES)
+    assert edit.layer_choice == {"layer": 1, "rule": "user", "detail": {}}
+    edit = compute_edit(tiny, REQ, "crome", hparams=HP, layer="depth", templates=TEMPLATES)
+    assert edit.layer_choice["rule"] == "depth" and edit.layer == 1
+
+
+# ------------------------------------------------------------------ the verifying guard
+
+TEXTS = ["The weather was mild and the market was busy all morning.", "She wrote a letter to her brother.",
+         "Trains left the station every ten minutes."]
+
+
+@pytest.mark.parametrize("factor", [0.999, 1.001])
+def test_guard_verify_rolls_back_bit_exactly_or_keeps_the_edit(tiny, factor):
+    """The threshold is set just under (rollback) or just over (kept) the edit's measured probe ratio."""
+    from crome.guard import GuardRefused, Verifier, guarded_apply
+
+    w = tiny.mlp_out(1).weight.detach().clone()
+    verifier = Verifier(tiny, 1, TEXTS, threshold=1e9)
+    edit, handle, decision = guarded_apply(tiny, REQ, "rome", "verify", verifier=verifier, hparams=HP, templates=TEMPLATES)
+    handle.restore()
+    ratio = decision["guard_ppl_ratio"]
+    assert ratio != 1.0
+    verifier.threshold = ratio * factor
+    if factor < 1:
+        with pytest.raises(GuardRefused, match="rolled back") as refused:
+            guarded_apply(tiny, REQ, "rome", "verify", verifier=verifier, hparams=HP, templates=TEMPLATES)
+        assert torch.equal(tiny.mlp_out(1).weight, w)
+        assert refused.value.decision["guard_action"] == "rolled back"
+        assert refused.value.decision["guard_ppl_ratio"] == pytest.approx(ratio)
+    else:
+        edit, handle, decision = guarded_apply(tiny, REQ, "rome", "verify", verifier=verifier, hparams=HP,
+                                               templates=TEMPLATES)
+        assert decision["guard_action"] == "applied" and decision["guard_ppl_ratio"] == pytest.approx(ratio)
+        delta = edit.delta_w.T if tiny.arch.transposed else edit.delta_w
+        torch.testing.assert_close(tiny.mlp_out(1).weight, w + delta)
+        handle.restore()
+        assert torch.equal(tiny.mlp_out(1).weight, w)
+
+
+def test_guard_fallback_with_a_rule_that_rejects_both_refuses_untouched(tiny):
+    from crome.guard import GuardRefused, GuardRule, Verifier, guarded_apply
+
+    w = tiny.mlp_out(1).weight.detach().clone()
+    always = GuardRule("update_ratio", -1.0, True)
+    verifier = Verifier(tiny, 1, TEXTS, threshold=1e9)
+    with pytest.raises(GuardRefused, match="guard refused the rome edit: rome: .*; crome: ") as refused:
+        guarded_apply(tiny, REQ, "rome", "fallback", rule=always, verifier=verifier, hparams=HP, templates=TEMPLATES)
+    assert refused.value.decision["guard_action"] == "refused" and refused.value.edit.method == "crome"
+    assert torch.equal(tiny.mlp_out(1).weight, w)
+
+
+def test_guard_fallback_applies_crome_when_rome_fails_the_probe(tiny, monkeypatch):
+    from crome.guard import GuardRefused, Verifier, guarded_apply
+
+    w = tiny.mlp_out(1).weight.detach().clone()
+    verifier = Verifier(tiny, 1, TEXTS, threshold=2.0)
+    seen = []
+    monkeypatch.setattr(Verifier, "ratio", lambda self: seen.append(1) or (5.0 if len(seen) == 1 else 1.01))
+    edit, handle, decision = guarded_apply(tiny, REQ, "rome", "fallback", verifier=verifier, hparams=HP,
+                                           templates=TEMPLATES)
+    assert edit.method == "crome" and decision["guard_action"] == "fallback: crome instead of rome"
+    assert decision["guard_ppl_ratio"] == 1.01 and len(seen) == 2
+    handle.restore()
+    assert torch.equal(tiny.mlp_out(1).weight, w)
+    monkeypatch.setattr(Verifier, "ratio", lambda self: 3.0)
+    with pytest.raises(GuardRefused, match="crome: probe perplexity"):
+        guarded_apply(tiny, REQ, "rome", "fallback", verifier=verifier, hparams=HP, templates=TEMPLATES)
+    assert torch.equal(tiny.mlp_out(1).weight, w)
+
+
+def test_guard_refuse_needs_a_rule_for_the_model(tiny, tmp_path):
+    from crome.guard import DEFAULT_RULE, GuardRule, guarded_apply, rule_for
+
+    with pytest.raises(CromeError, match="needs a rule calibrated"):
+        guarded_apply(tiny, REQ, "rome", "refuse", hparams=HP, templates=TEMPLATES)
+    assert rule_for(tiny.name) is None and rule_for("smollm2-135m-instruct") == DEFAULT_RULE
+    path = tmp_path / "rule.json"
+    GuardRule("denominator", 0.5, False, model="other-model", calibration="x").save(path)
+    with pytest.raises(CromeError, match="calibrated on other-model"):
+        rule_for(tiny.name, path)
+    GuardRule("denominator", 0.5, False, model=tiny.name).save(path)
+    assert rule_for(tiny.name, path).threshold == 0.5
+    path.write_text("{}")
+    with pytest.raises(CromeError, match="not a guard rule file"):
+        rule_for(tiny.name, path)
+
+
+def test_eval_with_guard_verify_records_ratio_and_decision(tiny, tmp_path):
+    from crome.datasets import load_cases
+    from crome.evaluate import Settings, run
+    from crome.guard import Verifier
+
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps([dict(case_id=i, prompt=f"{s} is the capital of", subject=s, target_new="Germany",
+                                     ground_truth="France", rephrase_prompt=f"The capital {s} is in",
+                                     locality_prompt="Rome is the capital of", locality_ground_truth="Italy")
+                                for i, s in enumerate(["Paris", "Lyon"])]))
+    cases = load_cases(data).cases
+    settings = Settings(method="rome", model=tiny.name, layer=1, seed=0, gen_tokens=0, guard="verify",
+                        guard_threshold=1e-6)
+    w = tiny.mlp_out(1).weight.detach().clone()
+    records = run(tiny, cases, settings, HP, TEMPLATES, TEXTS, tmp_path / "out.jsonl",
+                  verifier=Verifier(tiny, 1, TEXTS, threshold=1e-6))  # any edit fails: every case rolled back
+    assert len(records) == 2 and torch.equal(tiny.mlp_out(1).weight, w)
+    for r in records:
+        assert r["guard_action"] == "rolled back" and r["guard_ppl_ratio"] > 1e-6 and not r["applied"]
+        assert "rolled back" in r["error"] and r["denominator"] is not None
+
+
+# ------------------------------------------------------------------ small things
+
+def test_cli_out_in_a_missing_folder_is_created_before_work(tmp_path, monkeypatch):
+    from crome import cli
+
+    loaded = []
+    monkeypatch.setattr(cli, "_load", lambda model: loaded.append(model) or (_ for _ in ()).throw(CromeError("stop")))
+    out = tmp_path / "missing" / "dir" / "x.json"
+    res = CliRunner().invoke(cli.main, ["edit", "--prompt", "{} is in", "--subject", "Paris", "--target", "France",
+                                        "--out", str(out)])
+    assert out.parent.is_dir() and loaded  # the folder exists before the model is even loaded
+    (tmp_path / "afolder").mkdir()
+    res = CliRunner().invoke(cli.main, ["edit", "--prompt", "{} is in", "--subject", "Paris", "--target", "France",
+                                        "--out", str(tmp_path / "afolder")])
+    assert res.exit_code == 2 and "output path is a folder" in res.output and len(loaded) == 1
+
+
+def test_report_names_the_folder_relative_to_where_it_ran(tmp_path, monkeypatch):
+    from crome.html_report import build_report
+
+    run_dir = tmp_path / "work" / "analysis"
+    run_dir.mkdir(parents=True)
+    (run_dir / "trace.json").write_text(json.dumps({"n_facts": 1}))
+    (run_dir / "trace.md").write_text("| a |\n|---|\n| 1 |\n")
+    monkeypatch.chdir(tmp_path / "work")
+    page = build_report(run_dir, tmp_path / "r.html").read_text()  # an absolute path given
+    assert str(tmp_path) not in page and "analysis" in page
