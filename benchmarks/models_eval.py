@@ -67,7 +67,8 @@ def run(args) -> None:
     t0 = time.perf_counter()
     auto = auto_layer(lm)
     auto_seconds = time.perf_counter() - t0
-    layers = {table_rule: base.layer, "auto": auto.layer}
+    layers = {rule: layer for rule, layer in {table_rule: base.layer, "auto": auto.layer}.items()
+              if not args.layer_rules or rule.split()[0] in args.layer_rules}
     cases = datasets.load_cases(DATA / "counterfact" / "counterfact-val.json").cases[: args.n]
     texts = load_texts(DATA / "me-ppl" / "ME-PPL_50.json")
     corpora = {"model": None, "passages": default_corpus_path(),
@@ -95,6 +96,10 @@ def run(args) -> None:
             before = score_targets(lm, pairs)
             before_px = score_targets(lm, pairs, prefix=prefix)
             u_ref = finish_edit(lm, prepared, "crome", stats["wikipedia"]).vectors["u"] if "wikipedia" in stats else None
+            cos_by_source = None
+            if u_ref is not None:  # the update direction of every source against Wikipedia's, same keys and v*
+                cos_by_source = {name: float(torch.nn.functional.cosine_similarity(
+                    finish_edit(lm, prepared, "crome", st).vectors["u"], u_ref, dim=0)) for name, st in stats.items()}
             for name in todo:
                 edit = finish_edit(lm, prepared, "crome", stats[name])
                 u = edit.vectors["u"]
@@ -104,7 +109,7 @@ def run(args) -> None:
                            first_token_subject=edit.diagnostics.first_token_subject,
                            denominator=edit.diagnostics.denominator, update_ratio=edit.diagnostics.update_ratio,
                            cos_u_wikipedia=float(torch.nn.functional.cosine_similarity(u, u_ref, dim=0))
-                           if u_ref is not None else None, ppl_before=monitor.baseline)
+                           if u_ref is not None else None, cos_u_by_source=cos_by_source, ppl_before=monitor.baseline)
                 if edit.diagnostics.finite:
                     with apply_edit(lm, edit):
                         rec["metrics"] = _metrics(score_targets(lm, pairs), where, before)
@@ -121,46 +126,58 @@ def _mean(xs):
     return statistics.mean(xs) if xs else float("nan")
 
 
+def _row(label: str, rs: list[dict], cos: list[float] | None) -> str:
+    ok = [r for r in rs if r.get("metrics")]
+    ratios = [r["ppl_ratio"] for r in ok]
+    m = {k: _mean([r["metrics"][k] for r in ok]) for k in ("es", "ps", "ns")}
+    mp = {k: _mean([r["metrics_prefixed"][k] for r in ok]) for k in ("es", "ps", "ns")}
+    ks = rs[0]["key_stats"] or {}
+    secs = [r["stats_seconds"] for r in rs if r.get("stats_seconds") is not None]
+    return (f"| {label} | {len(rs)} | {m['es']:.2f} | {m['ps']:.2f} | {m['ns']:.2f} | "
+            f"{mp['es']:.2f} / {mp['ps']:.2f} / {mp['ns']:.2f} | {statistics.median(ratios):.3f} | {max(ratios):.3f} | "
+            f"{sum(x > 2 for x in ratios)} | {('%.3f' % statistics.median(cos)) if cos else '-'} | "
+            f"{ks.get('n_keys', '-')} | {'%.3g' % ks['shrinkage'] if ks else '-'} | "
+            f"{('%.0f' % max(secs)) if secs else '-'} |")
+
+
+HEADER = ("| ES | PS | NS | ES / PS / NS, test prefix | ppl ratio median | ppl ratio max | > 2× | cos(u, u_wiki) median "
+          "| keys | λ | stats s |")
+
+
 def summarize(paths: list[str]) -> str:
     lines = []
     for path in paths:
         recs = [json.loads(line) for line in Path(path).read_text().splitlines()]
         if not recs:
             continue
-        model = recs[0]["model"]
-        auto = recs[0]["auto_layer"]
-        lines += [f"### {model}", "",
-                  f"{len({r['case_id'] for r in recs})} counterfact-val cases, C-ROME, seed 0; perplexity on ME-PPL_50 "
-                  f"(unedited: {recs[0]['ppl_before']:.1f} at layer {recs[0]['layer']}). Auto layer: "
-                  f"{auto['layer']} ({auto['rule']}, {auto['detail'].get('n_facts', 0)} known facts, "
-                  f"{recs[0]['auto_seconds']:.0f} s).", "",
-                  "| layer | key statistics | n | ES | PS | NS | ES / PS / NS with prefix | ppl ratio median | ppl ratio max "
-                  "| collapsed (>2×) | cos(u, u_wiki) median | keys | λ | stats seconds |",
-                  "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        model, auto = recs[0]["model"], recs[0]["auto_layer"]
         groups: dict = {}
         for r in recs:
-            groups.setdefault((r["layer_rule"], r["layer"], r["source"]), []).append(r)
-        for (rule, layer, source), rs in groups.items():
-            ok = [r for r in rs if r.get("metrics")]
-            ratios = [r["ppl_ratio"] for r in ok]
-            m = {k: _mean([r["metrics"][k] for r in ok]) for k in ("es", "ps", "ns")}
-            mp = {k: _mean([r["metrics_prefixed"][k] for r in ok]) for k in ("es", "ps", "ns")}
-            cos = [r["cos_u_wikipedia"] for r in rs if r.get("cos_u_wikipedia") is not None]
-            ks = rs[0]["key_stats"] or {}
-            secs = [r["stats_seconds"] for r in rs if r.get("stats_seconds") is not None]
-            lines.append(
-                f"| {layer} ({rule}) | {source} | {len(rs)} | {m['es']:.2f} | {m['ps']:.2f} | {m['ns']:.2f} | "
-                f"{mp['es']:.2f} / {mp['ps']:.2f} / {mp['ns']:.2f} | "
-                f"{statistics.median(ratios):.3f} | {max(ratios):.3f} | {sum(x > 2 for x in ratios)} | "
-                f"{statistics.median(cos):.3f} | {ks.get('n_keys', '-')} | "
-                f"{'%.3g' % ks['shrinkage'] if ks else '-'} | {('%.0f' % secs[0]) if secs else '-'} |"
-                if cos else
-                f"| {layer} ({rule}) | {source} | {len(rs)} | {m['es']:.2f} | {m['ps']:.2f} | {m['ns']:.2f} | "
-                f"{mp['es']:.2f} / {mp['ps']:.2f} / {mp['ns']:.2f} | "
-                f"{statistics.median(ratios):.3f} | {max(ratios):.3f} | {sum(x > 2 for x in ratios)} | - | "
-                f"{ks.get('n_keys', '-')} | {'%.3g' % ks['shrinkage'] if ks else '-'} | "
-                f"{('%.0f' % secs[0]) if secs else '-'} |")
+            groups.setdefault((r["layer_rule"], r["layer"]), {}).setdefault(r["source"], []).append(r)
+        lines += [f"### {model}", "",
+                  f"C-ROME, seed 0, counterfact-val from its first case; perplexity ratio on ME-PPL_50. Auto layer "
+                  f"{auto['layer']} ({auto['rule']}: {auto['detail'].get('n_facts', 0)} of "
+                  f"{auto['detail'].get('scanned', '?')} facts known, window {auto['detail'].get('window', '-')}). "
+                  f"`stats s`: seconds to compute C (sampling included; 0 when cached).", "",
+                  "**Key statistics off vs crome's default, at two layers**", "",
+                  "| layer | key statistics | n " + HEADER, "|---|---|" + "---:|" * 4 + "---|" + "---:|" * 7]
+        for (rule, layer), by_source in groups.items():
+            for source in ("off", "model"):
+                if source in by_source:
+                    lines.append(_row(f"{layer} ({rule}) | {source}", by_source[source], None))
         lines.append("")
+        for (rule, layer), by_source in groups.items():
+            if "wikipedia" not in by_source:
+                continue
+            common = set.intersection(*[{r["case_id"] for r in rs} for rs in by_source.values()])
+            cos = {r["case_id"]: r["cos_u_by_source"] for r in by_source["wikipedia"] if r.get("cos_u_by_source")}
+            lines += [f"**Sources of C compared on the same {len(common)} cases, layer {layer} ({rule})**", "",
+                      "| key statistics | n " + HEADER, "|---|" + "---:|" * 4 + "---|" + "---:|" * 7]
+            for source in ("off", "model", "passages", "wikipedia"):
+                if source in by_source:
+                    rs = [r for r in by_source[source] if r["case_id"] in common]
+                    lines.append(_row(source, rs, [cos[c][source] for c in common if c in cos and source in cos[c]]))
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -171,6 +188,8 @@ if __name__ == "__main__":
     ap.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
     ap.add_argument("--out", default=None)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--layer-rules", nargs="+", default=None, choices=("table", "depth", "auto"),
+                    help="Only these layers (default: the table's or the depth rule's, and auto).")
     ap.add_argument("--summarize", nargs="+", default=None, help="Results files: print the Markdown tables.")
     args = ap.parse_args()
     if args.summarize:

@@ -111,3 +111,32 @@ def test_cli_errors_are_one_line_exit_2(argv, message):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output
+
+
+def test_hub_id_without_network_is_one_line_on_stderr(tmp_path):
+    """A Hugging Face id that can't be fetched: crome's one line, none of the hub's retry warnings."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2")
+    code = "from crome.cli import main; main()"
+    res = subprocess.run([sys.executable, "-c", code, "edit", "--prompt", "{} is", "--subject", "Paris", "--target", "x",
+                          "--model", "someone/no-such-model-crome-test", "--no-ppl"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    lines = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
+    assert res.returncode == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: cannot load model 'someone/no-such-model-crome-test'")
+
+
+def test_output_path_and_guard_flags_are_checked_before_loading(tmp_path):
+    (tmp_path / "dir").mkdir()
+    res = CliRunner().invoke(main, ["eval", "--data", "/no/such/data.json", "--out", str(tmp_path / "dir")])
+    assert res.exit_code == 2 and "output path is a folder" in res.output
+    res = CliRunner().invoke(main, ["edit", "--prompt", "{} is", "--subject", "Paris", "--target", "x", "--no-mom2",
+                                    "--mom2-corpus", "c.txt"])
+    assert res.exit_code == 2 and "contradict" in res.output
+    res = CliRunner().invoke(main, ["edit", "--prompt", "{} is", "--subject", "Paris", "--target", "x",
+                                    "--layer", "middle", "--no-ppl", "--model", "/no/such/model"])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1

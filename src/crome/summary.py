@@ -61,6 +61,18 @@ def summarize(records: list[dict]) -> dict[str, dict[str, str]]:
             rows["perplexity after: mean"] = _cell(statistics.fmean(ppl))
             rows["perplexity after: median"] = _cell(statistics.median(ppl))
             rows["perplexity before"] = _cell(judged[0]["ppl_before"])
+        ratios = [r["ppl_ratio"] for r in judged if r.get("ppl_ratio") is not None]
+        if ratios:
+            rows["perplexity ratio: median"] = _cell(statistics.median(ratios))
+            rows["perplexity ratio: max"] = _cell(max(ratios))
+        guarded = [r for r in recs if r.get("guard", "off") != "off"]
+        if guarded:
+            stopped = sum(r.get("guard_action") in ("rolled back", "refused") for r in guarded)
+            fallback = sum(str(r.get("guard_action", "")).startswith("fallback") for r in guarded)
+            rows["guard: kept / fallback / stopped"] = f"{len(guarded) - stopped - fallback} / {fallback} / {stopped}"
+            probe = [r["guard_ppl_ratio"] for r in applied if r.get("guard_ppl_ratio") is not None]
+            if probe:
+                rows["guard probe ratio of kept edits: max"] = _cell(max(probe))
         dens = [r["denominator"] for r in recs if r.get("denominator") is not None]
         if dens:
             rows["denominator: median"] = _cell(statistics.median(dens))

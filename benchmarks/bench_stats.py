@@ -1,0 +1,61 @@
+"""What the safe defaults cost, once per model: key statistics (each source) and the auto layer.
+
+Every timing starts from an empty cache folder (a temporary $CROME_CACHE_DIR; the converted
+model is loaded from the normal cache), so sampling, key passes and tracing are all included.
+
+    python benchmarks/bench_stats.py                           # default model, layer 6
+    python benchmarks/bench_stats.py --model path/to/x.gguf --layer 2 --out docs/results/models/stats-x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+DATA = Path(os.environ.get("CROME_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--layer", type=int, default=None, help="Default: the model's table entry, else auto.")
+    ap.add_argument("--samples", type=int, default=20000)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    import torch
+    import transformers
+
+    from crome.layer_choice import auto_layer, choose_layer
+    from crome.models import load_model
+    from crome.mom2 import key_stats
+    from crome.texts import default_corpus_path
+
+    transformers.utils.logging.set_verbosity_error()
+    lm = load_model(args.model, progress=False)  # converted model: normal cache
+    result = dict(model=lm.name, device=str(lm.device), threads=torch.get_num_threads(), samples=args.samples)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["CROME_CACHE_DIR"] = tmp
+        t = time.perf_counter()
+        auto = auto_layer(lm)
+        result["auto_layer"] = dict(layer=auto.layer, rule=auto.rule, seconds=time.perf_counter() - t)
+        layer = args.layer if args.layer is not None else choose_layer(lm).layer
+        result["layer"] = layer
+        sources = {"model": None, "passages": default_corpus_path(),
+                   "wikipedia": DATA / "wikipedia" / "vital_articles_summaries_en.json"}
+        for name, corpus in sources.items():
+            t = time.perf_counter()
+            stats = key_stats(lm, layer, corpus, args.samples, progress=False)
+            result[f"stats_{name}"] = dict(seconds=time.perf_counter() - t, **stats.record())
+            print(name, f"{result[f'stats_{name}']['seconds']:.1f} s", stats.record(), flush=True)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
