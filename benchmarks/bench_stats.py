@@ -1,4 +1,5 @@
-"""What the safe defaults cost, once per model: key statistics (each source) and the auto layer.
+"""What the safe defaults cost: key statistics (each source) and the auto layer, once per model;
+the verifying guard's probe, once per edit.
 
 Every timing starts from an empty cache folder (a temporary $CROME_CACHE_DIR; the converted
 model is loaded from the normal cache), so sampling, key passes and tracing are all included.
@@ -52,6 +53,14 @@ def main() -> None:
             stats = key_stats(lm, layer, corpus, args.samples, progress=False)
             result[f"stats_{name}"] = dict(seconds=time.perf_counter() - t, **stats.record())
             print(name, f"{result[f'stats_{name}']['seconds']:.1f} s", stats.record(), flush=True)
+    from crome.guard import Verifier
+
+    t = time.perf_counter()
+    verifier = Verifier(lm, layer)
+    result["guard_probe_setup_seconds"] = time.perf_counter() - t
+    t = time.perf_counter()
+    verifier.ratio()
+    result["guard_probe_check_seconds"] = time.perf_counter() - t
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

@@ -191,8 +191,17 @@ if __name__ == "__main__":
     ap.add_argument("--layer-rules", nargs="+", default=None, choices=("table", "depth", "auto"),
                     help="Only these layers (default: the table's or the depth rule's, and auto).")
     ap.add_argument("--summarize", nargs="+", default=None, help="Results files: print the Markdown tables.")
+    ap.add_argument("--doc", default=None, help="With --summarize: put the tables into this Markdown file, "
+                                                "between the lines <!-- tables --> and <!-- /tables -->.")
     args = ap.parse_args()
     if args.summarize:
-        print(summarize(args.summarize))
+        tables = summarize(args.summarize)
+        if args.doc:
+            doc = Path(args.doc).read_text()
+            head, rest = doc.split("<!-- tables -->\n", 1)
+            _, tail = rest.split("<!-- /tables -->", 1)
+            Path(args.doc).write_text(head + "<!-- tables -->\n" + tables + "\n<!-- /tables -->" + tail)
+        else:
+            print(tables)
     else:
         run(args)

@@ -82,9 +82,11 @@ def shrink(s: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_token_ids(lm: LoadedModel, n_tokens: int, seed: int = 0, length: int = 128, batch_size: int = 64,
+def sample_token_ids(lm: LoadedModel, n_tokens: int, seed: int = 0, length: int = 128, batch_size: int = 32,
                      top_k: int = 50) -> list[list[int]]:
-    """Texts sampled from the model (top-k, seeded), as token ids: at least ``n_tokens`` in all."""
+    """Texts sampled from the model (top-k, seeded), as token ids: at least ``n_tokens`` in all.
+    The rows are drawn ``batch_size`` at a time from one generator, so the batch size is part of
+    the sampling scheme: the default (32) is what the cache key and docs/MODELS.md assume."""
     tok = lm.tokenizer
     n_rows = -(-n_tokens // length)
     cache_kw = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
