@@ -16,6 +16,7 @@ from rich.table import Table
 
 from .edit import METHODS
 from .errors import CromeError
+from .guard import GUARD_ACTIONS, VERIFY_THRESHOLD
 
 out = Console()
 err = Console(stderr=True)
@@ -135,10 +136,10 @@ def _common(f):
 def _guard_opts(f, default="off"):
     """The guard's flags; ``crome edit`` verifies by default, ``eval`` measures every edit anyway."""
     return _options(f, [
-        click.option("--guard", type=click.Choice(["off", "refuse", "verify", "fallback"]), default=default, show_default=True,
+        click.option("--guard", type=click.Choice(GUARD_ACTIONS), default=default, show_default=True,
                      help="verify: apply, measure probe perplexity, roll back above the threshold (exit 3); fallback: "
                           "the same, then C-ROME; refuse: the calibrated rule's prediction, weights untouched."),
-        click.option("--guard-threshold", type=float, default=2.0, show_default=True, help="Largest probe perplexity ratio verify accepts."),
+        click.option("--guard-threshold", type=float, default=VERIFY_THRESHOLD, show_default=True, help="Largest probe perplexity ratio verify accepts."),
         click.option("--guard-rule", default=None, type=click.Path(dir_okay=False), help="Rule file from `crome analyze guard` (a cheap pre-check)."),
         click.option("--guard-probe", default=None, help="Probe texts for verify (default: the bundled passages)."),
     ])
@@ -165,8 +166,8 @@ def _writable(path: str | None) -> None:
 
 def _setup(model, layer, seed, no_mom2, mom2_corpus, mom2_samples):
     """Load the model, choose the layer, get the key statistics: (lm, hparams, stats)."""
+    from .edit import resolve_stats
     from .layer_choice import resolve
-    from .mom2 import key_stats
 
     if no_mom2 and mom2_corpus:
         raise CromeError("--no-mom2 and --mom2-corpus contradict each other")
@@ -178,12 +179,10 @@ def _setup(model, layer, seed, no_mom2, mom2_corpus, mom2_samples):
     with err.status("choosing the layer" + (" (causal trace on crome's fact list, once per model)" if layer in (None, "auto") else "")):
         hp, choice = resolve(lm, None, layer, seed)
     hp = hp.with_(mom2_adjustment=not no_mom2, mom2_samples=mom2_samples)
-    stats = None
     if hp.mom2_adjustment:
         source = mom2_corpus or "text sampled from the model"
         err.print(f"[dim]key statistics for layer {hp.layer} from {source} (computed once, then cached)[/]")
-        stats = key_stats(lm, hp.layer, mom2_corpus, hp.mom2_samples, shrinkage=hp.mom2_shrinkage)
-    return lm, hp, choice, stats
+    return lm, hp, choice, resolve_stats(lm, hp, corpus=mom2_corpus, progress=True)
 
 
 def _guard_setup(lm, hp, guard, guard_threshold, guard_rule, guard_probe):

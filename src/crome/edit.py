@@ -26,6 +26,11 @@ from .update import CURRENT_KEY, current, rank_one_update
 METHODS = tuple(CURRENT_KEY)
 
 
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise CromeError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
+
+
 @dataclass
 class Diagnostics:
     """What an edit will do, known before it touches the weights."""
@@ -110,8 +115,7 @@ def prepare_edit(lm: LoadedModel, request: EditRequest, *, hparams: Hparams | No
 
 def finish_edit(lm: LoadedModel, prepared: Prepared, method: str, stats: KeyStats | None) -> Edit:
     """Step 3, the update, for ``method`` with key statistics ``stats`` (None: C = identity)."""
-    if method not in METHODS:
-        raise CromeError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
+    check_method(method)
     start = time.perf_counter()
     hp, keys, value = prepared.hparams, prepared.keys, prepared.value
     if stats is not None and stats.layer != hp.layer:
@@ -143,10 +147,11 @@ def finish_edit(lm: LoadedModel, prepared: Prepared, method: str, stats: KeyStat
                 key_stats=stats.record() if stats is not None else None, layer_choice=prepared.layer_choice)
 
 
-def resolve_stats(lm: LoadedModel, hp: Hparams, mom2: KeyStats | torch.Tensor | None,
-                  progress: bool = False) -> KeyStats | None:
+def resolve_stats(lm: LoadedModel, hp: Hparams, mom2: KeyStats | torch.Tensor | None = None,
+                  corpus=None, progress: bool = False) -> KeyStats | None:
     """The key statistics an edit with ``hp`` uses: None with mom2 adjustment off; ``mom2`` when
-    given (a bare matrix is wrapped); else C from text sampled from the model (cached)."""
+    given (a bare matrix is wrapped); else C from ``corpus``, or from text sampled from the model
+    when there is none (computed once, cached)."""
     if not hp.mom2_adjustment:
         if mom2 is not None:
             raise CromeError("key statistics were given but mom2 adjustment is off (--no-mom2)")
@@ -154,7 +159,7 @@ def resolve_stats(lm: LoadedModel, hp: Hparams, mom2: KeyStats | torch.Tensor | 
     if mom2 is None:
         from .mom2 import key_stats
 
-        return key_stats(lm, hp.layer, None, hp.mom2_samples, shrinkage=hp.mom2_shrinkage, progress=progress)
+        return key_stats(lm, hp.layer, corpus, hp.mom2_samples, shrinkage=hp.mom2_shrinkage, progress=progress)
     if isinstance(mom2, torch.Tensor):
         return KeyStats(mom2=mom2, source="matrix given", source_hash="", layer=hp.layer, n_keys=0,
                         shrinkage=0.0, hash=_tensor_hash(mom2))
@@ -176,8 +181,7 @@ def compute_edit(lm: LoadedModel, request: EditRequest, method: str = "crome", *
     Key statistics: ``mom2`` when given, else (mom2 adjustment on, the default) C from text
     sampled from the model, computed once and cached; ``hparams.mom2_adjustment=False`` uses
     C = I, the "Fall of ROME" paper's setting."""
-    if method not in METHODS:
-        raise CromeError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
+    check_method(method)
     prepared = prepare_edit(lm, request, hparams=hparams, layer=layer, templates=templates, seed=seed,
                             runner_cls=runner_cls, layer_choice=layer_choice)
     stats = resolve_stats(lm, prepared.hparams, mom2)

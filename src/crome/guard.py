@@ -118,7 +118,7 @@ def calibrate(records: list[dict]) -> GuardRule:
     rule = calibrate_split(records)
     r0 = records[0]
     judged = [r for r in records if r.get("collapsed") is not None]
-    stats = (r0.get("key_stats") or {}).get("source") if r0.get("key_stats") else "off"
+    stats = (r0.get("key_stats") or {}).get("source", "off")
     return GuardRule(rule.feature, rule.threshold, rule.above, model=r0.get("model"),
                      calibration=f"{r0.get('data')}, {r0.get('method')}, layer {r0.get('layer')}, key statistics "
                                  f"{stats}, {len(judged)} edits ({sum(bool(r['collapsed']) for r in judged)} collapsed)")
@@ -188,8 +188,9 @@ def guarded_apply(lm, request, method: str, action: str = "off", *, rule: GuardR
     Returns (edit, handle, decision): ``handle`` is the applied edit (None when the update
     is not finite, which is never applied). Raises ``GuardRefused`` (weights untouched or
     restored bit for bit) when the guard stops every edit it tried."""
-    from .edit import apply_edit, compute_edit
+    from .edit import apply_edit, check_method, finish_edit, prepare_edit, resolve_stats
 
+    check_method(method)
     if action not in GUARD_ACTIONS:
         raise CromeError(f"unknown guard action '{action}': choose one of {', '.join(GUARD_ACTIONS)}")
     if action == "refuse" and rule is None:
@@ -203,9 +204,12 @@ def guarded_apply(lm, request, method: str, action: str = "off", *, rule: GuardR
                     guard_ppl_ratio=None, guard_threshold=verifier.threshold if verifying else None,
                     guard_action="applied", edited_with=method)
     methods = [method, "crome"] if action == "fallback" and method != "crome" else [method]
+    mom2 = edit_kwargs.pop("mom2", None)
+    prepared = prepare_edit(lm, request, **edit_kwargs)  # keys and v* are the same for every method
+    stats = resolve_stats(lm, prepared.hparams, mom2)
     problems, edit = [], None
     for m in methods:
-        edit = compute_edit(lm, request, m, **edit_kwargs)
+        edit = finish_edit(lm, prepared, m, stats)
         if verifying and verifier.layer != edit.layer:
             raise CromeError(f"the guard's probe is for layer {verifier.layer}, the edit is at layer {edit.layer}")
         decision["edited_with"] = m

