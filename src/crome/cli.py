@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -39,7 +40,18 @@ def _load(model: str | None):
 
     _quiet_transformers()
     with err.status(f"loading {model or 'the default model'}"):
-        return load_model(model)
+        return load_model(model, **_load_flags())
+
+
+def _load_flags() -> dict:
+    """--dtype, --device-map, --trust-remote-code, --allow-pickle of the running command."""
+    meta = click.get_current_context().meta
+    return {k: meta[k] for k in ("dtype", "device_map", "trust_remote_code", "allow_pickle") if k in meta}
+
+
+def _to_meta(ctx, param, value):
+    ctx.meta[param.name] = value
+    return value
 
 
 def _texts(ppl_data: str | None):
@@ -47,6 +59,10 @@ def _texts(ppl_data: str | None):
 
     path = ppl_data or os.environ.get("CROME_PPL_DATA")
     return load_texts(path), str(path or default_corpus_path())
+
+
+def _say(message: str) -> None:
+    err.print(f"[dim]{message}[/]", highlight=False)
 
 
 def _fmt(x, digits=3):
@@ -125,6 +141,16 @@ def _model_opts(f):
         click.option("--no-mom2", is_flag=True, help="No key statistics (C = I): the 'Fall of ROME' paper's setting."),
         click.option("--mom2-corpus", default=None, help="Text for the key statistics C (default: text sampled from the model itself)."),
         click.option("--mom2-samples", type=int, default=None, help="Keys in the statistics (default 20000)."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                     show_default=True, expose_value=False, callback=_to_meta,
+                     help="Weights' dtype; auto: float32 on CPU, bfloat16 on a GPU for models over 1B parameters. "
+                          "v* and the update are computed in float32 either way."),
+        click.option("--device-map", type=click.Choice(["auto"]), default=None, expose_value=False, callback=_to_meta,
+                     help="auto: spread a model too large for one GPU over all of them (accelerate)."),
+        click.option("--trust-remote-code", is_flag=True, expose_value=False, callback=_to_meta,
+                     help="Run Python code shipped with the model (off: only built-in architectures)."),
+        click.option("--allow-pickle", is_flag=True, expose_value=False, callback=_to_meta,
+                     help="Load pickle (.bin) weights; off: safetensors only."),
     ])
 
 
@@ -165,36 +191,22 @@ def _writable(path: str | None) -> None:
 
 
 def _setup(model, layer, seed, no_mom2, mom2_corpus, mom2_samples):
-    """Load the model, choose the layer, get the key statistics: (lm, hparams, stats)."""
-    from .edit import resolve_stats
-    from .layer_choice import resolve
+    """Load the model, choose the layer, get the key statistics: (lm, hparams, choice, stats)."""
+    from .jobs import model_setup
 
     if no_mom2 and mom2_corpus:
         raise CromeError("--no-mom2 and --mom2-corpus contradict each other")
-    if mom2_corpus and not Path(mom2_corpus).is_file():
-        from .datasets import resolve as resolve_data
-
-        mom2_corpus = str(resolve_data(mom2_corpus))
     lm = _load(model)
-    with err.status("choosing the layer" + (" (causal trace on crome's fact list, once per model)" if layer in (None, "auto") else "")):
-        hp, choice = resolve(lm, None, layer, seed)
-    hp = hp.with_(mom2_adjustment=not no_mom2, mom2_samples=mom2_samples)
-    if hp.mom2_adjustment:
-        source = mom2_corpus or "text sampled from the model"
-        err.print(f"[dim]key statistics for layer {hp.layer} from {source} (computed once, then cached)[/]")
-    return lm, hp, choice, resolve_stats(lm, hp, corpus=mom2_corpus, progress=True)
+    hp, choice, stats = model_setup(lm, layer, seed, not no_mom2, mom2_corpus, mom2_samples, status=err.status, say=_say)
+    return lm, hp, choice, stats
 
 
 def _guard_setup(lm, hp, guard, guard_threshold, guard_rule, guard_probe):
-    from .guard import Verifier, rule_for
-    from .texts import load_texts
+    from .jobs import EvalJob, guard_setup
 
-    rule = rule_for(lm.name, guard_rule) if guard == "refuse" or guard_rule else None
-    verifier = None
-    if guard in ("verify", "fallback"):
-        with err.status("probe perplexity for the guard"):
-            verifier = Verifier(lm, hp.layer, load_texts(guard_probe) if guard_probe else None, guard_threshold)
-    return rule, verifier
+    job = EvalJob(data="", out="", guard=guard, guard_threshold=guard_threshold, guard_rule=guard_rule,
+                  guard_probe=guard_probe)
+    return guard_setup(lm, hp.layer, job, status=err.status)
 
 
 @main.command()
@@ -325,50 +337,58 @@ def demo(model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data, token
 @click.option("--gen-tokens", type=int, default=100, show_default=True, help="Tokens sampled per generation prompt for fluency (0: skip).")
 @click.option("--markdown", "md_path", default=None, help="Also write the summary table as Markdown.")
 @_guard_opts
+@click.option("--workers", type=int, default=None, help="Run the cases on N Ray workers (each loads the model once); needs crome[ray].")
+@click.option("--ray-address", default=None, help="Join a Ray cluster: 'auto' or HOST:PORT (default: start a local Ray).")
+@click.option("--threads", type=int, default=None, help="Torch threads per worker on CPU (default: the CPUs split evenly).")
 def eval_(data, method, model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data, n_cases, case_ids, test_prefix,
           out_path, resume, skip_invalid, sequential, monitor_every, gen_tokens, md_path, guard, guard_threshold,
-          guard_rule, guard_probe):
+          guard_rule, guard_probe, workers, ray_address, threads):
     """Edit, measure and restore each case of a dataset; one JSON line per case, then a summary."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from . import summary
+    from .jobs import EvalJob, cases_of, run_job
 
-    from . import datasets, evaluate, summary
-    from .templates import context_templates
-
-    if monitor_every < 1:
-        raise CromeError("--monitor-every must be at least 1")
-    if n_cases is not None and n_cases < 1:
-        raise CromeError("--n must be at least 1")
     _writable(out_path)
     _writable(md_path)
-    dataset = datasets.load_cases(data, skip_invalid=skip_invalid)
-    if dataset.skipped:
-        err.print(f"skipped {len(dataset.skipped)} invalid records of {dataset.path} (first: {dataset.skipped[0]})")
-    cases = datasets.select(dataset, n_cases, case_ids.split(",") if case_ids else None)
-    texts, ppl_name = _texts(ppl_data)
-    lm, hp, choice, stats = _setup(model, layer, seed, no_mom2, mom2_corpus, mom2_samples)
-    rule, verifier = _guard_setup(lm, hp, guard, guard_threshold, guard_rule, guard_probe)
-    settings = evaluate.Settings(method=method, model=lm.name, layer=hp.layer, seed=seed, test_prefix=test_prefix,
-                                 data=Path(dataset.path).name, ppl_data=Path(ppl_name).name, gen_tokens=gen_tokens,
-                                 sequential=sequential, monitor_every=monitor_every if sequential else 1, guard=guard,
-                                 guard_threshold=verifier.threshold if verifier else None,
-                                 key_stats_source=stats.source if stats else "off")
-    with err.status("context templates"):
-        templates = context_templates(lm, seed, hp.template_lengths, hp.template_starts)
+    job = EvalJob(data=data, out=out_path, method=method, model=model, layer=layer, seed=seed, mom2=not no_mom2,
+                  mom2_corpus=mom2_corpus, mom2_samples=mom2_samples, ppl_data=ppl_data, n_cases=n_cases,
+                  case_ids=tuple(case_ids.split(",")) if case_ids else None, test_prefix=test_prefix, resume=resume,
+                  skip_invalid=skip_invalid, sequential=sequential, monitor_every=monitor_every, gen_tokens=gen_tokens,
+                  guard=guard, guard_threshold=guard_threshold, guard_rule=guard_rule, guard_probe=guard_probe,
+                  **_load_flags())
+    _, skipped, dataset_path = cases_of(job)
+    if skipped:
+        err.print(f"skipped {len(skipped)} invalid records of {dataset_path} (first: {skipped[0]})")
+    if workers is None and (ray_address or threads):
+        raise CromeError("--ray-address and --threads go with --workers N")
+    from .evaluate import ResultsFile
 
-    def progress(items, total, description):
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("eta"), TimeRemainingColumn(), console=err, transient=True) as bar:
-            yield from bar.track(items, total=total, description=description)
+    before, start = len(ResultsFile(out_path).read()), time.perf_counter()
+    if workers is None:
+        _quiet_transformers()
+        records, setup, _ = run_job(job, progress=_progress, status=err.status, say=_say)
+    else:
+        from .distribution.workers import run_workers
 
-    records = evaluate.run(lm, cases, settings, hp, templates, texts, out_path, resume=resume, progress=progress,
-                           stats=stats, rule=rule, verifier=verifier, layer_choice=choice)
+        records, setup = run_workers(job.absolute(), workers, address=ray_address, threads=threads,
+                                     progress=_progress, say=_say)
+    s = setup.settings
     header, rows = summary.side_by_side([(summary.label(records, out_path), records)])
-    _print_table(header, rows, title=f"{method} on {Path(dataset.path).name}, {lm.name}, layer {hp.layer} ({choice.rule}), "
-                                     f"key statistics {settings.key_stats_source}")
-    rate = summary.cases_per_minute(out_path)
-    out.print(f"[dim]results: {out_path}" + (f"; {rate:.1f} cases per minute" if rate else "") + "[/]")
+    _print_table(header, rows, title=f"{method} on {s.data}, {s.model}, layer {s.layer} ({setup.layer_choice.rule}), "
+                                     f"key statistics {s.key_stats_source}, {s.dtype}")
+    done, seconds = len(records) - before, time.perf_counter() - start
+    rate = f"; {done} cases in {seconds:.0f} s, {60 * done / seconds:.1f} cases per minute" if done else ""
+    out.print(f"[dim]results: {out_path}{rate}" + (f" on {workers} workers" if workers else "") + "[/]")
     if md_path:
         Path(md_path).write_text(summary.to_markdown(header, rows))
+
+
+def _progress(items, total, description):
+    """A progress bar with ETA on stderr around an iterable."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), console=err, transient=True) as bar:
+        yield from bar.track(items, total=total, description=description)
 
 
 def _print_table(header, rows, title=None):
@@ -381,14 +401,20 @@ def _print_table(header, rows, title=None):
 
 
 @main.command()
-@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--markdown", "md_path", default=None, help="Write the table as Markdown here.")
 @click.option("--csv", "csv_path", default=None, help="Write the table as CSV here.")
 def summarize(results, md_path, csv_path):
-    """Summaries of eval runs, side by side."""
+    """Summaries of eval runs, side by side: results files, or folders of them (a sweep's)."""
     from . import summary
 
-    header, rows = summary.side_by_side(_runs(results))
+    paths = []
+    for r in results:
+        found = summary.result_files(r) if Path(r).is_dir() else [Path(r)]
+        if not found:
+            raise CromeError(f"{r}: no results files in this folder")
+        paths += found
+    header, rows = summary.side_by_side(_runs(paths))
     _print_table(header, rows)
     if md_path:
         Path(md_path).write_text(summary.to_markdown(header, rows))
@@ -529,10 +555,42 @@ def trace(data, n_facts, window, out_dir, model, layer, seed, no_mom2, mom2_corp
 
 
 @main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, help="The folder for the cells' results files (created).")
+@click.option("--workers", type=int, default=None, help="Cells run at once (default: one per GPU, else one per CPU).")
+@click.option("--ray-address", default=None, help="Join a Ray cluster: 'auto' or HOST:PORT (default: start a local Ray).")
+@click.option("--threads", type=int, default=None, help="Torch threads per cell on CPU (default: the CPUs split evenly).")
+def sweep(spec, out_dir, workers, ray_address, threads):
+    """A grid of eval runs from a TOML spec, one Ray task per cell; a rerun finishes what is left."""
+    from . import summary
+    from .distribution.sweep import run_sweep
+
+    if Path(out_dir).is_file():
+        raise CromeError(f"--out is a file: {out_dir}")
+    outcomes = run_sweep(spec, out_dir, workers=workers, address=ray_address, threads=threads, say=_say,
+                         progress=_progress)
+    table = Table(title=f"sweep {spec} → {out_dir}")
+    table.add_column("cell")
+    table.add_column("outcome")
+    for name, outcome in outcomes.items():
+        text = outcome if isinstance(outcome, str) else f"{outcome['records']} records, {outcome['errors']} with errors"
+        table.add_row(name, f"[red]{text}[/]" if text.startswith("error") else text)
+    out.print(table)
+    paths = summary.result_files(out_dir)
+    if paths:
+        header, rows = summary.side_by_side(_runs(paths))
+        _print_table(header, rows)
+    failed = [n for n, o in outcomes.items() if isinstance(o, str) and o.startswith("error")]
+    if failed:
+        raise CromeError(f"{len(failed)} of {len(outcomes)} cells failed (first: {failed[0]}: "
+                         f"{outcomes[failed[0]][len('error: '):]}); rerun to retry them")
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", "out_path", required=True, help="The HTML file to write.")
 def report(run_dir, out_path):
-    """One self-contained HTML page (tables, embedded plots, settings) from an analysis folder."""
+    """One self-contained HTML page (tables, embedded plots, settings) from an analysis or sweep folder."""
     from .html_report import build_report
 
     build_report(run_dir, out_path)

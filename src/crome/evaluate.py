@@ -51,6 +51,7 @@ class Settings:
     guard: str = "off"
     guard_threshold: float | None = None
     key_stats_source: str = "off"   # source of C (mom2 adjustment), or "off"
+    dtype: str = "float32"          # the model's weights while editing and measuring
 
 
 # ---------------------------------------------------------------- one case's numbers
@@ -225,12 +226,16 @@ def timing_path(out: str | os.PathLike) -> Path:
     return out.with_name(out.stem + ".timing.jsonl")
 
 
-def _check_resumable(done: list[dict], settings: Settings, out: Path, resume: bool) -> None:
+def check_resumable(done: list[dict], settings: Settings | None, out: Path, resume: bool) -> None:
+    """A results file with records is continued only with ``resume`` and the same settings
+    (``settings=None``: check the flag only)."""
     if not done:
         return
     if not resume:
         raise CromeError(f"{out} already holds {len(done)} results: pass --resume to continue that run, "
                          f"or choose another --out")
+    if settings is None:
+        return
     if settings.sequential:
         raise CromeError(f"{out}: a sequential run can't be resumed (its edits live in the model); start it anew")
     want = asdict(settings)
@@ -253,7 +258,7 @@ def run(lm: LoadedModel, cases: list[Case], settings: Settings, hp: Hparams, tem
     ``rule`` and ``verifier`` as in ``evaluate_case``."""
     results, timing = ResultsFile(out), ResultsFile(timing_path(out))
     done = results.read()
-    _check_resumable(done, settings, results.path, resume)
+    check_resumable(done, settings, results.path, resume)
     finished = {r["case_id"] for r in done}
     todo = [c for c in cases if c.case_id not in finished]
     monitor = PerplexityMonitor(lm, texts, hp.layer) if texts else None

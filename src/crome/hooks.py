@@ -49,11 +49,12 @@ def record(module: torch.nn.Module, stop: bool = False):
 
 @contextmanager
 def add_at(module: torch.nn.Module, rows: torch.Tensor, positions: torch.Tensor, delta: torch.Tensor):
-    """Add ``delta`` to the output of ``module`` at the given (row, position) pairs."""
+    """Add ``delta`` to the output of ``module`` at the given (row, position) pairs
+    (``delta`` may be float32 on a bfloat16 model: the sum is taken in float32, then cast)."""
 
     def hook(_mod, _args, output):
         output = output.clone()
-        output[rows, positions] = output[rows, positions] + delta
+        output[rows, positions] = (output[rows, positions] + delta).to(output.dtype)
         return output
 
     handle = module.register_forward_hook(hook)

@@ -1,4 +1,4 @@
-"""``crome report``: one self-contained HTML page from an analysis folder.
+"""``crome report``: one self-contained HTML page from an analysis folder or a sweep folder.
 
 Every section of ``SECTIONS`` whose ``<name>.json`` is in the folder is shown with its
 table (``<name>.md``), its plots (embedded as base64 PNG, so the file opens offline)
@@ -58,9 +58,26 @@ def _shown(run_dir: Path) -> str:
         return run_dir.name
 
 
+def _eval_runs(run_dir: Path) -> str:
+    """The folder's eval results (a sweep's cells) side by side, with the sweep's spec."""
+    from .evaluate import ResultsFile
+    from .summary import MANIFEST, label, result_files, side_by_side, to_markdown
+
+    runs = [(label(recs, p), recs) for p in result_files(run_dir) if (recs := ResultsFile(p).read())]
+    if not runs:
+        return ""
+    spec = run_dir / MANIFEST
+    settings = _settings({"spec": json.dumps(json.loads(spec.read_text())["spec"])}) if spec.exists() else ""
+    return (f"<section id='runs'><h2>Eval runs</h2><p>{len(runs)} results files of this folder.</p>"
+            + _table(to_markdown(*side_by_side(runs))) + settings + "</section>")
+
+
 def build_report(run_dir: str | Path, out: str | Path) -> Path:
     run_dir, out = Path(run_dir), Path(out)
     parts, missing = [], []
+    runs = _eval_runs(run_dir)
+    if runs:
+        parts.append(runs)
     for name, title, blurb in SECTIONS:
         path = run_dir / f"{name}.json"
         if not path.exists():
@@ -80,7 +97,8 @@ def build_report(run_dir: str | Path, out: str | Path) -> Path:
             parts.append(f"<section id='{extra.split('.')[0]}'><h2>{html.escape(extra)}</h2>"
                          + _table((run_dir / extra).read_text()) + "</section>")
     if not parts:
-        raise FileNotFoundError(f"{run_dir}: no analysis results (run crome analyze ... --out-dir {run_dir})")
+        raise FileNotFoundError(f"{run_dir}: no analysis or eval results (run crome analyze ... --out-dir {run_dir}, "
+                                f"or crome sweep)")
     note = f"<p class='missing'>Not in this folder: {html.escape(', '.join(missing))}.</p>" if missing else ""
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px}"

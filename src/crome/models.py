@@ -48,6 +48,11 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> str:
+        """The weights' dtype, by name (``float32``, ``bfloat16``, ``float16``)."""
+        return dtype_name(next(self.model.parameters()).dtype)
+
     def module(self, name: str) -> torch.nn.Module:
         return self.model.get_submodule(name)
 
@@ -167,17 +172,65 @@ def _strip_gguf_config(model: torch.nn.Module, label: str) -> None:
     model.is_quantized = False
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LARGE_MODEL_PARAMS = 1_000_000_000   # above this, "auto" loads bfloat16 on a GPU
+
+
+def count_parameters(config) -> int:
+    """Parameters of the model ``config`` describes, counted on the meta device (no memory)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, config=None) -> torch.dtype:
+    """``float32``/``bfloat16``/``float16``, or ``auto`` (None): float32 on CPU, and on a GPU
+    bfloat16 for models over 1B parameters, float32 below."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cpu" or config is None or count_parameters(config) <= LARGE_MODEL_PARAMS:
+            return torch.float32
+        return torch.bfloat16
+    if dtype not in DTYPES:
+        raise CromeError(f"unknown dtype '{dtype}': choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _has_safetensors(path: str | Path) -> bool | None:
+    """Whether a local folder holds safetensors weights (None: not a local folder, ask the hub)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return None
+    return any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").exists()
+
+
 def load_model(
     name: str | None = None,
     device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype | None = torch.float32,
     progress: bool = True,
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
     """Load a causal LM for editing.
 
     ``name=None`` (or ``"smollm2-135m-instruct"``) is the embedded default model;
     a path ending in ``.gguf`` is converted to fp32 once and cached by the file's
     sha256; anything else is a Hugging Face model id or a local folder.
+
+    ``dtype``: a torch dtype, a name, or ``"auto"`` (``resolve_dtype``). ``device_map="auto"``
+    spreads the model over the GPUs (accelerate) instead of putting it on ``device``.
+    Weights load from safetensors only: pickle (``.bin``) files need ``allow_pickle``, and code
+    shipped with a model runs only with ``trust_remote_code``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -196,16 +249,29 @@ def load_model(
         looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
         if looks_like_path and not Path(name).expanduser().exists():
             raise CromeError(f"cannot load model '{label}': no such folder")
+    if device_map not in (None, "auto"):
+        raise CromeError(f"--device-map must be 'auto', not {device_map!r}")
+    if _has_safetensors(path) is False and not allow_pickle:
+        raise CromeError(f"cannot load model '{label}': it has no safetensors weights; pass --allow-pickle to "
+                         f"load pickle (.bin) weights you trust")
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        torch_dtype = resolve_dtype(dtype, device, config)
+        arch = arch_for(config.model_type)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+            **({"device_map": "auto"} if device_map else {}))
+    except CromeError:
+        raise
     except Exception as exc:  # transformers raises OSError/ValueError/HTTP errors
         raise CromeError(f"cannot load model '{label}': {first_line(exc)}") from None
-    arch = arch_for(config.model_type)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    model.to(device).eval()
+    if not device_map:
+        model.to(device)
+    model.eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=label, arch=arch)
 

@@ -50,6 +50,7 @@ class EditReport:
     edit_seconds: float
     seed: int
     device: str
+    dtype: str
     key_stats: dict | None
     layer_choice: dict | None
     context_templates: list[str]
@@ -104,7 +105,7 @@ def measure_edit(lm: LoadedModel, request: EditRequest, method: str, *, monitor:
         first_token_subject=d.first_token_subject, p_target_opt=d.p_target_opt, finite=d.finite,
         applied=handle is not None, ppl_before=ppl_before, ppl_data=ppl_data, p_target_before=p_before,
         p_target_before_prefixed=p_before_prefixed, test_prefix=prefix, edit_seconds=edit.seconds,
-        seed=edit.seed, device=str(lm.device), key_stats=edit.key_stats, layer_choice=edit.layer_choice,
+        seed=edit.seed, device=str(lm.device), dtype=lm.dtype, key_stats=edit.key_stats, layer_choice=edit.layer_choice,
         context_templates=edit.context_templates, hparams=edit.hparams.to_dict(),
         guard=guard, guard_predicted_collapse=decision["guard_predicted_collapse"],
         guard_ppl_ratio=decision["guard_ppl_ratio"], guard_threshold=decision["guard_threshold"],

@@ -5,6 +5,7 @@ collapse rate, the split by first-token vs other subjects, and runs side by side
 from __future__ import annotations
 
 import csv
+import json
 import io
 import math
 import statistics
@@ -99,6 +100,20 @@ def _sequential(recs: list[dict]) -> dict[str, str]:
 def cases_per_minute(out: str | Path) -> float | None:
     times = [t["seconds"] for t in ResultsFile(timing_path(out)).read()]
     return 60 * len(times) / sum(times) if times else None
+
+
+MANIFEST = "sweep.json"   # what crome sweep writes into its folder
+
+
+def result_files(folder: str | Path) -> list[Path]:
+    """The eval results files in a folder: a sweep's cells in spec order, else every ``*.jsonl``
+    but the timing files."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if manifest.exists():
+        names = [c["name"] for c in json.loads(manifest.read_text())["cells"]]
+        return [folder / f"{n}.jsonl" for n in names if (folder / f"{n}.jsonl").exists()]
+    return sorted(p for p in folder.glob("*.jsonl") if not p.name.endswith(".timing.jsonl"))
 
 
 def label(records: list[dict], path: str | Path) -> str:

@@ -1,0 +1,144 @@
+"""``crome eval --workers N``: the cases of one run on N Ray workers, one writer.
+
+Each worker is a Ray actor that loads the model once. The first one prepares the run (layer, key
+statistics, context templates: ``jobs.prepare``) and every worker gets that same ``Setup``, so a
+case's record does not depend on which worker ran it. The driver holds the queue: it hands each
+idle worker the next case, writes each record as it arrives (the only writer: one fsync'd line
+per case, as ``evaluate.run`` does), and when a worker dies mid-case (killed, out of memory)
+puts that case back at the head of the queue for the next free worker and starts a replacement.
+A case that takes down ``MAX_ATTEMPTS`` workers stops the run; what finished is kept for
+``--resume``.
+
+Records are written in the order cases finish; ``summarize`` and ``--resume`` key them by case id.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+
+from ..errors import CromeError
+from ..evaluate import ResultsFile, check_resumable, timing_path
+from ..jobs import CaseRunner, EvalJob, cases_of, load, prepare
+from .cluster import connect, placement, ray_module
+
+MAX_ATTEMPTS = 3
+
+
+class Worker:
+    """One model in one process (a Ray actor; plain class so it can be tested without Ray)."""
+
+    def __init__(self, job: EvalJob, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.job = job
+        self.lm = load(job, progress=False)
+        self.runner = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def prepare(self):
+        return prepare(self.lm, self.job)
+
+    def use(self, setup) -> int:
+        self.runner = CaseRunner(self.lm, self.job, setup)
+        return os.getpid()
+
+    def run(self, case) -> tuple[dict, float]:
+        start = time.perf_counter()
+        record = self.runner(case)
+        return record, time.perf_counter() - start
+
+
+def run_workers(job: EvalJob, workers: int, address: str | None = None, threads: int | None = None,
+                progress=None, say=None, on_dispatch=None):
+    """Run ``job`` on ``workers`` Ray actors; returns (every record of the results file, setup).
+
+    ``progress(iterable, total, description)`` wraps the finished cases (a bar with ETA);
+    ``on_dispatch(case, pid)`` is called each time a case is handed to a worker (tests use it)."""
+    if job.sequential:
+        raise CromeError("a sequential run is one model and cannot be split over workers: drop --workers, "
+                         "or run several side by side with crome sweep")
+    cases, _, _ = cases_of(job)
+    results, timing = ResultsFile(job.out), ResultsFile(timing_path(job.out))
+    done = results.read()
+    if done and not job.resume:  # before any worker starts
+        check_resumable(done, None, results.path, job.resume)
+    ray = connect(address)
+    place = placement(ray, workers, threads, job.device_map)
+    actor = ray.remote(Worker).options(**place.options())
+
+    def spawn():
+        return actor.remote(job, place.threads)
+
+    say = say or (lambda message: None)
+    pool = [spawn() for _ in range(workers)]
+    say(f"{workers} Ray worker(s), {place.num_gpus or place.num_cpus} {'GPU' if place.num_gpus else 'CPU'}(s) "
+        f"and {place.threads} thread(s) each")
+    try:
+        setup = ray.get(pool[0].prepare.remote())
+    except ray.exceptions.RayTaskError as exc:
+        raise _cause(exc) from None
+    check_resumable(done, setup.settings, results.path, job.resume)
+    setup_ref = ray.put(setup)
+    pids = dict(zip(pool, ray.get([w.use.remote(setup_ref) for w in pool])))
+    finished = {r["case_id"] for r in done}
+    queue = deque(c for c in cases if c.case_id not in finished)
+    records = list(done)
+
+    def finish_cases():
+        attempts: dict[str, int] = {}
+        idle, running = list(pool), {}
+        while queue or running:
+            while idle and queue:
+                worker, case = idle.pop(0), queue.popleft()
+                attempts[case.case_id] = attempts.get(case.case_id, 0) + 1
+                running[worker.run.remote(case)] = (worker, case)
+                if on_dispatch:
+                    on_dispatch(case, pids.get(worker))
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            worker, case = running.pop(ref)
+            try:
+                record, seconds = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                if attempts[case.case_id] >= MAX_ATTEMPTS:
+                    raise CromeError(f"case {case.case_id} took down {MAX_ATTEMPTS} workers; the run stops "
+                                     f"(finished cases are kept: --resume)") from None
+                say(f"worker {pids.get(worker)} died on case {case.case_id} ({type(exc).__name__}); "
+                    f"retrying it on another worker")
+                queue.appendleft(case)
+                ray.kill(worker, no_restart=True)
+                replacement = spawn()
+                replacement.use.remote(setup_ref)   # runs before its first case: actor calls keep their order
+                pids[replacement] = None
+                pool.append(replacement)
+                idle.append(replacement)
+                continue
+            except ray.exceptions.RayTaskError as exc:
+                raise _cause(exc) from None
+            if pids.get(worker) is None:
+                pids[worker] = ray.get(worker.pid.remote())
+            results.append(record)
+            timing.append(dict(case_id=case.case_id, seconds=seconds, worker=pids[worker],
+                               attempt=attempts[case.case_id]))
+            records.append(record)
+            idle.append(worker)
+            yield case
+
+    wrap = progress or (lambda it, total, description: it)
+    try:
+        for _ in wrap(finish_cases(), len(queue), f"{job.method} on {len(queue)} cases, {workers} workers"):
+            pass
+    finally:
+        for w in pool:
+            ray.kill(w, no_restart=True)
+    return records, setup
+
+
+def _cause(exc) -> Exception:
+    """The exception a worker raised (a CromeError keeps its one-line message)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, Exception) else CromeError(str(exc).splitlines()[0])

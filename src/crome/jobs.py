@@ -1,0 +1,225 @@
+"""An eval run as data: ``EvalJob`` says what to run, ``prepare`` does the once-per-run work.
+
+``crome eval`` runs a job in this process (``run_job``) or on Ray workers
+(``crome.distribution.workers``); ``crome sweep`` runs one job per grid cell. All three
+share these steps, so a case's record is the same whichever ran it:
+
+1. ``load``: the model, in the job's dtype and placement;
+2. ``prepare``: the layer, the key statistics, the context templates and the run's
+   ``Settings`` (what every record carries and ``--resume`` checks);
+3. ``CaseRunner``: the perplexity monitor and guard, then one ``evaluate_case`` per case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Callable
+
+from .datasets import Case, load_cases, resolve as resolve_data, select
+from .errors import CromeError
+from .evaluate import Settings, evaluate_case, run
+from .guard import GUARD_ACTIONS, VERIFY_THRESHOLD
+from .hparams import Hparams
+from .mom2 import KeyStats
+from .models import LoadedModel
+
+Status = Callable[[str], contextlib.AbstractContextManager]
+
+
+def _quiet(_message: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """Everything ``crome eval`` takes, as one record (a sweep cell is one of these)."""
+
+    data: str
+    out: str
+    method: str = "crome"
+    model: str | None = None
+    layer: int | str | None = None
+    seed: int = 0
+    mom2: bool = True                  # False: C = I (--no-mom2)
+    mom2_corpus: str | None = None
+    mom2_samples: int | None = None
+    ppl_data: str | None = None
+    n_cases: int | None = None
+    case_ids: tuple[str, ...] | None = None
+    test_prefix: str = "fixed"
+    resume: bool = False
+    skip_invalid: bool = False
+    sequential: bool = False
+    monitor_every: int = 1
+    gen_tokens: int = 100
+    guard: str = "off"
+    guard_threshold: float = VERIFY_THRESHOLD
+    guard_rule: str | None = None
+    guard_probe: str | None = None
+    dtype: str = "auto"
+    device_map: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    hparams: dict = field(default_factory=dict)   # overrides of the model's defaults (e.g. v_steps)
+
+    def __post_init__(self):
+        if self.monitor_every < 1:
+            raise CromeError("--monitor-every must be at least 1")
+        if self.n_cases is not None and self.n_cases < 1:
+            raise CromeError("--n must be at least 1")
+        if not self.mom2 and self.mom2_corpus:
+            raise CromeError("--no-mom2 and --mom2-corpus contradict each other")
+        if self.guard not in GUARD_ACTIONS:
+            raise CromeError(f"unknown guard action '{self.guard}': choose one of {', '.join(GUARD_ACTIONS)}")
+        unknown = set(self.hparams) - {f.name for f in fields(Hparams)}
+        if unknown:
+            raise CromeError(f"unknown hyper-parameter {sorted(unknown)[0]!r}")
+
+    def absolute(self) -> "EvalJob":
+        """The same job with every file it names made absolute (workers may run elsewhere)."""
+        def path(p, data=False):
+            if p is None:
+                return None
+            return str((resolve_data(p) if data else Path(p).expanduser()).resolve())
+
+        model = self.model
+        if model and (model.lower().endswith(".gguf") or Path(model).expanduser().exists()):
+            model = path(model)
+        ppl = self.ppl_data or os.environ.get("CROME_PPL_DATA")
+        return replace(self, data=path(self.data, True), out=path(self.out), model=model,
+                       ppl_data=path(ppl, True) if ppl else None,
+                       mom2_corpus=path(self.mom2_corpus, True), guard_rule=path(self.guard_rule),
+                       guard_probe=path(self.guard_probe, True))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["case_ids"] = list(self.case_ids) if self.case_ids else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvalJob":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise CromeError(f"unknown eval option {sorted(unknown)[0]!r}")
+        d = dict(d)
+        if d.get("case_ids") is not None:
+            d["case_ids"] = tuple(str(c) for c in d["case_ids"])
+        return cls(**d)
+
+
+@dataclass
+class Setup:
+    """What ``prepare`` computes once per run and every worker then shares."""
+
+    settings: Settings
+    hparams: Hparams
+    templates: list[str]
+    stats: KeyStats | None
+    layer_choice: object
+    texts: list[str] | None
+
+
+def cases_of(job: EvalJob) -> tuple[list[Case], list[str], str]:
+    """The cases a job evaluates, the skipped records' messages, and the dataset's path."""
+    dataset = load_cases(job.data, skip_invalid=job.skip_invalid)
+    cases = select(dataset, job.n_cases, list(job.case_ids) if job.case_ids else None)
+    return cases, dataset.skipped, str(dataset.path)
+
+
+def load(job: EvalJob, device=None, progress: bool = True) -> LoadedModel:
+    from .models import load_model
+
+    return load_model(job.model, device=device, dtype=job.dtype, progress=progress, device_map=job.device_map,
+                      trust_remote_code=job.trust_remote_code, allow_pickle=job.allow_pickle)
+
+
+def model_setup(lm: LoadedModel, layer, seed: int, mom2: bool = True, corpus: str | None = None,
+                samples: int | None = None, overrides: dict | None = None, status: Status = _quiet,
+                say: Callable[[str], None] | None = None):
+    """The layer, hyper-parameters and key statistics for edits on ``lm``: (hparams, choice, stats).
+    ``status(message)`` wraps the slow steps (a spinner); with ``say``, the key statistics say
+    where they come from and show a progress bar when they are computed."""
+    from .edit import resolve_stats
+    from .layer_choice import resolve
+
+    if not mom2 and corpus:
+        raise CromeError("--no-mom2 and --mom2-corpus contradict each other")
+    if corpus and not Path(corpus).is_file():
+        corpus = str(resolve_data(corpus))
+    traced = " (causal trace on crome's fact list, once per model)" if layer in (None, "auto") else ""
+    with status("choosing the layer" + traced):
+        hp, choice = resolve(lm, None, layer, seed)
+    hp = hp.with_(mom2_adjustment=mom2, mom2_samples=samples, **(overrides or {}))
+    if say and hp.mom2_adjustment:
+        say(f"key statistics for layer {hp.layer} from {corpus or 'text sampled from the model'} "
+            f"(computed once, then cached)")
+    return hp, choice, resolve_stats(lm, hp, corpus=corpus, progress=say is not None)
+
+
+def prepare(lm: LoadedModel, job: EvalJob, status: Status = _quiet, say=None) -> Setup:
+    """Layer, key statistics, context templates, perplexity texts and the run's settings."""
+    from .templates import context_templates
+    from .texts import default_corpus_path, load_texts
+
+    hp, choice, stats = model_setup(lm, job.layer, job.seed, job.mom2, job.mom2_corpus, job.mom2_samples,
+                                    job.hparams, status, say)
+    with status("context templates"):
+        templates = context_templates(lm, job.seed, hp.template_lengths, hp.template_starts)
+    ppl = job.ppl_data or os.environ.get("CROME_PPL_DATA")
+    texts = load_texts(ppl)
+    settings = Settings(method=job.method, model=lm.name, layer=hp.layer, seed=job.seed, test_prefix=job.test_prefix,
+                        data=Path(job.data).name, ppl_data=Path(ppl or default_corpus_path()).name,
+                        gen_tokens=job.gen_tokens, sequential=job.sequential,
+                        monitor_every=job.monitor_every if job.sequential else 1, guard=job.guard,
+                        guard_threshold=job.guard_threshold if job.guard in ("verify", "fallback") else None,
+                        key_stats_source=stats.source if stats else "off", dtype=lm.dtype)
+    return Setup(settings, hp, templates, stats, choice, texts)
+
+
+def guard_setup(lm: LoadedModel, layer: int, job: EvalJob, status: Status = _quiet):
+    """The guard's rule (for ``refuse``, or when a rule file is named) and verifier."""
+    from .guard import Verifier, rule_for
+    from .texts import load_texts
+
+    rule = rule_for(lm.name, job.guard_rule) if job.guard == "refuse" or job.guard_rule else None
+    verifier = None
+    if job.guard in ("verify", "fallback"):
+        with status("probe perplexity for the guard"):
+            verifier = Verifier(lm, layer, load_texts(job.guard_probe) if job.guard_probe else None,
+                                job.guard_threshold)
+    return rule, verifier
+
+
+class CaseRunner:
+    """One model, one prepared run: evaluates cases one at a time (what a Ray worker holds)."""
+
+    def __init__(self, lm: LoadedModel, job: EvalJob, setup: Setup):
+        from .fast import PerplexityMonitor
+
+        self.lm, self.job, self.setup = lm, job, setup
+        self.monitor = PerplexityMonitor(lm, setup.texts, setup.hparams.layer) if setup.texts else None
+        self.rule, self.verifier = guard_setup(lm, setup.hparams.layer, job)
+
+    def __call__(self, case: Case) -> dict:
+        s = self.setup
+        record, _ = evaluate_case(self.lm, case, s.settings, s.hparams, s.templates, self.monitor, stats=s.stats,
+                                  rule=self.rule, verifier=self.verifier, layer_choice=s.layer_choice)
+        return record
+
+
+def run_job(job: EvalJob, progress=None, status: Status = _quiet, say=None, lm: LoadedModel | None = None):
+    """Run ``job`` in this process: returns (every record of its results file, setup, model)."""
+    cases, _, _ = cases_of(job)
+    if lm is None:
+        with status(f"loading {job.model or 'the default model'}"):
+            lm = load(job, progress=say is not None)
+    setup = prepare(lm, job, status, say)
+    rule, verifier = guard_setup(lm, setup.hparams.layer, job, status)
+    records = run(lm, cases, setup.settings, setup.hparams, setup.templates, setup.texts, job.out,
+                  resume=job.resume, progress=progress, stats=setup.stats, rule=rule, verifier=verifier,
+                  layer_choice=setup.layer_choice)
+    return records, setup, lm
