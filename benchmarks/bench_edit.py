@@ -25,14 +25,14 @@ import time
 import torch
 
 from crome import EditRequest, apply_edit, compute_edit, load_model
-from crome.compute_value import ReferenceRunner
-from crome.datasets import load_cases
-from crome.evaluate import Settings, evaluate_case
-from crome.fast import FastRunner, PerplexityMonitor
-from crome.hparams import defaults_for
-from crome.measure import perplexity
-from crome.templates import context_templates
-from crome.texts import load_texts
+from crome.editing.compute_value import ReferenceRunner
+from crome.editing.fast import FastRunner, PerplexityMonitor
+from crome.editing.hparams import defaults_for
+from crome.editing.templates import context_templates
+from crome.evaluation.datasets import load_cases
+from crome.evaluation.evaluate import Settings, evaluate_case
+from crome.evaluation.measure import perplexity
+from crome.evaluation.texts import load_texts
 
 REQUESTS = [
     ("{} is the capital of", "Paris", "Germany"),

@@ -31,10 +31,10 @@ def main() -> None:
     import torch
     import transformers
 
-    from crome.layer_choice import auto_layer, choose_layer
+    from crome.editing.layer_choice import auto_layer, choose_layer
+    from crome.editing.mom2 import key_stats
+    from crome.evaluation.texts import default_corpus_path
     from crome.models import load_model
-    from crome.mom2 import key_stats
-    from crome.texts import default_corpus_path
 
     transformers.utils.logging.set_verbosity_error()
     lm = load_model(args.model, progress=False)  # converted model: normal cache
@@ -53,7 +53,7 @@ def main() -> None:
             stats = key_stats(lm, layer, corpus, args.samples, progress=False)
             result[f"stats_{name}"] = dict(seconds=time.perf_counter() - t, **stats.record())
             print(name, f"{result[f'stats_{name}']['seconds']:.1f} s", stats.record(), flush=True)
-    from crome.guard import Verifier
+    from crome.editing.guard import Verifier
 
     t = time.perf_counter()
     verifier = Verifier(lm, layer)

@@ -17,11 +17,11 @@ import time
 import torch
 
 from crome import EditRequest, apply_edit, compute_edit, load_model
-from crome.compute_value import ReferenceRunner
-from crome.fast import FastRunner, PerplexityMonitor
-from crome.measure import perplexity
-from crome.texts import load_texts
-from crome.hparams import defaults_for
+from crome.editing.compute_value import ReferenceRunner
+from crome.editing.fast import FastRunner, PerplexityMonitor
+from crome.editing.hparams import defaults_for
+from crome.evaluation.measure import perplexity
+from crome.evaluation.texts import load_texts
 
 PAPER = defaults_for("smollm2-135m-instruct", 30).with_(mom2_adjustment=False)  # the setting of the stored results
 
@@ -43,7 +43,7 @@ def main():
     req = EditRequest.create("{} is the capital of", "Paris", "Germany")
     report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device, "torch": torch.__version__,
               "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "methods": {}}
-    from crome.templates import context_templates
+    from crome.editing.templates import context_templates
 
     templates = context_templates(cpu, 0)  # the same templates on both devices
     texts = load_texts(args.ppl_data)

@@ -38,16 +38,16 @@ def run(args) -> None:
     import transformers
 
     from crome import datasets
-    from crome.edit import apply_edit, finish_edit, prepare_edit
-    from crome.evaluate import _metrics, _pairs, choose_test_prefix
-    from crome.fast import PerplexityMonitor
-    from crome.hparams import DEFAULTS, defaults_for
-    from crome.layer_choice import auto_layer
-    from crome.measure import score_targets
+    from crome.editing.edit import apply_edit, finish_edit, prepare_edit
+    from crome.editing.fast import PerplexityMonitor
+    from crome.editing.hparams import DEFAULTS, defaults_for
+    from crome.editing.layer_choice import auto_layer
+    from crome.editing.mom2 import key_stats
+    from crome.editing.templates import context_templates
+    from crome.evaluation.evaluate import _metrics, _pairs, choose_test_prefix
+    from crome.evaluation.measure import score_targets
+    from crome.evaluation.texts import default_corpus_path, load_texts
     from crome.models import load_model
-    from crome.mom2 import key_stats
-    from crome.templates import context_templates
-    from crome.texts import default_corpus_path, load_texts
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from crome import datasets, evaluate, summary
-from crome.hparams import defaults_for
+from crome.editing.hparams import defaults_for
+from crome.editing.templates import context_templates
+from crome.evaluation.texts import load_texts
 from crome.models import load_model
-from crome.templates import context_templates
-from crome.texts import load_texts
 
 
 def plot_sequential(runs: dict[str, list[dict]], path: Path) -> None:

@@ -22,14 +22,20 @@ import statistics
 from pathlib import Path
 
 from crome import datasets, evaluate
-from crome.analyze import (causal_trace, first_token_experiment, guard_analysis, key_geometry, prefix_effect,
-                           update_anatomy)
-from crome.fast import PerplexityMonitor
-from crome.hparams import defaults_for
-from crome.html_report import build_report
+from crome.analysis.analyze import (
+    causal_trace,
+    first_token_experiment,
+    guard_analysis,
+    key_geometry,
+    prefix_effect,
+    update_anatomy,
+)
+from crome.analysis.html_report import build_report
+from crome.editing.fast import PerplexityMonitor
+from crome.editing.hparams import defaults_for
+from crome.editing.templates import context_templates
+from crome.evaluation.texts import load_texts
 from crome.models import load_model
-from crome.templates import context_templates
-from crome.texts import load_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +50,7 @@ def eval_run(lm, hp, templates, texts, cases, method, out, data_name, test_prefi
 def riskiest(lm, hp, templates, cases, k):
     """The ``k`` cases with the smallest ROME denominator k^u·k̄/‖k̄‖ (keys only, no edit):
     collapses are rare, so the calibration set is enriched with the likeliest ones."""
-    from crome.compute_key import compute_keys
+    from crome.editing.compute_key import compute_keys
 
     dens = []
     for case in cases:
@@ -245,7 +251,7 @@ def write_doc(runs, calib, anatomy, keys, first, prefix, trace, guard, path: Pat
         f"{'>' if g['rule']['above'] else '<'} {g['rule']['threshold']:.3g}`. On the {g['test']['n']} held-out "
         f"counterfact-val ROME edits ({g['test']['collapsed']} collapsed): precision {_f(g['test']['precision'])}, "
         f"recall {_f(g['test']['recall'])} ({g['test']['predicted']} predicted). crome's built-in rule "
-        f"(`crome.guard.DEFAULT_RULE`: {g['default_rule']['feature']} > {g['default_rule']['threshold']:.3g}) "
+        f"(`crome.editing.guard.DEFAULT_RULE`: {g['default_rule']['feature']} > {g['default_rule']['threshold']:.3g}) "
         f"gives precision {_f(g['default_rule_test']['precision'])}, recall {_f(g['default_rule_test']['recall'])} "
         "there. With so few collapses these estimates are coarse.",
         "",

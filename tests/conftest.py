@@ -80,7 +80,7 @@ def default_lm():
 
 @pytest.fixture(scope="session")
 def me_ppl_50():
-    from crome.texts import load_texts
+    from crome.evaluation.texts import load_texts
 
     if not ME_PPL_50.exists():
         pytest.skip(f"shared data not found at {ME_PPL_50}")

@@ -10,19 +10,25 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import TEMPLATES, tiny_model
+
 from crome import EditRequest, compute_edit
-from crome.analyze import (causal_trace, first_token_experiment, guard_analysis, key_geometry, prefix_effect,
-                           update_anatomy)
+from crome.analysis.analyze import (
+    causal_trace,
+    first_token_experiment,
+    guard_analysis,
+    key_geometry,
+    prefix_effect,
+    update_anatomy,
+)
+from crome.analysis.html_report import SECTIONS, build_report
+from crome.analysis.trace import GROUPS, trace_fact
 from crome.cli import main
-from crome.datasets import Case, KnownFact
-from crome.evaluate import Settings, run
-from crome.fast import PerplexityMonitor
-from crome.guard import GuardRefused, GuardRule, Verifier, calibrate, guarded_apply, precision_recall
-from crome.hparams import Hparams
-from crome.html_report import SECTIONS, build_report
-from crome.trace import GROUPS, trace_fact
+from crome.editing.fast import PerplexityMonitor
+from crome.editing.guard import GuardRefused, GuardRule, Verifier, calibrate, guarded_apply, precision_recall
+from crome.editing.hparams import Hparams
+from crome.evaluation.datasets import Case, KnownFact
+from crome.evaluation.evaluate import Settings, run
 
 HP = Hparams(mom2_adjustment=False, layer=1, v_steps=3)
 TEXTS = ["The cat sat on the mat.", "Rivers run to the sea and the sea is wide."]
@@ -129,7 +135,7 @@ def test_causal_trace_files(lm, tmp_path, monkeypatch):
              KnownFact("Toko Yasuda plays the", "Toko Yasuda", "guitar")]
     with pytest.raises(ValueError, match="predicts none"):
         causal_trace(lm, facts, tmp_path, n=2)
-    import crome.measure as measure
+    import crome.evaluation.measure as measure
 
     real = measure.score_targets
 

@@ -10,12 +10,12 @@ import signal
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import TEMPLATES, tiny_model
+
 from crome import CromeError
 from crome.cli import main
-from crome.evaluate import ResultsFile, timing_path
-from crome.jobs import EvalJob, run_job
+from crome.evaluation.evaluate import ResultsFile, timing_path
+from crome.evaluation.jobs import EvalJob, run_job
 
 ray = pytest.importorskip("ray")
 
@@ -223,9 +223,9 @@ def test_sweep_spec_errors_are_one_line(tmp_path):
 # ---------------------------------------------------------------- dtype, placement, loading
 
 def test_bfloat16_edit_points_where_float32_does(tokenizer):
-    from crome.edit import compute_edit
-    from crome.hparams import Hparams
-    from crome.request import EditRequest
+    from crome.editing.edit import compute_edit
+    from crome.editing.hparams import Hparams
+    from crome.editing.request import EditRequest
 
     req = EditRequest(prompt="{} is the capital of", subject="Paris", target_new="Germany")
     hp = Hparams(layer=1, mom2_adjustment=False)
@@ -301,10 +301,10 @@ def test_pickle_weights_need_allow_pickle(files, tmp_path, tokenizer):
 
 
 def test_device_map_auto_loads_and_edits(files):
-    from crome.edit import apply_edit, compute_edit
-    from crome.hparams import Hparams
+    from crome.editing.edit import apply_edit, compute_edit
+    from crome.editing.hparams import Hparams
+    from crome.editing.request import EditRequest
     from crome.models import load_model
-    from crome.request import EditRequest
 
     lm = load_model(str(files / "tiny"), device_map="auto")
     w = lm.weight(1).detach().clone()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TEMPLATES
+
 from crome import EditRequest, apply_edit, compute_edit
-from crome.compute_key import compute_keys
-from crome.hparams import Hparams
+from crome.editing.compute_key import compute_keys
+from crome.editing.hparams import Hparams
 
 HP = Hparams(mom2_adjustment=False, layer=1, v_steps=5)
 REQ = EditRequest.create("{} is the capital of", "Paris", "Germany")

@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import TEMPLATES
+
 from crome import CromeError, EditRequest, apply_edit, compute_edit
 from crome.cli import main
-from crome.hparams import Hparams
+from crome.editing.hparams import Hparams
 
 HP = Hparams(mom2_adjustment=False, layer=1, v_steps=3)
 

@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import DATA, ME_PPL_50, TEMPLATES, tiny_model
+
 from crome import CromeError
 from crome.cli import main
-from crome.datasets import load_cases, select
-from crome.evaluate import ResultsFile, Settings, choose_test_prefix, run, timing_path
-from crome.hparams import Hparams
-from crome.summary import side_by_side, summarize, to_csv, to_markdown
+from crome.editing.hparams import Hparams
+from crome.evaluation.datasets import load_cases, select
+from crome.evaluation.evaluate import ResultsFile, Settings, choose_test_prefix, run, timing_path
+from crome.evaluation.summary import side_by_side, summarize, to_csv, to_markdown
 
 FLAT = [
     {"case_id": 1, "prompt": "Paris is the capital of", "subject": "Paris", "target_new": "Germany",

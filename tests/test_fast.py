@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TEMPLATES, tiny_model
+
 from crome import EditRequest, compute_edit
-from crome.compute_value import ReferenceRunner
-from crome.edit import apply_edit
-from crome.fast import FastRunner, PerplexityMonitor
-from crome.measure import perplexity
-from crome.hparams import Hparams
+from crome.editing.compute_value import ReferenceRunner
+from crome.editing.edit import apply_edit
+from crome.editing.fast import FastRunner, PerplexityMonitor
+from crome.editing.hparams import Hparams
+from crome.evaluation.measure import perplexity
 
 REQUESTS = [
     EditRequest.create("{} is the capital of", "Paris", "Germany"),                      # first-token subject

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 
 from crome import EditRequest, apply_edit, compute_edit, save_model, target_probability
 from crome.cli import main
-from crome.fast import PerplexityMonitor
-from crome.hparams import defaults_for
-from crome.measure import template_prefix
-from crome.report import measure_edit
+from crome.editing.fast import PerplexityMonitor
+from crome.editing.hparams import defaults_for
+from crome.evaluation.measure import template_prefix
+from crome.evaluation.report import measure_edit
 
 pytestmark = pytest.mark.integration
 
@@ -111,7 +111,7 @@ def test_guard_on_the_collapsing_rome_edit(default_lm):
     """Paper setting (C = I): the shipped rule refuses the Paris ROME edit before applying it;
     verify applies it, measures the collapse on the probe and rolls back bit for bit;
     fallback ends with the C-ROME edit applied and verified; a healthy ROME edit passes."""
-    from crome.guard import DEFAULT_RULE, GuardRefused, Verifier, guarded_apply
+    from crome.editing.guard import DEFAULT_RULE, GuardRefused, Verifier, guarded_apply
 
     before = {k: v.clone() for k, v in default_lm.model.state_dict().items()}
 

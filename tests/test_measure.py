@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from crome import EditRequest
-from crome.measure import Prefixed, collapsed, perplexity, target_logprob, template_prefix
-from crome.mom2 import second_moment
-from crome.request import locate, target_ids
-from crome.templates import context_templates
-from crome.texts import load_texts
+from crome.editing.mom2 import second_moment
+from crome.editing.request import locate, target_ids
+from crome.editing.templates import context_templates
+from crome.evaluation.measure import Prefixed, collapsed, perplexity, target_logprob, template_prefix
+from crome.evaluation.texts import load_texts
 
 
 def test_subject_last_token_from_offsets(tokenizer):

@@ -5,14 +5,22 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from conftest import tiny_model
-from crome.datasets import Case
-from crome.evaluate import _metrics, _pairs
-from crome.measure import TargetScore, score_targets, target_logprob
-from crome.metrics import (accuracy, agreement, fluency, harmonic_mean, mean_ci, ngram_entropy, prob,
-                           score_and_magnitude)
-from crome.request import EditRequest
+
+from crome.editing.request import EditRequest
+from crome.evaluation.datasets import Case
+from crome.evaluation.evaluate import _metrics, _pairs
+from crome.evaluation.measure import TargetScore, score_targets, target_logprob
+from crome.evaluation.metrics import (
+    accuracy,
+    agreement,
+    fluency,
+    harmonic_mean,
+    mean_ci,
+    ngram_entropy,
+    prob,
+    score_and_magnitude,
+)
 
 
 def test_prob_is_exp_of_mean_token_logprob():

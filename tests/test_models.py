@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TEMPLATES, tiny_model
+
 from crome import EditRequest, apply_edit, compute_edit, save_model
 from crome.arch import ARCHITECTURES
-from crome.hparams import Hparams, defaults_for
+from crome.editing.hparams import Hparams, defaults_for
 
 TESTABLE = [t for t in ARCHITECTURES if t != "gemma3"]  # gemma3 multimodal needs a vision tower
 

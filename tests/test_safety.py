@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import TEMPLATES, tiny_model
+
 from crome import EditRequest, apply_edit, compute_edit
+from crome.editing.hparams import Hparams
 from crome.errors import CromeError
-from crome.hparams import Hparams
 
 HP = Hparams(mom2_adjustment=False, layer=1, v_steps=3)
 REQ = EditRequest.create("{} is the capital of", "Paris", "Germany")
@@ -130,7 +130,8 @@ def test_missing_gguf_file_is_a_one_line_error(tmp_path):
 def test_ledoit_wolf_matches_scikit_learn():
     from sklearn.covariance import ledoit_wolf
 
-    from crome.mom2 import ledoit_wolf as lw, shrink
+    from crome.editing.mom2 import ledoit_wolf as lw
+    from crome.editing.mom2 import shrink
 
     rng = np.random.default_rng(0)
     for n, d in ((40, 16), (10, 32)):  # n > d, and n < d (a singular second moment)
@@ -144,8 +145,8 @@ def test_ledoit_wolf_matches_scikit_learn():
 
 def test_key_stats_direction_equals_a_direct_solve(tiny, tmp_path):
     """u = C⁻¹k̄/‖C⁻¹k̄‖ with C the (shrunk) mean of k kᵀ over the corpus' keys, recomputed here."""
+    from crome.editing.mom2 import key_stats
     from crome.hooks import run_until
-    from crome.mom2 import key_stats
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(["The cat sat on the mat and looked at the garden."] * 2 +
@@ -171,7 +172,7 @@ def test_key_stats_direction_equals_a_direct_solve(tiny, tmp_path):
 
 
 def test_key_stats_cache_is_keyed_by_model_layer_source_and_count(tokenizer, tmp_path, monkeypatch):
-    from crome.mom2 import key_stats
+    from crome.editing.mom2 import key_stats
 
     monkeypatch.setenv("CROME_CACHE_DIR", str(tmp_path / "cache"))
     lm = tiny_model("llama", tokenizer, seed=0)
@@ -191,7 +192,7 @@ def test_key_stats_cache_is_keyed_by_model_layer_source_and_count(tokenizer, tmp
 
 
 def test_default_key_stats_are_sampled_from_the_model_seeded_and_recorded(tokenizer, tmp_path, monkeypatch):
-    from crome.mom2 import MODEL_SOURCE, key_stats
+    from crome.editing.mom2 import MODEL_SOURCE, key_stats
 
     monkeypatch.setenv("CROME_CACHE_DIR", str(tmp_path / "cache"))
     lm = tiny_model("gpt2", tokenizer)
@@ -211,7 +212,7 @@ def test_mom2_off_with_statistics_given_is_an_error(tiny):
 
 
 def test_statistics_for_another_layer_are_refused(tiny, tmp_path):
-    from crome.mom2 import key_stats
+    from crome.editing.mom2 import key_stats
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("Some text for the statistics.\n")
@@ -223,7 +224,7 @@ def test_statistics_for_another_layer_are_refused(tiny, tmp_path):
 # ------------------------------------------------------------------ layer choice
 
 def test_layer_auto_traces_caches_and_records(tokenizer, tmp_path, monkeypatch):
-    from crome.layer_choice import auto_layer, choose_layer, load_facts
+    from crome.editing.layer_choice import auto_layer, choose_layer, load_facts
 
     monkeypatch.setenv("CROME_CACHE_DIR", str(tmp_path / "cache"))
     assert len(load_facts()) >= 40
@@ -231,7 +232,7 @@ def test_layer_auto_traces_caches_and_records(tokenizer, tmp_path, monkeypatch):
     choice = choose_layer(lm, "auto")
     # a random tiny model knows no facts: the relative-depth rule, and the record says why
     assert choice.rule == "depth" and "knows 0" in choice.detail["reason"]
-    import crome.layer_choice as lc
+    import crome.editing.layer_choice as lc
 
     monkeypatch.setattr(lc, "MIN_FACTS", 0)
     forced = auto_layer(lm, use_cache=False)
@@ -247,7 +248,7 @@ def test_layer_auto_traces_caches_and_records(tokenizer, tmp_path, monkeypatch):
 def test_auto_layer_peaks_where_the_trace_peaks(tokenizer, tmp_path, monkeypatch):
     """With facts the model 'knows' (scores patched), the chosen layer is the argmax of the traced
     MLP effect over layers >= 1, and the choice is cached."""
-    import crome.layer_choice as lc
+    import crome.editing.layer_choice as lc
     from crome import trace as tr
 
     monkeypatch.setenv("CROME_CACHE_DIR", str(tmp_path / "cache"))
@@ -256,7 +257,7 @@ def test_auto_layer_peaks_where_the_trace_peaks(tokenizer, tmp_path, monkeypatch
     class Hit:
         hits = [True]
 
-    monkeypatch.setattr("crome.measure.score_targets", lambda lm, pairs, prefix=None: [Hit() for _ in pairs])
+    monkeypatch.setattr("crome.evaluation.measure.score_targets", lambda lm, pairs, prefix=None: [Hit() for _ in pairs])
     calls = []
 
     def fake_trace(lm, prompt, subject, answer, **kw):
@@ -289,7 +290,7 @@ TEXTS = ["The weather was mild and the market was busy all morning.", "She wrote
 @pytest.mark.parametrize("factor", [0.999, 1.001])
 def test_guard_verify_rolls_back_bit_exactly_or_keeps_the_edit(tiny, factor):
     """The threshold is set just under (rollback) or just over (kept) the edit's measured probe ratio."""
-    from crome.guard import GuardRefused, Verifier, guarded_apply
+    from crome.editing.guard import GuardRefused, Verifier, guarded_apply
 
     w = tiny.mlp_out(1).weight.detach().clone()
     verifier = Verifier(tiny, 1, TEXTS, threshold=1e9)
@@ -315,7 +316,7 @@ def test_guard_verify_rolls_back_bit_exactly_or_keeps_the_edit(tiny, factor):
 
 
 def test_guard_fallback_with_a_rule_that_rejects_both_refuses_untouched(tiny):
-    from crome.guard import GuardRefused, GuardRule, Verifier, guarded_apply
+    from crome.editing.guard import GuardRefused, GuardRule, Verifier, guarded_apply
 
     w = tiny.mlp_out(1).weight.detach().clone()
     always = GuardRule("update_ratio", -1.0, True)
@@ -327,7 +328,7 @@ def test_guard_fallback_with_a_rule_that_rejects_both_refuses_untouched(tiny):
 
 
 def test_guard_fallback_applies_crome_when_rome_fails_the_probe(tiny, monkeypatch):
-    from crome.guard import GuardRefused, Verifier, guarded_apply
+    from crome.editing.guard import GuardRefused, Verifier, guarded_apply
 
     w = tiny.mlp_out(1).weight.detach().clone()
     verifier = Verifier(tiny, 1, TEXTS, threshold=2.0)
@@ -346,7 +347,7 @@ def test_guard_fallback_applies_crome_when_rome_fails_the_probe(tiny, monkeypatc
 
 
 def test_guard_refuse_needs_a_rule_for_the_model(tiny, tmp_path):
-    from crome.guard import DEFAULT_RULE, GuardRule, guarded_apply, rule_for
+    from crome.editing.guard import DEFAULT_RULE, GuardRule, guarded_apply, rule_for
 
     with pytest.raises(CromeError, match="needs a rule calibrated"):
         guarded_apply(tiny, REQ, "rome", "refuse", hparams=HP, templates=TEMPLATES)
@@ -363,9 +364,9 @@ def test_guard_refuse_needs_a_rule_for_the_model(tiny, tmp_path):
 
 
 def test_eval_with_guard_verify_records_ratio_and_decision(tiny, tmp_path):
-    from crome.datasets import load_cases
-    from crome.evaluate import Settings, run
-    from crome.guard import Verifier
+    from crome.editing.guard import Verifier
+    from crome.evaluation.datasets import load_cases
+    from crome.evaluation.evaluate import Settings, run
 
     data = tmp_path / "cf.json"
     data.write_text(json.dumps([dict(case_id=i, prompt=f"{s} is the capital of", subject=s, target_new="Germany",
@@ -402,7 +403,7 @@ def test_cli_out_in_a_missing_folder_is_created_before_work(tmp_path, monkeypatc
 
 
 def test_report_names_the_folder_relative_to_where_it_ran(tmp_path, monkeypatch):
-    from crome.html_report import build_report
+    from crome.analysis.html_report import build_report
 
     run_dir = tmp_path / "work" / "analysis"
     run_dir.mkdir(parents=True)

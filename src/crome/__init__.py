@@ -1,15 +1,15 @@
 """crome: ROME and Consistent ROME (C-ROME) rank-one fact edits that don't collapse the model."""
 
-from .edit import METHODS, Diagnostics, Edit, EditHandle, apply_edit, compute_edit, finish_edit, prepare_edit
+from .editing.edit import METHODS, Diagnostics, Edit, EditHandle, apply_edit, compute_edit, finish_edit, prepare_edit
+from .editing.guard import GuardRefused, GuardRule, Verifier, guarded_apply
+from .editing.hparams import Hparams, defaults_for
+from .editing.layer_choice import LayerChoice, choose_layer
+from .editing.mom2 import KeyStats, key_stats
+from .editing.request import EditRequest
+from .editing.templates import context_templates
 from .errors import CromeError
-from .guard import GuardRefused, GuardRule, Verifier, guarded_apply
-from .layer_choice import LayerChoice, choose_layer
-from .mom2 import KeyStats, key_stats
-from .hparams import Hparams, defaults_for
-from .measure import Prefixed, collapsed, generate, perplexity, target_probability
+from .evaluation.measure import Prefixed, collapsed, generate, perplexity, target_probability
 from .models import DEFAULT_MODEL, LoadedModel, load_model, save_model
-from .request import EditRequest
-from .templates import context_templates
 
 __all__ = [
     "METHODS", "DEFAULT_MODEL", "CromeError", "Diagnostics", "Edit", "EditHandle", "EditRequest",

@@ -15,9 +15,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from .edit import METHODS
+from .editing.edit import METHODS
+from .editing.guard import GUARD_ACTIONS, VERIFY_THRESHOLD
 from .errors import CromeError
-from .guard import GUARD_ACTIONS, VERIFY_THRESHOLD
 
 out = Console()
 err = Console(stderr=True)
@@ -55,7 +55,7 @@ def _to_meta(ctx, param, value):
 
 
 def _texts(ppl_data: str | None):
-    from .texts import default_corpus_path, load_texts
+    from .evaluation.texts import default_corpus_path, load_texts
 
     path = ppl_data or os.environ.get("CROME_PPL_DATA")
     return load_texts(path), str(path or default_corpus_path())
@@ -192,7 +192,7 @@ def _writable(path: str | None) -> None:
 
 def _setup(model, layer, seed, no_mom2, mom2_corpus, mom2_samples):
     """Load the model, choose the layer, get the key statistics: (lm, hparams, choice, stats)."""
-    from .jobs import model_setup
+    from .evaluation.jobs import model_setup
 
     if no_mom2 and mom2_corpus:
         raise CromeError("--no-mom2 and --mom2-corpus contradict each other")
@@ -202,7 +202,7 @@ def _setup(model, layer, seed, no_mom2, mom2_corpus, mom2_samples):
 
 
 def _guard_setup(lm, hp, guard, guard_threshold, guard_rule, guard_probe):
-    from .jobs import EvalJob, guard_setup
+    from .evaluation.jobs import EvalJob, guard_setup
 
     job = EvalJob(data="", out="", guard=guard, guard_threshold=guard_threshold, guard_rule=guard_rule,
                   guard_probe=guard_probe)
@@ -224,10 +224,10 @@ def _guard_setup(lm, hp, guard, guard_threshold, guard_rule, guard_probe):
 def edit(prompt, subject, target_new, target_true, method, model, layer, seed, no_mom2, mom2_corpus, mom2_samples,
          ppl_data, no_ppl, as_json, out_path, save_dir, guard, guard_threshold, guard_rule, guard_probe):
     """Edit one fact, check it (the guard), and report what it did to the model."""
-    from .fast import PerplexityMonitor
+    from .editing.fast import PerplexityMonitor
+    from .editing.request import EditRequest
+    from .evaluation.report import measure_edit
     from .models import save_model
-    from .report import measure_edit
-    from .request import EditRequest
 
     request = EditRequest.create(prompt, subject, target_new, target_true)
     _writable(out_path)
@@ -283,10 +283,10 @@ def demo(model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data, token
 
     crome's default settings (key statistics on); --no-mom2 gives the "Fall of ROME" paper's
     setting (C = I). ROME's first-token edit collapses the model in both."""
-    from .fast import PerplexityMonitor
-    from .measure import generate
-    from .report import measure_edit
-    from .request import EditRequest
+    from .editing.fast import PerplexityMonitor
+    from .editing.request import EditRequest
+    from .evaluation.measure import generate
+    from .evaluation.report import measure_edit
 
     texts, ppl_name = _texts(ppl_data)
     lm, hp, choice, stats = _setup(model, layer, seed, no_mom2, mom2_corpus, mom2_samples)
@@ -344,8 +344,8 @@ def eval_(data, method, model, layer, seed, no_mom2, mom2_corpus, mom2_samples, 
           out_path, resume, skip_invalid, sequential, monitor_every, gen_tokens, md_path, guard, guard_threshold,
           guard_rule, guard_probe, workers, ray_address, threads):
     """Edit, measure and restore each case of a dataset; one JSON line per case, then a summary."""
-    from . import summary
-    from .jobs import EvalJob, cases_of, run_job
+    from .evaluation import summary
+    from .evaluation.jobs import EvalJob, cases_of, run_job
 
     _writable(out_path)
     _writable(md_path)
@@ -360,7 +360,7 @@ def eval_(data, method, model, layer, seed, no_mom2, mom2_corpus, mom2_samples, 
         err.print(f"skipped {len(skipped)} invalid records of {dataset_path} (first: {skipped[0]})")
     if workers is None and (ray_address or threads):
         raise CromeError("--ray-address and --threads go with --workers N")
-    from .evaluate import ResultsFile
+    from .evaluation.evaluate import ResultsFile
 
     before, start = len(ResultsFile(out_path).read()), time.perf_counter()
     if workers is None:
@@ -384,7 +384,14 @@ def eval_(data, method, model, layer, seed, no_mom2, mom2_corpus, mom2_samples, 
 
 def _progress(items, total, description):
     """A progress bar with ETA on stderr around an iterable."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("eta"), TimeRemainingColumn(), console=err, transient=True) as bar:
@@ -406,7 +413,7 @@ def _print_table(header, rows, title=None):
 @click.option("--csv", "csv_path", default=None, help="Write the table as CSV here.")
 def summarize(results, md_path, csv_path):
     """Summaries of eval runs, side by side: results files, or folders of them (a sweep's)."""
-    from . import summary
+    from .evaluation import summary
 
     paths = []
     for r in results:
@@ -429,8 +436,8 @@ def analyze():
 
 def _runs(paths):
     """(label, records) per eval results file; one-line errors for empty or foreign files."""
-    from . import summary
-    from .evaluate import ResultsFile
+    from .evaluation import summary
+    from .evaluation.evaluate import ResultsFile
 
     runs = []
     for path in paths:
@@ -453,7 +460,7 @@ def _done(out_dir, name):
 @click.option("--out-dir", required=True)
 def analyze_update(results, out_dir):
     """Numerator vs denominator per edit, denominator histograms, medians for collapse vs normal."""
-    from .analyze import update_anatomy
+    from .analysis.analyze import update_anatomy
 
     update_anatomy(_runs(results), Path(out_dir))
     _done(out_dir, "update_anatomy")
@@ -466,9 +473,9 @@ def analyze_update(results, out_dir):
 @_model_opts
 def analyze_keys(data, n_cases, out_dir, model, layer, seed, no_mom2, mom2_corpus, mom2_samples):
     """k^u, k̄, C⁻¹k̄ and prefixed keys per case: PCA and t-SNE, cosine and norm summaries."""
-    from . import datasets
-    from .analyze import key_geometry
-    from .templates import context_templates
+    from .analysis.analyze import key_geometry
+    from .editing.templates import context_templates
+    from .evaluation import datasets
 
     cases = datasets.load_cases(data, skip_invalid=True).cases[:n_cases]
     lm, hp, choice, stats = _setup(model, layer, seed, no_mom2, mom2_corpus, mom2_samples)
@@ -487,10 +494,10 @@ def analyze_keys(data, n_cases, out_dir, model, layer, seed, no_mom2, mom2_corpu
 @_common
 def analyze_first_token(results, data, k, out_dir, model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data):
     """Edit ROME collapse cases again with random text before the subject."""
-    from . import datasets
-    from .analyze import first_token_experiment
-    from .fast import PerplexityMonitor
-    from .templates import context_templates
+    from .analysis.analyze import first_token_experiment
+    from .editing.fast import PerplexityMonitor
+    from .editing.templates import context_templates
+    from .evaluation import datasets
 
     (_, records), = _runs([results])
     cases = {c.case_id: c for c in datasets.load_cases(data, skip_invalid=True).cases}
@@ -509,7 +516,7 @@ def analyze_first_token(results, data, k, out_dir, model, layer, seed, no_mom2, 
 @click.option("--out-dir", required=True)
 def analyze_prefix(results, out_dir):
     """Efficacy with and without the test-time prefix, by first-token vs other subjects."""
-    from .analyze import prefix_effect
+    from .analysis.analyze import prefix_effect
 
     (_, records), = _runs([results])
     prefix_effect(records, Path(out_dir))
@@ -524,7 +531,7 @@ def analyze_prefix(results, out_dir):
 @click.option("--out-dir", required=True)
 def analyze_guard(calib, test, out_dir):
     """Calibrate the collapse guard and report its precision and recall on held-out cases."""
-    from .analyze import guard_analysis
+    from .analysis.analyze import guard_analysis
 
     (_, c), (_, t) = _runs([calib, test])
     guard_analysis(c, t, Path(out_dir))
@@ -542,9 +549,9 @@ def trace(data, n_facts, window, out_dir, model, layer, seed, no_mom2, mom2_corp
 
     --seed seeds the corrupting noise. The layer and key-statistics flags are those of the
     other commands: the layer they choose is marked in the plot (tracing needs no C)."""
-    from .analyze import causal_trace
-    from .datasets import load_knowns
-    from .layer_choice import choose_layer
+    from .analysis.analyze import causal_trace
+    from .editing.layer_choice import choose_layer
+    from .evaluation.datasets import load_knowns
 
     facts = load_knowns(data)
     lm = _load(model)
@@ -562,8 +569,8 @@ def trace(data, n_facts, window, out_dir, model, layer, seed, no_mom2, mom2_corp
 @click.option("--threads", type=int, default=None, help="Torch threads per cell on CPU (default: the CPUs split evenly).")
 def sweep(spec, out_dir, workers, ray_address, threads):
     """A grid of eval runs from a TOML spec, one Ray task per cell; a rerun finishes what is left."""
-    from . import summary
     from .distribution.sweep import run_sweep
+    from .evaluation import summary
 
     if Path(out_dir).is_file():
         raise CromeError(f"--out is a file: {out_dir}")
@@ -591,7 +598,7 @@ def sweep(spec, out_dir, workers, ray_address, threads):
 @click.option("-o", "--out", "out_path", required=True, help="The HTML file to write.")
 def report(run_dir, out_path):
     """One self-contained HTML page (tables, embedded plots, settings) from an analysis or sweep folder."""
-    from .html_report import build_report
+    from .analysis.html_report import build_report
 
     build_report(run_dir, out_path)
     out.print(f"report written to {out_path}")

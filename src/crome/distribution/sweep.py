@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CromeError
-from ..evaluate import ResultsFile, timing_path
-from ..jobs import EvalJob, cases_of
-from ..summary import MANIFEST
+from ..evaluation.evaluate import ResultsFile, timing_path
+from ..evaluation.jobs import EvalJob, cases_of
+from ..evaluation.summary import MANIFEST
 from .cluster import connect, placement
 
 ALIASES = {"n": "n_cases", "cases": "case_ids"}
@@ -122,7 +122,7 @@ def _run_cell(job: EvalJob, threads: int) -> dict:
     """One cell, in a Ray task: the in-process eval run, resumed from its file."""
     import torch
 
-    from ..jobs import run_job
+    from ..evaluation.jobs import run_job
 
     torch.set_num_threads(threads)
     records, setup, _ = run_job(job)

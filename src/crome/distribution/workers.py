@@ -19,8 +19,8 @@ import time
 from collections import deque
 
 from ..errors import CromeError
-from ..evaluate import ResultsFile, check_resumable, timing_path
-from ..jobs import CaseRunner, EvalJob, cases_of, load, prepare
+from ..evaluation.evaluate import ResultsFile, check_resumable, timing_path
+from ..evaluation.jobs import CaseRunner, EvalJob, cases_of, load, prepare
 from .cluster import connect, placement, ray_module
 
 MAX_ATTEMPTS = 3

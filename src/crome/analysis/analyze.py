@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .evaluate import json_safe
-from .summary import to_markdown
+from ..evaluation.evaluate import json_safe
+from ..evaluation.summary import to_markdown
 
 KIND_COLOURS = {"k^u, first-token subject": "tab:red", "k^u, other subject": "tab:orange",
                 "k̄ (mean over prefixes)": "tab:blue", "prefixed key": "tab:grey", "C⁻¹k̄": "tab:green"}
@@ -120,7 +120,7 @@ def key_geometry(lm, cases, layer: int, templates: list[str], out_dir: Path, mom
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
-    from .compute_key import compute_keys
+    from ..editing.compute_key import compute_keys
 
     plt = _plt()
     vectors, kinds, owners, per_case = [], [], [], []
@@ -186,9 +186,9 @@ def first_token_experiment(lm, records: list[dict], cases_by_id: dict, hp, templ
                            out_dir: Path, k: int = 5, seed: int = 0, stats=None) -> dict:
     """Collapsed ROME cases (or, if fewer than ``k``, the smallest denominators among first-token
     subjects) edited again with random text prepended so the subject is no longer first."""
-    from .edit import apply_edit, compute_edit
-    from .measure import collapsed, template_prefix
-    from .request import EditRequest
+    from ..editing.edit import apply_edit, compute_edit
+    from ..editing.request import EditRequest
+    from ..evaluation.measure import collapsed, template_prefix
 
     rome = [r for r in records if r["method"] == "rome" and r.get("denominator") is not None]
     chosen = [r for r in rome if r.get("collapsed")]
@@ -283,7 +283,7 @@ def causal_trace(lm, facts, out_dir: Path, n: int = 20, seed: int = 0, window: i
                  scan: int = 300, chosen_layer: dict | None = None) -> dict:
     """Trace the first ``n`` of the first ``scan`` facts that the model predicts (its top token
     is the answer's first token); plot the mean indirect effects."""
-    from .measure import score_targets
+    from ..evaluation.measure import score_targets
     from .trace import GROUPS, KINDS, by_group, trace_fact
 
     pool = facts[:scan]
@@ -338,7 +338,7 @@ def causal_trace(lm, facts, out_dir: Path, n: int = 20, seed: int = 0, window: i
 
 def guard_analysis(calibration: list[dict], test: list[dict], out_dir: Path) -> dict:
     """Calibrate the guard on ``calibration`` records, report it on ``test`` records (disjoint cases)."""
-    from .guard import DEFAULT_RULES, calibrate, precision_recall
+    from ..editing.guard import DEFAULT_RULES, calibrate, precision_recall
 
     overlap = {r["case_id"] for r in calibration} & {r["case_id"] for r in test}
     if overlap and calibration[0].get("data") == test[0].get("data"):

@@ -24,9 +24,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 
-from .errors import CromeError
+from ..errors import CromeError
+from ..models import LoadedModel, cache_dir
 from .hparams import DEFAULTS, Hparams, defaults_for, depth_rule
-from .models import LoadedModel, cache_dir
 
 MIN_FACTS = 3
 RULE_VERSION = 2   # part of the cache key: a changed rule recomputes cached choices
@@ -64,8 +64,8 @@ def load_facts() -> list[Fact]:
 def auto_layer(lm: LoadedModel, seed: int = 0, n_facts: int = 20, window: int | None = None,
                use_cache: bool = True) -> LayerChoice:
     """The layer whose MLP window at the subject's last token carries the most causal effect."""
-    from .measure import score_targets
-    from .trace import trace_fact
+    from ..analysis.trace import trace_fact
+    from ..evaluation.measure import score_targets
 
     facts = load_facts()
     window = window or max(1, round(lm.num_layers / 5))

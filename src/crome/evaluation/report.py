@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .edit import Edit, apply_edit
-from .fast import PerplexityMonitor
-from .guard import GuardRule, Verifier, guarded_apply
+from ..editing.edit import Edit, apply_edit
+from ..editing.fast import PerplexityMonitor
+from ..editing.guard import GuardRule, Verifier, guarded_apply
+from ..editing.request import EditRequest
+from ..errors import CromeError
+from ..models import LoadedModel
 from .measure import collapsed, generate, target_probability, template_prefix
-from .errors import CromeError
-from .models import LoadedModel
-from .request import EditRequest
 
 
 @dataclass

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .hooks import add_at
+from ..hooks import add_at
+from ..models import LoadedModel
 from .hparams import Hparams
-from .models import LoadedModel
 from .request import EditRequest, locate, pad_right, target_ids
 
 

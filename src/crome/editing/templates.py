@@ -14,7 +14,7 @@ import json
 
 import torch
 
-from .models import LoadedModel, cache_dir
+from ..models import LoadedModel, cache_dir
 
 BARE = "{}"
 

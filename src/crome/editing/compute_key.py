@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .hooks import run_until
-from .models import LoadedModel
+from ..hooks import run_until
+from ..models import LoadedModel
 from .request import SLOT, EditRequest, locate, pad_right
 
 

@@ -24,9 +24,9 @@ from contextlib import contextmanager
 
 import torch
 
+from ..hooks import add_at, record, run_until
+from ..models import LoadedModel
 from .compute_value import Batch
-from .hooks import add_at, record, run_until
-from .models import LoadedModel
 from .request import pad_right
 
 

@@ -25,7 +25,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from .errors import CromeError
+from ..errors import CromeError
 
 GUARD_ACTIONS = ("off", "refuse", "verify", "fallback")
 VERIFY_THRESHOLD = 2.0
@@ -165,8 +165,8 @@ class Verifier:
     """Perplexity on a probe set after an edit at ``layer``, against the unedited model."""
 
     def __init__(self, lm, layer: int, texts: list[str] | None = None, threshold: float = VERIFY_THRESHOLD):
+        from ..evaluation.texts import load_texts
         from .fast import PerplexityMonitor
-        from .texts import load_texts
 
         if not threshold > 0:
             raise CromeError(f"the guard threshold must be a positive perplexity ratio, not {threshold}")

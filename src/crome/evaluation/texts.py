@@ -10,7 +10,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from .errors import CromeError
+from ..errors import CromeError
 
 DEFAULT_CORPUS = "english_passages.txt"
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import LoadedModel
-from .request import pad_right, target_ids
+from ..editing.request import pad_right, target_ids
+from ..models import LoadedModel
 
 # A model is called collapsed when its perplexity grows by more than this factor.
 # Healthy single edits move perplexity by a few percent; collapsed ROME edits

@@ -18,13 +18,14 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
-from .datasets import Case, load_cases, resolve as resolve_data, select
-from .errors import CromeError
+from ..editing.guard import GUARD_ACTIONS, VERIFY_THRESHOLD
+from ..editing.hparams import Hparams
+from ..editing.mom2 import KeyStats
+from ..errors import CromeError
+from ..models import LoadedModel
+from .datasets import Case, load_cases, select
+from .datasets import resolve as resolve_data
 from .evaluate import Settings, evaluate_case, run
-from .guard import GUARD_ACTIONS, VERIFY_THRESHOLD
-from .hparams import Hparams
-from .mom2 import KeyStats
-from .models import LoadedModel
 
 Status = Callable[[str], contextlib.AbstractContextManager]
 
@@ -131,7 +132,7 @@ def cases_of(job: EvalJob) -> tuple[list[Case], list[str], str]:
 
 
 def load(job: EvalJob, device=None, progress: bool = True) -> LoadedModel:
-    from .models import load_model
+    from ..models import load_model
 
     return load_model(job.model, device=device, dtype=job.dtype, progress=progress, device_map=job.device_map,
                       trust_remote_code=job.trust_remote_code, allow_pickle=job.allow_pickle)
@@ -143,8 +144,8 @@ def model_setup(lm: LoadedModel, layer, seed: int, mom2: bool = True, corpus: st
     """The layer, hyper-parameters and key statistics for edits on ``lm``: (hparams, choice, stats).
     ``status(message)`` wraps the slow steps (a spinner); with ``say``, the key statistics say
     where they come from and show a progress bar when they are computed."""
-    from .edit import resolve_stats
-    from .layer_choice import resolve
+    from ..editing.edit import resolve_stats
+    from ..editing.layer_choice import resolve
 
     if not mom2 and corpus:
         raise CromeError("--no-mom2 and --mom2-corpus contradict each other")
@@ -162,7 +163,7 @@ def model_setup(lm: LoadedModel, layer, seed: int, mom2: bool = True, corpus: st
 
 def prepare(lm: LoadedModel, job: EvalJob, status: Status = _quiet, say=None) -> Setup:
     """Layer, key statistics, context templates, perplexity texts and the run's settings."""
-    from .templates import context_templates
+    from ..editing.templates import context_templates
     from .texts import default_corpus_path, load_texts
 
     hp, choice, stats = model_setup(lm, job.layer, job.seed, job.mom2, job.mom2_corpus, job.mom2_samples,
@@ -182,7 +183,7 @@ def prepare(lm: LoadedModel, job: EvalJob, status: Status = _quiet, say=None) ->
 
 def guard_setup(lm: LoadedModel, layer: int, job: EvalJob, status: Status = _quiet):
     """The guard's rule (for ``refuse``, or when a rule file is named) and verifier."""
-    from .guard import Verifier, rule_for
+    from ..editing.guard import Verifier, rule_for
     from .texts import load_texts
 
     rule = rule_for(lm.name, job.guard_rule) if job.guard == "refuse" or job.guard_rule else None
@@ -198,7 +199,7 @@ class CaseRunner:
     """One model, one prepared run: evaluates cases one at a time (what a Ray worker holds)."""
 
     def __init__(self, lm: LoadedModel, job: EvalJob, setup: Setup):
-        from .fast import PerplexityMonitor
+        from ..editing.fast import PerplexityMonitor
 
         self.lm, self.job, self.setup = lm, job, setup
         self.monitor = PerplexityMonitor(lm, setup.texts, setup.hparams.layer) if setup.texts else None

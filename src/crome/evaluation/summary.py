@@ -5,8 +5,8 @@ collapse rate, the split by first-token vs other subjects, and runs side by side
 from __future__ import annotations
 
 import csv
-import json
 import io
+import json
 import math
 import statistics
 from pathlib import Path

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import CromeError
-from .hooks import run_until
-from .models import LoadedModel, cache_dir, file_digest
+from ..errors import CromeError
+from ..evaluation.texts import load_texts
+from ..hooks import run_until
+from ..models import LoadedModel, cache_dir, file_digest
 from .request import pad_right
-from .texts import load_texts
 
 MODEL_SOURCE = "model"
 # starts of the sampled texts: common openings of English prose, one per row in turn

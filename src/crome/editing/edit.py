@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..errors import CromeError
+from ..models import LoadedModel
 from .compute_key import Keys, compute_keys
 from .compute_value import ReferenceRunner, ValueResult, compute_v_star
-from .errors import CromeError
 from .hparams import Hparams
-from .models import LoadedModel
 from .mom2 import KeyStats
 from .request import EditRequest
 from .templates import context_templates

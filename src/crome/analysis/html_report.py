@@ -60,8 +60,8 @@ def _shown(run_dir: Path) -> str:
 
 def _eval_runs(run_dir: Path) -> str:
     """The folder's eval results (a sweep's cells) side by side, with the sweep's spec."""
-    from .evaluate import ResultsFile
-    from .summary import MANIFEST, label, result_files, side_by_side, to_markdown
+    from ..evaluation.evaluate import ResultsFile
+    from ..evaluation.summary import MANIFEST, label, result_files, side_by_side, to_markdown
 
     runs = [(label(recs, p), recs) for p in result_files(run_dir) if (recs := ResultsFile(p).read())]
     if not runs:

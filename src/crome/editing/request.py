@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .errors import CromeError
+from ..errors import CromeError
 
 SLOT = "{}"
 

@@ -20,16 +20,16 @@ from pathlib import Path
 
 import torch
 
+from ..editing.edit import apply_edit
+from ..editing.fast import PerplexityMonitor
+from ..editing.guard import GuardRefused, GuardRule, Verifier, guarded_apply
+from ..editing.hparams import Hparams
+from ..editing.mom2 import KeyStats
+from ..errors import CromeError
+from ..models import LoadedModel
 from .datasets import Case
-from .edit import apply_edit
-from .errors import CromeError
-from .fast import PerplexityMonitor
-from .guard import GuardRefused, GuardRule, Verifier, guarded_apply
-from .hparams import Hparams
 from .measure import collapsed, sample, score_targets, template_prefix
 from .metrics import accuracy, agreement, fluency, prob, score_and_magnitude
-from .models import LoadedModel
-from .mom2 import KeyStats
 
 TEST_PREFIXES = ("none", "fixed", "random")
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .hooks import record
-from .models import LoadedModel
-from .request import EditRequest, locate
+from ..editing.request import EditRequest, locate
+from ..hooks import record
+from ..models import LoadedModel
 
 KINDS = ("hidden", "mlp", "attn")
 GROUPS = ("first subject token", "middle subject tokens", "last subject token",
@@ -117,7 +117,7 @@ def trace_fact(lm: LoadedModel, prompt: str, subject: str, answer: str, seed: in
     """Indirect effects of every (kind, layer, position); with ``last_subject_only`` only the
     subject's last token is restored (the other positions' effects stay 0). Windows of MLP and
     attention layers start at ``first_layer`` at the lowest."""
-    from .request import target_ids
+    from ..editing.request import target_ids
 
     req = EditRequest.create(prompt, subject, answer)
     loc = locate(lm.tokenizer, req)
