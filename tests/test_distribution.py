@@ -138,6 +138,9 @@ def test_workers_refuse_what_they_cannot_do(ray_local, files, tmp_path):
         run_workers(job(files, tmp_path / "s.jsonl", sequential=True), 2)
     with pytest.raises(CromeError, match="needs 3 CPUs"):
         run_workers(job(files, tmp_path / "c.jsonl"), 3, threads=1)
+    with pytest.raises(CromeError, match="cannot load model '/no/such/model': no such folder"):
+        run_workers(job(files, tmp_path / "m.jsonl", model="/no/such/model"), 1, threads=1)
+    assert not (tmp_path / "m.jsonl").exists()
 
 
 def test_cli_eval_on_workers(ray_local, files, tmp_path):

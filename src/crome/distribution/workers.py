@@ -15,6 +15,7 @@ Records are written in the order cases finish; ``summarize`` and ``--resume`` ke
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import deque
 
@@ -77,10 +78,11 @@ def run_workers(job: EvalJob, workers: int, address: str | None = None, threads:
     say = say or (lambda message: None)
     pool = [spawn() for _ in range(workers)]
     say(f"{workers} Ray worker(s), {place.num_gpus or place.num_cpus} {'GPU' if place.num_gpus else 'CPU'}(s) "
-        f"and {place.threads} thread(s) each")
+        f"and {place.threads} thread(s) each; the first prepares the run (layer, key statistics: computed once, "
+        f"then cached; context templates)")
     try:
         setup = ray.get(pool[0].prepare.remote())
-    except ray.exceptions.RayTaskError as exc:
+    except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
         raise _cause(exc) from None
     check_resumable(done, setup.settings, results.path, job.resume)
     setup_ref = ray.put(setup)
@@ -139,6 +141,13 @@ def run_workers(job: EvalJob, workers: int, address: str | None = None, threads:
 
 
 def _cause(exc) -> Exception:
-    """The exception a worker raised (a CromeError keeps its one-line message)."""
+    """The exception a worker raised, as one line: a task's own exception, or the CromeError that
+    stopped a worker from starting (a model that does not load)."""
     cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, Exception) else CromeError(str(exc).splitlines()[0])
+    if isinstance(cause, Exception):
+        return cause
+    text = str(exc)
+    found = re.findall(r"CromeError: (.+)", text)
+    if found:
+        return CromeError(found[-1].strip())
+    return CromeError(f"a Ray worker failed: {text.strip().splitlines()[0]}")
