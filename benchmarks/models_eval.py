@@ -37,7 +37,7 @@ def run(args) -> None:
     import torch
     import transformers
 
-    from crome import datasets
+    from crome.evaluation import datasets
     from crome.editing.edit import apply_edit, finish_edit, prepare_edit
     from crome.editing.fast import PerplexityMonitor
     from crome.editing.hparams import DEFAULTS, defaults_for

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from crome import datasets, evaluate, summary
+from crome.evaluation import datasets, evaluate, summary
 from crome.editing.hparams import defaults_for
 from crome.editing.templates import context_templates
 from crome.evaluation.texts import load_texts

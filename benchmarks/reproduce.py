@@ -21,7 +21,7 @@ import json
 import statistics
 from pathlib import Path
 
-from crome import datasets, evaluate
+from crome.evaluation import datasets, evaluate
 from crome.analysis.analyze import (
     causal_trace,
     first_token_experiment,

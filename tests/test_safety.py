@@ -249,7 +249,7 @@ def test_auto_layer_peaks_where_the_trace_peaks(tokenizer, tmp_path, monkeypatch
     """With facts the model 'knows' (scores patched), the chosen layer is the argmax of the traced
     MLP effect over layers >= 1, and the choice is cached."""
     import crome.editing.layer_choice as lc
-    from crome import trace as tr
+    from crome.analysis import trace as tr
 
     monkeypatch.setenv("CROME_CACHE_DIR", str(tmp_path / "cache"))
     lm = tiny_model("llama", tokenizer)
