@@ -6,9 +6,12 @@
 set -euo pipefail
 out=${1:-runs/cluster}
 head_ip=$(hostname -I | awk '{print $1}')
+# Ray 2.60 protects a `ray start` cluster with a token (~/.ray/auth_token, written by the head):
+# copy that file to every node, and let every ray command and driver use it.
+export RAY_AUTH_MODE=token
 set -x
 ray start --head --port=6379 --num-cpus=1 --include-dashboard=false
-RAY_AUTH_MODE=token ray start --address="$head_ip:6379" --num-cpus=1
+ray start --address="$head_ip:6379" --num-cpus=1
 ray status
 crome sweep examples/sweep.toml --out "$out" --ray-address auto
 crome summarize "$out" --markdown "$out/summary.md"
