@@ -208,6 +208,24 @@ def test_sweep_writes_a_file_per_cell_and_a_rerun_finishes_only_what_is_left(ray
     assert "Eval runs" in page and names[3] in page
 
 
+def test_a_partial_sequential_cell_is_run_anew(ray_local, files, tmp_path):
+    from crome.distribution.sweep import run_sweep
+
+    spec = tmp_path / "seq.toml"
+    spec.write_text(SPEC.format(data=files / "data.json", model=files / "tiny", texts=files / "texts.txt")
+                    .replace('layer = [1, 2]', 'layer = [1]\nsequential = [true]').replace('method = ["rome", "crome"]',
+                                                                                      'method = ["crome"]'))
+    out = tmp_path / "seq"
+    run_sweep(spec, out, workers=1, threads=1)
+    cell = out / "method-crome_layer-1_sequential-on.jsonl"
+    full = ResultsFile(cell).read()
+    assert [r["step"] for r in full] == [1, 2] and all(r["sequential"] for r in full)
+    cell.write_bytes(cell.read_bytes().splitlines(keepends=True)[0])   # killed after its first edit
+    run_sweep(spec, out, workers=1, threads=1)
+    assert ResultsFile(cell).read() == full
+    assert len(ResultsFile(str(cell) + ".partial").read()) == 1
+
+
 def test_sweep_spec_errors_are_one_line(tmp_path):
     from crome.distribution.sweep import cells
 
