@@ -131,6 +131,20 @@ def test_a_killed_worker_loses_no_case(files, one_worker, tmp_path):
     assert by_case(out) == one_worker
 
 
+def test_workers_take_several_cases_per_pass(files, one_worker, tmp_path):
+    from test_batched import approx_equal
+
+    from crome.distribution.workers import run_workers
+
+    out = tmp_path / "k.jsonl"
+    run_workers(job(files, out, edits_per_pass=2), 2, threads=1)
+    records = by_case(out)
+    assert len(records) == len(one_worker)
+    for a, b in zip(one_worker, records):
+        approx_equal(a, b)
+    assert {t["edits_per_pass"] for t in ResultsFile(timing_path(out)).read()} == {2}
+
+
 def test_workers_refuse_what_they_cannot_do(ray_local, files, tmp_path):
     from crome.distribution.workers import run_workers
 

@@ -337,12 +337,15 @@ def demo(model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data, token
 @click.option("--gen-tokens", type=int, default=100, show_default=True, help="Tokens sampled per generation prompt for fluency (0: skip).")
 @click.option("--markdown", "md_path", default=None, help="Also write the summary table as Markdown.")
 @_guard_opts
+@click.option("--edits-per-pass", type=int, default=1, show_default=True,
+              help="Optimise the v* of K cases together (one batched forward per step), then measure each case alone; "
+                   "the records are those of K = 1 up to float rounding.")
 @click.option("--workers", type=int, default=None, help="Run the cases on N Ray workers (each loads the model once); needs crome[ray].")
 @click.option("--ray-address", default=None, help="Join a Ray cluster: 'auto' or HOST:PORT (default: start a local Ray).")
 @click.option("--threads", type=int, default=None, help="Torch threads per worker on CPU (default: the CPUs split evenly).")
 def eval_(data, method, model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data, n_cases, case_ids, test_prefix,
           out_path, resume, skip_invalid, sequential, monitor_every, gen_tokens, md_path, guard, guard_threshold,
-          guard_rule, guard_probe, workers, ray_address, threads):
+          guard_rule, guard_probe, edits_per_pass, workers, ray_address, threads):
     """Edit, measure and restore each case of a dataset; one JSON line per case, then a summary."""
     from .evaluation import summary
     from .evaluation.jobs import EvalJob, cases_of, run_job
@@ -354,7 +357,7 @@ def eval_(data, method, model, layer, seed, no_mom2, mom2_corpus, mom2_samples, 
                   case_ids=tuple(case_ids.split(",")) if case_ids else None, test_prefix=test_prefix, resume=resume,
                   skip_invalid=skip_invalid, sequential=sequential, monitor_every=monitor_every, gen_tokens=gen_tokens,
                   guard=guard, guard_threshold=guard_threshold, guard_rule=guard_rule, guard_probe=guard_probe,
-                  **_load_flags())
+                  edits_per_pass=edits_per_pass, **_load_flags())
     _, skipped, dataset_path = cases_of(job)
     if skipped:
         err.print(f"skipped {len(skipped)} invalid records of {dataset_path} (first: {skipped[0]})")

@@ -10,13 +10,14 @@ A case that takes down ``MAX_ATTEMPTS`` workers stops the run; what finished is 
 ``--resume``.
 
 Records are written in the order cases finish; ``summarize`` and ``--resume`` key them by case id.
+With ``--edits-per-pass K`` a worker is handed K cases at a time (their v* optimised together),
+and a dead worker's K cases all go back to the queue.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import time
 from collections import deque
 
 from ..errors import CromeError
@@ -48,10 +49,8 @@ class Worker:
         self.runner = CaseRunner(self.lm, self.job, setup)
         return os.getpid()
 
-    def run(self, case) -> tuple[dict, float]:
-        start = time.perf_counter()
-        record = self.runner(case)
-        return record, time.perf_counter() - start
+    def run(self, cases) -> list[tuple[dict, float]]:
+        return self.runner(cases)
 
 
 def run_workers(job: EvalJob, workers: int, address: str | None = None, threads: int | None = None,
@@ -96,22 +95,26 @@ def run_workers(job: EvalJob, workers: int, address: str | None = None, threads:
         idle, running = list(pool), {}
         while queue or running:
             while idle and queue:
-                worker, case = idle.pop(0), queue.popleft()
-                attempts[case.case_id] = attempts.get(case.case_id, 0) + 1
-                running[worker.run.remote(case)] = (worker, case)
-                if on_dispatch:
-                    on_dispatch(case, pids.get(worker))
+                worker = idle.pop(0)
+                chunk = [queue.popleft() for _ in range(min(job.edits_per_pass, len(queue)))]
+                for case in chunk:
+                    attempts[case.case_id] = attempts.get(case.case_id, 0) + 1
+                running[worker.run.remote(chunk)] = (worker, chunk)
+                for case in chunk:
+                    if on_dispatch:
+                        on_dispatch(case, pids.get(worker))
             [ref], _ = ray.wait(list(running), num_returns=1)
-            worker, case = running.pop(ref)
+            worker, chunk = running.pop(ref)
             try:
-                record, seconds = ray.get(ref)
+                finished_chunk = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                if attempts[case.case_id] >= MAX_ATTEMPTS:
-                    raise CromeError(f"case {case.case_id} took down {MAX_ATTEMPTS} workers; the run stops "
+                worst = max(chunk, key=lambda c: attempts[c.case_id])
+                if attempts[worst.case_id] >= MAX_ATTEMPTS:
+                    raise CromeError(f"case {worst.case_id} took down {MAX_ATTEMPTS} workers; the run stops "
                                      f"(finished cases are kept: --resume)") from None
-                say(f"worker {pids.get(worker)} died on case {case.case_id} ({type(exc).__name__}); "
-                    f"retrying it on another worker")
-                queue.appendleft(case)
+                say(f"worker {pids.get(worker)} died on case {', '.join(c.case_id for c in chunk)} "
+                    f"({type(exc).__name__}); retrying on another worker")
+                queue.extendleft(reversed(chunk))
                 ray.kill(worker, no_restart=True)
                 replacement = spawn()
                 replacement.use.remote(setup_ref)   # runs before its first case: actor calls keep their order
@@ -123,12 +126,13 @@ def run_workers(job: EvalJob, workers: int, address: str | None = None, threads:
                 raise _cause(exc) from None
             if pids.get(worker) is None:
                 pids[worker] = ray.get(worker.pid.remote())
-            results.append(record)
-            timing.append(dict(case_id=case.case_id, seconds=seconds, worker=pids[worker],
-                               attempt=attempts[case.case_id]))
-            records.append(record)
+            for case, (record, seconds) in zip(chunk, finished_chunk):
+                results.append(record)
+                timing.append(dict(case_id=case.case_id, seconds=seconds, worker=pids[worker],
+                                   attempt=attempts[case.case_id], edits_per_pass=job.edits_per_pass))
+                records.append(record)
+                yield case
             idle.append(worker)
-            yield case
 
     wrap = progress or (lambda it, total, description: it)
     try:

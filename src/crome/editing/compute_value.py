@@ -29,24 +29,56 @@ from .request import EditRequest, locate, pad_right, target_ids
 
 @dataclass
 class Batch:
-    """The optimisation's prompts, token ids only (no padding yet)."""
+    """The optimisation's prompts for one or more edits, token ids only (no padding yet).
 
-    sequences: list[list[int]]   # rewriting prompts then KL prompts
+    Rows are every edit's rewriting prompts (edit 0's, then edit 1's, ...), then every edit's
+    KL prompts in the same order; one edit is the case K = 1."""
+
+    sequences: list[list[int]]   # rewriting prompts, then KL prompts
     lookup: list[int]            # subject's last token in each sequence
-    target: list[int]            # target token ids
-    n_rewrite: int               # the first n_rewrite sequences carry the target
+    targets: list[list[int]]     # target token ids, per edit
+    rewrite: list[int]           # rewriting prompts per edit
+    kl: list[int]                # KL prompts per edit
 
-    def target_positions(self, i: int) -> list[int]:
-        """Positions whose next-token logits predict the target in rewriting prompt i."""
-        end = len(self.sequences[i])
-        return list(range(end - len(self.target), end))
+    @property
+    def n_rewrite(self) -> int:
+        return sum(self.rewrite)
+
+    @property
+    def edits(self) -> int:
+        return len(self.targets)
+
+    def owners(self) -> list[int]:
+        """The edit each row belongs to."""
+        return ([e for e, n in enumerate(self.rewrite) for _ in range(n)]
+                + [e for e, n in enumerate(self.kl) for _ in range(n)])
 
     def target_reads(self) -> tuple[list[int], list[int], list[int]]:
-        """(row, position, target token id) of every target token in every rewriting prompt."""
-        reads = [(i, p, self.target[j]) for i in range(self.n_rewrite)
-                 for j, p in enumerate(self.target_positions(i))]
+        """(row, position, target token id) of every target token in every rewriting prompt,
+        edit by edit: edit e's are ``rewrite[e] · len(targets[e])`` consecutive reads."""
+        reads, row = [], 0
+        for target, n in zip(self.targets, self.rewrite):
+            for i in range(row, row + n):
+                end = len(self.sequences[i])
+                reads += [(i, end - len(target) + j, t) for j, t in enumerate(target)]
+            row += n
         rows, positions, ids = zip(*reads)
         return list(rows), list(positions), list(ids)
+
+    @classmethod
+    def stack(cls, batches: list["Batch"]) -> "Batch":
+        """Several edits' batches as one."""
+        def rows(b, kl):
+            lo, hi = (b.n_rewrite, len(b.sequences)) if kl else (0, b.n_rewrite)
+            return b.sequences[lo:hi], b.lookup[lo:hi]
+        seq, look = [], []
+        for kl in (False, True):
+            for b in batches:
+                s, lk = rows(b, kl)
+                seq += s
+                look += lk
+        return cls(sequences=seq, lookup=look, targets=[t for b in batches for t in b.targets],
+                   rewrite=[n for b in batches for n in b.rewrite], kl=[n for b in batches for n in b.kl])
 
 
 def build_batch(lm: LoadedModel, request: EditRequest, templates: list[str], kl_prompts) -> Batch:
@@ -61,7 +93,8 @@ def build_batch(lm: LoadedModel, request: EditRequest, templates: list[str], kl_
         loc = locate(tok, EditRequest(prompt=kl, subject=request.subject, target_new=request.target_new))
         sequences.append(loc.ids)
         lookup.append(loc.subject_last)
-    return Batch(sequences=sequences, lookup=lookup, target=target, n_rewrite=len(templates))
+    return Batch(sequences=sequences, lookup=lookup, targets=[target], rewrite=[len(templates)],
+                 kl=[len(kl_prompts)])
 
 
 @dataclass
@@ -99,41 +132,71 @@ class ReferenceRunner:
         return target_lp, kl_lp
 
 
-def optimise_delta(runner, batch: Batch, v0: torch.Tensor, hp: Hparams) -> ValueResult:
-    """The reference optimisation loop, shared by every runner."""
+def optimise_delta(runner, batch: Batch, v0: torch.Tensor, hp: Hparams) -> list[ValueResult]:
+    """The reference optimisation loop, shared by every runner, for the batch's K edits at once.
+
+    ``v0``: [K, d]. Each edit has its own δ (a row of one [K, d] tensor), loss, KL reference,
+    weight decay, clamp and early stop; Adam is elementwise, so optimising the rows together
+    is K separate optimisations. The loss summed over the edits still running gives each δ its
+    own gradient (rows never see another edit's δ); an edit that has stopped keeps its δ."""
+    k_edits = batch.edits
     delta = torch.zeros_like(v0, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
-    n_rw, n_tgt = batch.n_rewrite, len(batch.target)
-    kl_init = None
-    losses: list[float] = []
-    p_target = 0.0
-    steps = 0
+    owners = torch.tensor(batch.owners(), device=v0.device)
+    reads = [n * len(t) for n, t in zip(batch.rewrite, batch.targets)]
+    read_at = [sum(reads[:e]) for e in range(k_edits)]
+    kl_at = [sum(batch.kl[:e]) for e in range(k_edits)]
+    kl_init: list[torch.Tensor | None] = [None] * k_edits
+    losses: list[list[float]] = [[] for _ in range(k_edits)]
+    p_target, steps = [0.0] * k_edits, [0] * k_edits
+    running = list(range(k_edits))
+    final: dict[int, torch.Tensor] = {}   # the δ of each edit that has stopped
     for it in range(hp.v_steps):
-        steps = it + 1
         opt.zero_grad()
-        target_lp, kl_lp = runner(delta)
-        nll_each = -target_lp.view(n_rw, n_tgt).sum(1) / n_tgt
-        nll = nll_each.mean()
-        if kl_init is None:
-            kl_init = kl_lp.detach().clone()
-        kl = hp.kl_factor * torch.nn.functional.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
-        decay = hp.v_weight_decay * (delta.norm() / v0.norm() ** 2)
-        loss = nll + kl + decay
-        losses.append(loss.item())
-        p_target = torch.exp(-nll_each).mean().item()
-        if loss < hp.early_stop_loss or it == hp.v_steps - 1:
+        # one edit: δ broadcast over the rows, exactly as the single-edit reference adds it
+        target_lp, kl_lp = runner(delta[0] if k_edits == 1 else delta[owners])
+        still = []
+        for e in running:
+            steps[e] = it + 1
+            n_rw, n_tgt = batch.rewrite[e], len(batch.targets[e])
+            nll_each = -target_lp[read_at[e]:read_at[e] + reads[e]].view(n_rw, n_tgt).sum(1) / n_tgt
+            nll = nll_each.mean()
+            kl_e = kl_lp[kl_at[e]:kl_at[e] + batch.kl[e]]
+            if kl_init[e] is None:
+                kl_init[e] = kl_e.detach().clone()
+            kl = hp.kl_factor * torch.nn.functional.kl_div(kl_init[e], kl_e, log_target=True, reduction="batchmean")
+            decay = hp.v_weight_decay * (delta[e].norm() / v0[e].norm() ** 2)
+            loss = nll + kl + decay
+            losses[e].append(loss.item())
+            p_target[e] = torch.exp(-nll_each).mean().item()
+            if not (loss < hp.early_stop_loss or it == hp.v_steps - 1):
+                still.append((e, loss))
+        if not still:
             break
-        loss.backward()
+        running = [e for e, _ in still]
+        for e in set(range(k_edits)) - set(running) - set(final):
+            final[e] = delta.detach()[e].clone()
+        sum(loss for _, loss in still).backward()
         opt.step()
-        max_norm = hp.clamp_norm_factor * v0.norm()
         with torch.no_grad():
-            if delta.norm() > max_norm:
-                delta.mul_(max_norm / delta.norm())
+            for e, value in final.items():
+                delta[e] = value   # Adam's momentum would still move a stopped edit's δ
+            for e in running:
+                max_norm = hp.clamp_norm_factor * v0[e].norm()
+                if delta[e].norm() > max_norm:
+                    delta[e].mul_(max_norm / delta[e].norm())
     delta = delta.detach()
-    return ValueResult(v_star=v0 + delta, v0=v0, delta=delta, p_target=p_target, steps=steps, losses=losses)
+    return [ValueResult(v_star=v0[e] + delta[e], v0=v0[e], delta=delta[e].clone(), p_target=p_target[e],
+                        steps=steps[e], losses=losses[e]) for e in range(k_edits)]
+
+
+def compute_v_stars(lm: LoadedModel, requests: list[EditRequest], layer: int, templates: list[str],
+                    v0: list[torch.Tensor], hp: Hparams, runner_cls=ReferenceRunner) -> list[ValueResult]:
+    """v* of several edits at one layer, optimised together: one batched forward per step."""
+    batch = Batch.stack([build_batch(lm, r, templates, hp.kl_prompts) for r in requests])
+    return optimise_delta(runner_cls(lm, batch, layer), batch, torch.stack([v.detach() for v in v0]), hp)
 
 
 def compute_v_star(lm: LoadedModel, request: EditRequest, layer: int, templates: list[str],
                    v0: torch.Tensor, hp: Hparams, runner_cls=ReferenceRunner) -> ValueResult:
-    batch = build_batch(lm, request, templates, hp.kl_prompts)
-    return optimise_delta(runner_cls(lm, batch, layer), batch, v0.detach(), hp)
+    return compute_v_stars(lm, [request], layer, templates, [v0], hp, runner_cls)[0]

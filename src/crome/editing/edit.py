@@ -16,7 +16,7 @@ import torch
 from ..errors import CromeError
 from ..models import LoadedModel
 from .compute_key import Keys, compute_keys
-from .compute_value import ReferenceRunner, ValueResult, compute_v_star
+from .compute_value import ReferenceRunner, ValueResult, compute_v_stars
 from .hparams import Hparams
 from .mom2 import KeyStats
 from .request import EditRequest
@@ -87,13 +87,17 @@ class Prepared:
     layer_choice: dict | None = None
 
 
-def prepare_edit(lm: LoadedModel, request: EditRequest, *, hparams: Hparams | None = None,
-                 layer: int | str | None = None, templates: list[str] | None = None, seed: int = 0,
-                 runner_cls=None, layer_choice=None) -> Prepared:
-    """The key (step 1) and v* (step 2); ``layer``: an index, "auto", or None for the model's default.
-    ``layer_choice``: how ``hparams.layer`` was chosen, when the caller chose it (recorded)."""
+def prepare_edits(lm: LoadedModel, requests: list[EditRequest], *, hparams: Hparams | None = None,
+                  layer: int | str | None = None, templates: list[str] | None = None, seed: int = 0,
+                  runner_cls=None, layer_choice=None) -> list[Prepared]:
+    """The keys (step 1) and v* (step 2) of independent edits at one layer, their v* optimised
+    together (one batched forward per step; each edit's numbers as if it were alone).
+    ``layer``: an index, "auto", or None for the model's default. ``layer_choice``: how
+    ``hparams.layer`` was chosen, when the caller chose it (recorded)."""
     from .layer_choice import resolve
 
+    if not requests:
+        return []
     hp, choice = resolve(lm, hparams, layer, seed)
     if layer_choice is not None:
         if layer_choice.layer != hp.layer:
@@ -108,9 +112,16 @@ def prepare_edit(lm: LoadedModel, request: EditRequest, *, hparams: Hparams | No
         templates = context_templates(lm, seed, hp.template_lengths, hp.template_starts)
     if not templates:
         raise CromeError("no context templates")
-    keys = compute_keys(lm, request, hp.layer, templates)                                  # step 1
-    value = compute_v_star(lm, request, hp.layer, templates, keys.v_bare, hp, runner_cls)  # step 2
-    return Prepared(request, hp, keys, value, list(templates), seed, time.perf_counter() - start, choice.record())
+    keys = [compute_keys(lm, r, hp.layer, templates) for r in requests]                       # step 1
+    values = compute_v_stars(lm, requests, hp.layer, templates, [k.v_bare for k in keys], hp, runner_cls)  # step 2
+    seconds = (time.perf_counter() - start) / len(requests)   # a batch's time, shared
+    return [Prepared(r, hp, k, v, list(templates), seed, seconds, choice.record())
+            for r, k, v in zip(requests, keys, values)]
+
+
+def prepare_edit(lm: LoadedModel, request: EditRequest, **kwargs) -> Prepared:
+    """The key (step 1) and v* (step 2) of one edit; arguments as ``prepare_edits``."""
+    return prepare_edits(lm, [request], **kwargs)[0]
 
 
 def finish_edit(lm: LoadedModel, prepared: Prepared, method: str, stats: KeyStats | None) -> Edit:
@@ -186,6 +197,21 @@ def compute_edit(lm: LoadedModel, request: EditRequest, method: str = "crome", *
                             runner_cls=runner_cls, layer_choice=layer_choice)
     stats = resolve_stats(lm, prepared.hparams, mom2)
     return finish_edit(lm, prepared, method, stats)
+
+
+def compute_edits(lm: LoadedModel, requests: list[EditRequest], method: str = "crome", *,
+                  hparams: Hparams | None = None, layer: int | str | None = None,
+                  templates: list[str] | None = None, seed: int = 0,
+                  mom2: KeyStats | torch.Tensor | None = None, runner_cls=None, layer_choice=None) -> list[Edit]:
+    """``compute_edit`` for K independent requests, their v* optimised in one batched forward per
+    step: each edit equals the one ``compute_edit`` gives alone (up to float summation order)."""
+    check_method(method)
+    prepared = prepare_edits(lm, requests, hparams=hparams, layer=layer, templates=templates, seed=seed,
+                             runner_cls=runner_cls, layer_choice=layer_choice)
+    if not prepared:
+        return []
+    stats = resolve_stats(lm, prepared[0].hparams, mom2)
+    return [finish_edit(lm, p, method, stats) for p in prepared]
 
 
 class EditHandle:

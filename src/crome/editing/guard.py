@@ -182,8 +182,9 @@ class Verifier:
 
 
 def guarded_apply(lm, request, method: str, action: str = "off", *, rule: GuardRule | None = None,
-                  verifier: Verifier | None = None, **edit_kwargs):
-    """Compute an edit, let the guard judge it, apply it if it passes.
+                  verifier: Verifier | None = None, prepared=None, **edit_kwargs):
+    """Compute an edit, let the guard judge it, apply it if it passes. ``prepared``: the request's
+    keys and v* when already computed (``prepare_edits``), else they are computed here.
 
     Returns (edit, handle, decision): ``handle`` is the applied edit (None when the update
     is not finite, which is never applied). Raises ``GuardRefused`` (weights untouched or
@@ -205,7 +206,10 @@ def guarded_apply(lm, request, method: str, action: str = "off", *, rule: GuardR
                     guard_action="applied", edited_with=method)
     methods = [method, "crome"] if action == "fallback" and method != "crome" else [method]
     mom2 = edit_kwargs.pop("mom2", None)
-    prepared = prepare_edit(lm, request, **edit_kwargs)  # keys and v* are the same for every method
+    if prepared is None:
+        prepared = prepare_edit(lm, request, **edit_kwargs)  # keys and v* are the same for every method
+    elif prepared.request != request:
+        raise CromeError("the prepared keys and v* are for another request")
     stats = resolve_stats(lm, prepared.hparams, mom2)
     problems, edit = [], None
     for m in methods:

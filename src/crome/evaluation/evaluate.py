@@ -110,10 +110,11 @@ def choose_test_prefix(mode: str, templates: list[str], seed: int, case_id: str)
 def evaluate_case(lm: LoadedModel, case: Case, settings: Settings, hp: Hparams, templates: list[str],
                   monitor: PerplexityMonitor | None, measure_ppl: bool = True, keep: bool = False,
                   stats: KeyStats | None = None, rule: GuardRule | None = None, verifier: Verifier | None = None,
-                  layer_choice=None):
+                  layer_choice=None, prepared=None):
     """Edit, measure and (unless ``keep``) restore one case. Returns (record, handle or None).
 
-    ``stats``: key statistics (needed when ``hp.mom2_adjustment``); ``rule``/``verifier``: the guard's."""
+    ``stats``: key statistics (needed when ``hp.mom2_adjustment``); ``rule``/``verifier``: the guard's;
+    ``prepared``: the case's keys and v*, when computed together with other cases' (``prepare_edits``)."""
     prefix = choose_test_prefix(settings.test_prefix, templates, settings.seed, case.case_id)
     req = case.request
     rec = dict(case_id=case.case_id, **asdict(settings), test_prefix_text=prefix,
@@ -126,8 +127,8 @@ def evaluate_case(lm: LoadedModel, case: Case, settings: Settings, hp: Hparams, 
     rec["before_prefixed"] = _metrics(before_px, where) if prefix else None
     try:
         edit, handle, decision = guarded_apply(lm, req, settings.method, settings.guard, rule=rule, verifier=verifier,
-                                               hparams=hp, templates=templates, seed=settings.seed, mom2=stats,
-                                               layer_choice=layer_choice)
+                                               prepared=prepared, hparams=hp, templates=templates, seed=settings.seed,
+                                               mom2=stats, layer_choice=layer_choice)
     except GuardRefused as e:
         rec.update(error=str(e), **{k: v for k, v in e.decision.items() if k != "guard"})
         if e.edit is not None:
@@ -248,14 +249,33 @@ def check_resumable(done: list[dict], settings: Settings | None, out: Path, resu
 
 # ---------------------------------------------------------------- runs
 
+def prepare_together(lm: LoadedModel, cases: list[Case], hp: Hparams, templates: list[str], seed: int,
+                     layer_choice=None) -> dict:
+    """Keys and v* of independent cases computed together (one batched forward per step), by case id.
+    Empty when a case cannot be prepared: each case is then prepared alone and reports its own error."""
+    from ..editing.edit import prepare_edits
+
+    try:
+        prepared = prepare_edits(lm, [c.request for c in cases], hparams=hp, templates=templates, seed=seed,
+                                 layer_choice=layer_choice)
+    except CromeError:
+        return {}
+    return {c.case_id: p for c, p in zip(cases, prepared)}
+
+
 def run(lm: LoadedModel, cases: list[Case], settings: Settings, hp: Hparams, templates: list[str],
         texts: list[str] | None, out: str | os.PathLike, resume: bool = False, progress=None,
         stats: KeyStats | None = None, rule: GuardRule | None = None, verifier: Verifier | None = None,
-        layer_choice=None) -> list[dict]:
+        layer_choice=None, edits_per_pass: int = 1) -> list[dict]:
     """Evaluate ``cases`` into ``out``; returns every record of the file (earlier ones included).
 
     ``progress(iterable, total, description)`` wraps the loop (a progress bar); ``stats``,
-    ``rule`` and ``verifier`` as in ``evaluate_case``."""
+    ``rule`` and ``verifier`` as in ``evaluate_case``. ``edits_per_pass`` K > 1 computes the v*
+    of K cases together, then measures each case on its own, as K = 1 does."""
+    if edits_per_pass < 1:
+        raise CromeError("--edits-per-pass must be at least 1")
+    if edits_per_pass > 1 and settings.sequential:
+        raise CromeError("--edits-per-pass computes edits independently: a sequential run's edits build on each other")
     results, timing = ResultsFile(out), ResultsFile(timing_path(out))
     done = results.read()
     check_resumable(done, settings, results.path, resume)
@@ -266,13 +286,17 @@ def run(lm: LoadedModel, cases: list[Case], settings: Settings, hp: Hparams, tem
     original = lm.mlp_out(hp.layer).weight.detach().clone() if settings.sequential else None
     applied: list[tuple[Case, str | None]] = []
     records = list(done)
+    together: dict = {}
     try:
         for step, case in enumerate(progress(todo, len(todo), f"{settings.method} on {len(todo)} cases")):
             start = time.perf_counter()
+            if edits_per_pass > 1 and step % edits_per_pass == 0:
+                together = prepare_together(lm, todo[step:step + edits_per_pass], hp, templates, settings.seed,
+                                            layer_choice)
             monitor_now = not settings.sequential or (step + 1) % settings.monitor_every == 0 or step == len(todo) - 1
             rec, handle = evaluate_case(lm, case, settings, hp, templates, monitor, measure_ppl=monitor_now,
                                         keep=settings.sequential, stats=stats, rule=rule, verifier=verifier,
-                                        layer_choice=layer_choice)
+                                        layer_choice=layer_choice, prepared=together.pop(case.case_id, None))
             if settings.sequential:
                 if handle is not None:
                     applied.append((case, rec["test_prefix_text"]))
@@ -284,7 +308,8 @@ def run(lm: LoadedModel, cases: list[Case], settings: Settings, hp: Hparams, tem
                     if settings.test_prefix != "none":
                         rec["retained_efficacy_prefixed"] = retained_efficacy(lm, cs, [p for _, p in applied])
             results.append(rec)
-            timing.append(dict(case_id=case.case_id, seconds=time.perf_counter() - start))
+            timing.append(dict(case_id=case.case_id, seconds=time.perf_counter() - start,
+                               edits_per_pass=edits_per_pass))
             records.append(rec)
     finally:
         if original is not None:

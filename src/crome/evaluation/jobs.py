@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
@@ -25,7 +26,7 @@ from ..errors import CromeError
 from ..models import LoadedModel
 from .datasets import Case, load_cases, select
 from .datasets import resolve as resolve_data
-from .evaluate import Settings, evaluate_case, run
+from .evaluate import Settings, evaluate_case, prepare_together, run
 
 Status = Callable[[str], contextlib.AbstractContextManager]
 
@@ -64,6 +65,7 @@ class EvalJob:
     device_map: str | None = None
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    edits_per_pass: int = 1            # v* of K cases optimised together (a speed setting: records don't change)
     hparams: dict = field(default_factory=dict)   # overrides of the model's defaults (e.g. v_steps)
 
     def __post_init__(self):
@@ -71,6 +73,8 @@ class EvalJob:
             raise CromeError("--monitor-every must be at least 1")
         if self.n_cases is not None and self.n_cases < 1:
             raise CromeError("--n must be at least 1")
+        if self.edits_per_pass < 1:
+            raise CromeError("--edits-per-pass must be at least 1")
         if not self.mom2 and self.mom2_corpus:
             raise CromeError("--no-mom2 and --mom2-corpus contradict each other")
         if self.guard not in GUARD_ACTIONS:
@@ -196,7 +200,7 @@ def guard_setup(lm: LoadedModel, layer: int, job: EvalJob, status: Status = _qui
 
 
 class CaseRunner:
-    """One model, one prepared run: evaluates cases one at a time (what a Ray worker holds)."""
+    """One model, one prepared run: evaluates cases (what a Ray worker holds)."""
 
     def __init__(self, lm: LoadedModel, job: EvalJob, setup: Setup):
         from ..editing.fast import PerplexityMonitor
@@ -205,11 +209,20 @@ class CaseRunner:
         self.monitor = PerplexityMonitor(lm, setup.texts, setup.hparams.layer) if setup.texts else None
         self.rule, self.verifier = guard_setup(lm, setup.hparams.layer, job)
 
-    def __call__(self, case: Case) -> dict:
+    def __call__(self, cases: list[Case]) -> list[tuple[dict, float]]:
+        """(record, seconds) of each case; the v* of several cases are computed together."""
         s = self.setup
-        record, _ = evaluate_case(self.lm, case, s.settings, s.hparams, s.templates, self.monitor, stats=s.stats,
-                                  rule=self.rule, verifier=self.verifier, layer_choice=s.layer_choice)
-        return record
+        start = time.perf_counter()
+        together = prepare_together(self.lm, cases, s.hparams, s.templates, s.settings.seed,
+                                    s.layer_choice) if len(cases) > 1 else {}
+        out = []
+        for case in cases:
+            record, _ = evaluate_case(self.lm, case, s.settings, s.hparams, s.templates, self.monitor, stats=s.stats,
+                                      rule=self.rule, verifier=self.verifier, layer_choice=s.layer_choice,
+                                      prepared=together.pop(case.case_id, None))
+            out.append((record, time.perf_counter() - start))
+            start = time.perf_counter()
+        return out
 
 
 def run_job(job: EvalJob, progress=None, status: Status = _quiet, say=None, lm: LoadedModel | None = None):
@@ -222,5 +235,5 @@ def run_job(job: EvalJob, progress=None, status: Status = _quiet, say=None, lm: 
     rule, verifier = guard_setup(lm, setup.hparams.layer, job, status)
     records = run(lm, cases, setup.settings, setup.hparams, setup.templates, setup.texts, job.out,
                   resume=job.resume, progress=progress, stats=setup.stats, rule=rule, verifier=verifier,
-                  layer_choice=setup.layer_choice)
+                  layer_choice=setup.layer_choice, edits_per_pass=job.edits_per_pass)
     return records, setup, lm

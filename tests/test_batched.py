@@ -1,0 +1,112 @@
+"""Several edits' v* optimised in one batched forward equal the same edits made one at a time."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import TEMPLATES, tiny_model
+from test_fast import assert_same
+
+from crome import EditRequest, compute_edit, compute_edits
+from crome.editing.compute_value import Batch, ReferenceRunner, build_batch
+from crome.editing.hparams import Hparams
+
+REQUESTS = [
+    EditRequest.create("{} is the capital of", "Paris", "Germany"),                      # first-token subject
+    EditRequest.create("The mother tongue of {} is", "Danielle Darrieux", "English"),
+    EditRequest.create("{} plays the", "Toko Yasuda", "piano"),
+    EditRequest.create("{}, developed by", "Porsche 911", "Honda Motor Company"),        # multi-token target
+]
+
+
+@pytest.mark.parametrize("model_type, runner", [
+    *[(m, None) for m in ("gpt2", "llama", "gptj", "gpt_neox", "qwen2", "mistral", "gemma3_text")],
+    ("gpt2", ReferenceRunner), ("llama", ReferenceRunner)])
+def test_batched_edits_equal_single_edits(tokenizer, model_type, runner):
+    lm = tiny_model(model_type, tokenizer)
+    hp = Hparams(mom2_adjustment=False, layer=1, v_steps=6)
+    many = compute_edits(lm, REQUESTS, "crome", hparams=hp, templates=TEMPLATES, runner_cls=runner)
+    for req, edit in zip(REQUESTS, many):
+        alone = compute_edit(lm, req, "crome", hparams=hp, templates=TEMPLATES, runner_cls=runner)
+        assert edit.request == req
+        assert_same(alone, edit)
+
+
+def test_each_edit_stops_on_its_own(tokenizer):
+    """Early stop, per edit: an edit that has stopped keeps its δ while the others go on."""
+    lm = tiny_model("llama", tokenizer)
+    hp = Hparams(mom2_adjustment=False, layer=1, v_lr=5.0, early_stop_loss=9.65)
+    alone = [compute_edit(lm, r, "rome", hparams=hp, templates=TEMPLATES) for r in REQUESTS]
+    steps = [e.diagnostics.opt_steps for e in alone]
+    assert len(set(steps)) > 1 and min(steps) < hp.v_steps   # the case this test is about
+    for a, b in zip(alone, compute_edits(lm, REQUESTS, "rome", hparams=hp, templates=TEMPLATES)):
+        assert_same(a, b)
+
+
+def test_stacked_batch_keeps_each_edits_rows(tokenizer):
+    lm = tiny_model("gpt2", tokenizer)
+    parts = [build_batch(lm, r, TEMPLATES, ("{} is a",)) for r in REQUESTS[:2]]
+    both = Batch.stack(parts)
+    n = len(TEMPLATES)
+    assert both.rewrite == [n, n] and both.kl == [1, 1] and both.n_rewrite == 2 * n
+    assert both.owners() == [0] * n + [1] * n + [0, 1]
+    assert both.sequences[:n] == parts[0].sequences[:n] and both.sequences[n:2 * n] == parts[1].sequences[:n]
+    assert both.sequences[2 * n:] == [parts[0].sequences[n], parts[1].sequences[n]]
+    rows, _, ids = both.target_reads()
+    first = len(parts[0].targets[0]) * n
+    assert rows[:first] == parts[0].target_reads()[0] and ids[first:] == parts[1].target_reads()[2]
+
+
+@pytest.mark.integration
+def test_batched_edits_on_the_default_model(default_lm):
+    hp = Hparams(mom2_adjustment=False, layer=6)
+    reqs = REQUESTS[:3]
+    for method in ("rome",):
+        many = compute_edits(default_lm, reqs, method, hparams=hp)
+        for req, edit in zip(reqs, many):
+            assert_same(compute_edit(default_lm, req, method, hparams=hp), edit)
+
+
+# ---------------------------------------------------------------- crome eval --edits-per-pass
+
+def approx_equal(a, b, rel=1e-4, path="record"):
+    """Records equal but for float rounding: every number within ``rel``, everything else exactly."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, rel=rel, abs=1e-9), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            approx_equal(a[k], b[k], rel, f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            approx_equal(x, y, rel, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def test_edits_per_pass_gives_the_records_of_one_edit_per_pass(tokenizer, tmp_path):
+    import json
+
+    from test_eval import FLAT, FULL, HP, TEXTS, settings, write
+
+    from crome import CromeError
+    from crome.evaluation.datasets import load_cases
+    from crome.evaluation.evaluate import ResultsFile, run, timing_path
+
+    lm = tiny_model("llama", tokenizer)
+    cases = load_cases(write(tmp_path, [*FLAT, FULL])).cases
+    one, three, resumed = tmp_path / "one.jsonl", tmp_path / "three.jsonl", tmp_path / "resumed.jsonl"
+    run(lm, cases, settings(), HP, TEMPLATES, TEXTS, one)
+    run(lm, cases, settings(), HP, TEMPLATES, TEXTS, three, edits_per_pass=3)
+    run(lm, cases[:1], settings(), HP, TEMPLATES, TEXTS, resumed, edits_per_pass=2)   # interrupted, then
+    run(lm, cases, settings(), HP, TEMPLATES, TEXTS, resumed, resume=True, edits_per_pass=3)  # resumed with another K
+    reference = ResultsFile(one).read()
+    for out in (three, resumed):
+        records = ResultsFile(out).read()
+        assert [r["case_id"] for r in records] == [r["case_id"] for r in reference]
+        for a, b in zip(reference, records):
+            approx_equal(a, b)
+    assert [t["edits_per_pass"] for t in ResultsFile(timing_path(three)).read()] == [3] * 4
+    assert json.loads(three.read_text().splitlines()[0])["applied"]
+    with pytest.raises(CromeError, match="sequential"):
+        run(lm, cases, settings(sequential=True), HP, TEMPLATES, TEXTS, tmp_path / "s.jsonl", edits_per_pass=2)
