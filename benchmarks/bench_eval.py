@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import emit
+
 DATA = Path(os.environ.get("CROME_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
@@ -83,10 +85,7 @@ def main() -> None:
         result["runs"][k].update(max_relative_difference=worst, differing_non_numbers=other[:10],
                                  speedup=round(result["runs"][k]["cases_per_minute"]
                                                / result["runs"][args.k[0]]["cases_per_minute"], 2))
-    print(json.dumps(result, indent=1))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ model is loaded from the normal cache), so sampling, key passes and tracing are 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import emit
 
 DATA = Path(os.environ.get("CROME_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -61,9 +62,7 @@ def main() -> None:
     t = time.perf_counter()
     verifier.ratio()
     result["guard_probe_check_seconds"] = time.perf_counter() - t
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    emit(result, args.out, indent=2)
 
 
 if __name__ == "__main__":

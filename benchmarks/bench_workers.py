@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import emit
+
 DATA = Path(os.environ.get("CROME_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
@@ -98,10 +100,7 @@ def main() -> None:
                                          / result["runs"]["1x1"]["cases_per_minute"], 2)
     result[f"speedup_2x1_vs_1x{cores}"] = round(result["runs"]["2x1"]["cases_per_minute"]
                                                 / result["runs"][f"1x{cores}"]["cases_per_minute"], 2)
-    print(json.dumps(result, indent=1))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    emit(result, args.out)
     if not args.keep:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -8,9 +8,10 @@ denominator moves, perplexity ratios and seconds per case (docs/SPEED.md's bfloa
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
+
+from benchlib import emit
 
 
 def main() -> None:
@@ -40,10 +41,7 @@ def main() -> None:
             seconds_median=statistics.median(seconds) if seconds else None,
             key_stats_hash=(run[ids[0]]["key_stats"] or {}).get("hash"))
     out["same_context_templates"] = a[ids[0]]["context_templates"] == b[ids[0]]["context_templates"]
-    print(json.dumps(out, indent=1))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

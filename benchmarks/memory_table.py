@@ -20,9 +20,9 @@ Three parts:
 from __future__ import annotations
 
 import argparse
-import json
 import resource
-from pathlib import Path
+
+from benchlib import emit
 
 BYTES = {"float32": 4, "bfloat16": 2}
 GiB = 1024 ** 3
@@ -104,10 +104,7 @@ def main() -> None:
                                       **{dt: estimate(s, dt, layer, args.tokens) for dt in BYTES})
     if args.measure:
         result["default_model_check"] = measure_default(args.tokens)
-    print(json.dumps(result, indent=1))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

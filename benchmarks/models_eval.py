@@ -37,13 +37,13 @@ def run(args) -> None:
     import torch
     import transformers
 
-    from crome.evaluation import datasets
     from crome.editing.edit import apply_edit, finish_edit, prepare_edit
     from crome.editing.fast import PerplexityMonitor
     from crome.editing.hparams import DEFAULTS, defaults_for
     from crome.editing.layer_choice import auto_layer
     from crome.editing.mom2 import key_stats
     from crome.editing.templates import context_templates
+    from crome.evaluation import datasets
     from crome.evaluation.evaluate import _metrics, _pairs, choose_test_prefix
     from crome.evaluation.measure import score_targets
     from crome.evaluation.texts import default_corpus_path, load_texts

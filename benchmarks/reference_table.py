@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from crome.evaluation import datasets, evaluate, summary
 from crome.editing.hparams import defaults_for
 from crome.editing.templates import context_templates
+from crome.evaluation import datasets, evaluate, summary
 from crome.evaluation.texts import load_texts
 from crome.models import load_model
 

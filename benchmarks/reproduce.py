@@ -21,7 +21,6 @@ import json
 import statistics
 from pathlib import Path
 
-from crome.evaluation import datasets, evaluate
 from crome.analysis.analyze import (
     causal_trace,
     first_token_experiment,
@@ -34,6 +33,7 @@ from crome.analysis.html_report import build_report
 from crome.editing.fast import PerplexityMonitor
 from crome.editing.hparams import defaults_for
 from crome.editing.templates import context_templates
+from crome.evaluation import datasets, evaluate
 from crome.evaluation.texts import load_texts
 from crome.models import load_model
 

@@ -207,7 +207,7 @@ def test_sweep_writes_a_file_per_cell_and_a_rerun_finishes_only_what_is_left(ray
     for n in names:
         timing_path(out / f"{n}.jsonl").unlink(missing_ok=True)
     outcomes = run_sweep(spec, out, workers=2, threads=1)
-    assert outcomes[names[2]] == outcomes[names[3]] == "finished before"
+    assert outcomes[names[2]].state == outcomes[names[3]].state == "finished before"
     assert all((out / f"{n}.jsonl").read_bytes() == b for n, b in kept.items())
     assert cut.read_bytes().startswith(first_line) and len(ResultsFile(cut).read()) == 2
     assert len(ResultsFile(timing_path(cut)).read()) == 1          # only the missing case ran

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from conftest import TEMPLATES, tiny_model
 
-from crome import EditRequest, apply_edit, compute_edit
+from crome import EditRequest, compute_edit
 from crome.editing.hparams import Hparams
 from crome.errors import CromeError
 

@@ -1,7 +1,9 @@
 """crome: ROME and Consistent ROME (C-ROME) rank-one fact edits that don't collapse the model."""
 
-from .editing.edit import (METHODS, Diagnostics, Edit, EditHandle, apply_edit, compute_edit, compute_edits,
-                           finish_edit, prepare_edit, prepare_edits)
+from .editing.edit import (
+    METHODS, Diagnostics, Edit, EditHandle, apply_edit, compute_edit, compute_edits,
+    finish_edit, prepare_edit, prepare_edits,
+)
 from .editing.guard import GuardRefused, GuardRule, Verifier, guarded_apply
 from .editing.hparams import Hparams, defaults_for
 from .editing.layer_choice import LayerChoice, choose_layer

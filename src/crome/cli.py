@@ -55,10 +55,10 @@ def _to_meta(ctx, param, value):
 
 
 def _texts(ppl_data: str | None):
-    from .evaluation.texts import default_corpus_path, load_texts
+    from .evaluation.texts import load_texts, perplexity_source
 
-    path = ppl_data or os.environ.get("CROME_PPL_DATA")
-    return load_texts(path), str(path or default_corpus_path())
+    source = perplexity_source(ppl_data)
+    return load_texts(source), str(source)
 
 
 def _say(message: str) -> None:
@@ -192,21 +192,18 @@ def _writable(path: str | None) -> None:
 
 def _setup(model, layer, seed, no_mom2, mom2_corpus, mom2_samples):
     """Load the model, choose the layer, get the key statistics: (lm, hparams, choice, stats)."""
-    from .evaluation.jobs import model_setup
+    from .evaluation.jobs import check_mom2_flags, model_setup
 
-    if no_mom2 and mom2_corpus:
-        raise CromeError("--no-mom2 and --mom2-corpus contradict each other")
+    check_mom2_flags(not no_mom2, mom2_corpus)   # before the model loads
     lm = _load(model)
     hp, choice, stats = model_setup(lm, layer, seed, not no_mom2, mom2_corpus, mom2_samples, status=err.status, say=_say)
     return lm, hp, choice, stats
 
 
 def _guard_setup(lm, hp, guard, guard_threshold, guard_rule, guard_probe):
-    from .evaluation.jobs import EvalJob, guard_setup
+    from .evaluation.jobs import guard_setup
 
-    job = EvalJob(data="", out="", guard=guard, guard_threshold=guard_threshold, guard_rule=guard_rule,
-                  guard_probe=guard_probe)
-    return guard_setup(lm, hp.layer, job, status=err.status)
+    return guard_setup(lm, hp.layer, guard, guard_threshold, guard_rule, guard_probe, status=err.status)
 
 
 @main.command()
@@ -358,7 +355,7 @@ def eval_(data, method, model, layer, seed, no_mom2, mom2_corpus, mom2_samples, 
                   skip_invalid=skip_invalid, sequential=sequential, monitor_every=monitor_every, gen_tokens=gen_tokens,
                   guard=guard, guard_threshold=guard_threshold, guard_rule=guard_rule, guard_probe=guard_probe,
                   edits_per_pass=edits_per_pass, **_load_flags())
-    _, skipped, dataset_path = cases_of(job)
+    cases, skipped, dataset_path = cases_of(job)
     if skipped:
         err.print(f"skipped {len(skipped)} invalid records of {dataset_path} (first: {skipped[0]})")
     if workers is None and (ray_address or threads):
@@ -368,12 +365,12 @@ def eval_(data, method, model, layer, seed, no_mom2, mom2_corpus, mom2_samples, 
     before, start = len(ResultsFile(out_path).read()), time.perf_counter()
     if workers is None:
         _quiet_transformers()
-        records, setup, _ = run_job(job, progress=_progress, status=err.status, say=_say)
+        records, setup, _ = run_job(job, progress=_progress, status=err.status, say=_say, cases=cases)
     else:
         from .distribution.workers import run_workers
 
         records, setup = run_workers(job.absolute(), workers, address=ray_address, threads=threads,
-                                     progress=_progress, say=_say)
+                                     progress=_progress, say=_say, cases=cases)
     s = setup.settings
     header, rows = summary.side_by_side([(summary.label(records, out_path), records)])
     _print_table(header, rows, title=f"{method} on {s.data}, {s.model}, layer {s.layer} ({setup.layer_choice.rule}), "
@@ -583,17 +580,16 @@ def sweep(spec, out_dir, workers, ray_address, threads):
     table.add_column("cell")
     table.add_column("outcome")
     for name, outcome in outcomes.items():
-        text = outcome if isinstance(outcome, str) else f"{outcome['records']} records, {outcome['errors']} with errors"
-        table.add_row(name, f"[red]{text}[/]" if text.startswith("error") else text)
+        table.add_row(name, f"[red]{outcome}[/]" if outcome.state == "failed" else str(outcome))
     out.print(table)
     paths = summary.result_files(out_dir)
     if paths:
         header, rows = summary.side_by_side(_runs(paths))
         _print_table(header, rows)
-    failed = [n for n, o in outcomes.items() if isinstance(o, str) and o.startswith("error")]
+    failed = [n for n, o in outcomes.items() if o.state == "failed"]
     if failed:
         raise CromeError(f"{len(failed)} of {len(outcomes)} cells failed (first: {failed[0]}: "
-                         f"{outcomes[failed[0]][len('error: '):]}); rerun to retry them")
+                         f"{outcomes[failed[0]].message}); rerun to retry them")
 
 
 @main.command()

@@ -22,6 +22,7 @@ skips finished cells and finishes partial ones; a partial sequential cell is mov
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CromeError
+from ..evaluation.datasets import load_cases
 from ..evaluation.evaluate import ResultsFile, timing_path
 from ..evaluation.jobs import EvalJob, cases_of
 from ..evaluation.summary import MANIFEST
@@ -111,31 +113,43 @@ def cells(spec: dict, out_dir: str | Path) -> list[Cell]:
     return out
 
 
-def status(cell: Cell) -> tuple[int, int]:
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a cell: finished before this run, ran now (its file's totals), or failed."""
+
+    state: str                 # "finished before", "ran", "failed"
+    records: int = 0
+    errors: int = 0
+    message: str = ""
+
+    def __str__(self) -> str:
+        if self.state == "ran":
+            return f"{self.records} records, {self.errors} with errors"
+        return f"error: {self.message}" if self.state == "failed" else self.state
+
+
+def status(cell: Cell, load_dataset=load_cases) -> tuple[int, int]:
     """(finished cases, cases) of a cell's results file."""
-    cases, _, _ = cases_of(cell.job)
+    cases, _, _ = cases_of(cell.job, load_dataset)
     done = {r["case_id"] for r in ResultsFile(cell.job.out).read()}
     return sum(c.case_id in done for c in cases), len(cases)
 
 
-def _run_cell(job: EvalJob, threads: int) -> dict:
+def _run_cell(job: EvalJob, threads: int) -> Outcome:
     """One cell, in a Ray task: the in-process eval run, resumed from its file."""
     import torch
 
     from ..evaluation.jobs import run_job
 
     torch.set_num_threads(threads)
-    records, setup, _ = run_job(job)
-    return dict(records=len(records), errors=sum(r.get("error") is not None for r in records),
-                layer=setup.settings.layer)
+    records, _, _ = run_job(job)
+    return Outcome("ran", records=len(records), errors=sum(r.get("error") is not None for r in records))
 
 
 def run_sweep(spec_path: str | Path, out_dir: str | Path, workers: int | None = None, address: str | None = None,
-              threads: int | None = None, say=None, progress=None) -> dict:
-    """Run every unfinished cell of the spec; returns {cell name: outcome}.
-
-    ``outcome`` is "finished before", the cell task's summary, or the one-line error of a cell that
-    failed (the other cells go on; a failed cell is retried by the next rerun)."""
+              threads: int | None = None, say=None, progress=None) -> dict[str, Outcome]:
+    """Run every unfinished cell of the spec; returns {cell name: outcome}. A failed cell does not
+    stop the others, and the next rerun retries it."""
     say = say or (lambda message: None)
     spec = _toml(spec_path)
     out_dir = Path(out_dir)
@@ -144,10 +158,11 @@ def run_sweep(spec_path: str | Path, out_dir: str | Path, workers: int | None = 
     manifest = dict(spec=spec, cells=[dict(name=c.name, values=c.values, job=c.job.to_dict()) for c in todo])
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     outcomes, pending = {}, []
+    load_dataset = functools.lru_cache(maxsize=None)(load_cases)   # cells share their data files
     for cell in todo:
-        finished, total = status(cell)
+        finished, total = status(cell, load_dataset)
         if finished == total:
-            outcomes[cell.name] = "finished before"
+            outcomes[cell.name] = Outcome("finished before")
             continue
         if cell.job.sequential and finished:
             partial = Path(cell.job.out + ".partial")
@@ -172,9 +187,10 @@ def run_sweep(spec_path: str | Path, out_dir: str | Path, workers: int | None = 
                 outcomes[cell.name] = ray.get(ref)
             except ray.exceptions.RayTaskError as exc:
                 cause = getattr(exc, "cause", None)
-                outcomes[cell.name] = f"error: {str(cause or exc).strip().splitlines()[0]}"
+                outcomes[cell.name] = Outcome("failed", message=str(cause or exc).strip().splitlines()[0])
             except ray.exceptions.RayError as exc:
-                outcomes[cell.name] = f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+                outcomes[cell.name] = Outcome("failed", message=f"{type(exc).__name__}: "
+                                                                f"{str(exc).strip().splitlines()[0]}")
             yield cell
 
     wrap = progress or (lambda it, total, description: it)

@@ -23,7 +23,7 @@ from collections import deque
 from ..errors import CromeError
 from ..evaluation.evaluate import ResultsFile, check_resumable, timing_path
 from ..evaluation.jobs import CaseRunner, EvalJob, cases_of, load, prepare
-from .cluster import connect, placement, ray_module
+from .cluster import connect, placement
 
 MAX_ATTEMPTS = 3
 
@@ -54,19 +54,20 @@ class Worker:
 
 
 def run_workers(job: EvalJob, workers: int, address: str | None = None, threads: int | None = None,
-                progress=None, say=None, on_dispatch=None):
+                progress=None, say=None, on_dispatch=None, cases=None):
     """Run ``job`` on ``workers`` Ray actors; returns (every record of the results file, setup).
+    ``cases``: the job's cases when the caller has loaded them already (``cases_of``).
 
     ``progress(iterable, total, description)`` wraps the finished cases (a bar with ETA);
     ``on_dispatch(case, pid)`` is called each time a case is handed to a worker (tests use it)."""
     if job.sequential:
         raise CromeError("a sequential run is one model and cannot be split over workers: drop --workers, "
                          "or run several side by side with crome sweep")
-    cases, _, _ = cases_of(job)
+    if cases is None:
+        cases, _, _ = cases_of(job)
     results, timing = ResultsFile(job.out), ResultsFile(timing_path(job.out))
     done = results.read()
-    if done and not job.resume:  # before any worker starts
-        check_resumable(done, None, results.path, job.resume)
+    check_resumable(done, None, results.path, job.resume)   # the --resume flag, before any worker starts
     ray = connect(address)
     place = placement(ray, workers, threads, job.device_map)
     actor = ray.remote(Worker).options(**place.options())

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from ..editing.edit import apply_edit
 from ..editing.fast import PerplexityMonitor
 from ..editing.guard import GuardRefused, GuardRule, Verifier, guarded_apply
 from ..editing.hparams import Hparams

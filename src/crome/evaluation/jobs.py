@@ -13,7 +13,6 @@ share these steps, so a case's record is the same whichever ran it:
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -27,12 +26,18 @@ from ..models import LoadedModel
 from .datasets import Case, load_cases, select
 from .datasets import resolve as resolve_data
 from .evaluate import Settings, evaluate_case, prepare_together, run
+from .texts import load_texts, perplexity_source
 
 Status = Callable[[str], contextlib.AbstractContextManager]
 
 
 def _quiet(_message: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
+
+
+def check_mom2_flags(mom2: bool, corpus: str | None) -> None:
+    if not mom2 and corpus:
+        raise CromeError("--no-mom2 and --mom2-corpus contradict each other")
 
 
 @dataclass(frozen=True)
@@ -75,8 +80,7 @@ class EvalJob:
             raise CromeError("--n must be at least 1")
         if self.edits_per_pass < 1:
             raise CromeError("--edits-per-pass must be at least 1")
-        if not self.mom2 and self.mom2_corpus:
-            raise CromeError("--no-mom2 and --mom2-corpus contradict each other")
+        check_mom2_flags(self.mom2, self.mom2_corpus)
         if self.guard not in GUARD_ACTIONS:
             raise CromeError(f"unknown guard action '{self.guard}': choose one of {', '.join(GUARD_ACTIONS)}")
         unknown = set(self.hparams) - {f.name for f in fields(Hparams)}
@@ -93,9 +97,8 @@ class EvalJob:
         model = self.model
         if model and (model.lower().endswith(".gguf") or Path(model).expanduser().exists()):
             model = path(model)
-        ppl = self.ppl_data or os.environ.get("CROME_PPL_DATA")
         return replace(self, data=path(self.data, True), out=path(self.out), model=model,
-                       ppl_data=path(ppl, True) if ppl else None,
+                       ppl_data=path(perplexity_source(self.ppl_data), True),
                        mom2_corpus=path(self.mom2_corpus, True), guard_rule=path(self.guard_rule),
                        guard_probe=path(self.guard_probe, True))
 
@@ -128,9 +131,10 @@ class Setup:
     texts: list[str] | None
 
 
-def cases_of(job: EvalJob) -> tuple[list[Case], list[str], str]:
-    """The cases a job evaluates, the skipped records' messages, and the dataset's path."""
-    dataset = load_cases(job.data, skip_invalid=job.skip_invalid)
+def cases_of(job: EvalJob, load_dataset=load_cases) -> tuple[list[Case], list[str], str]:
+    """The cases a job evaluates, the skipped records' messages, and the dataset's path
+    (``load_dataset(path, skip_invalid)``: where several jobs share a file, a cached loader)."""
+    dataset = load_dataset(job.data, job.skip_invalid)
     cases = select(dataset, job.n_cases, list(job.case_ids) if job.case_ids else None)
     return cases, dataset.skipped, str(dataset.path)
 
@@ -151,8 +155,7 @@ def model_setup(lm: LoadedModel, layer, seed: int, mom2: bool = True, corpus: st
     from ..editing.edit import resolve_stats
     from ..editing.layer_choice import resolve
 
-    if not mom2 and corpus:
-        raise CromeError("--no-mom2 and --mom2-corpus contradict each other")
+    check_mom2_flags(mom2, corpus)
     if corpus and not Path(corpus).is_file():
         corpus = str(resolve_data(corpus))
     traced = " (causal trace on crome's fact list, once per model)" if layer in (None, "auto") else ""
@@ -168,16 +171,15 @@ def model_setup(lm: LoadedModel, layer, seed: int, mom2: bool = True, corpus: st
 def prepare(lm: LoadedModel, job: EvalJob, status: Status = _quiet, say=None) -> Setup:
     """Layer, key statistics, context templates, perplexity texts and the run's settings."""
     from ..editing.templates import context_templates
-    from .texts import default_corpus_path, load_texts
 
     hp, choice, stats = model_setup(lm, job.layer, job.seed, job.mom2, job.mom2_corpus, job.mom2_samples,
                                     job.hparams, status, say)
     with status("context templates"):
         templates = context_templates(lm, job.seed, hp.template_lengths, hp.template_starts)
-    ppl = job.ppl_data or os.environ.get("CROME_PPL_DATA")
+    ppl = perplexity_source(job.ppl_data)
     texts = load_texts(ppl)
     settings = Settings(method=job.method, model=lm.name, layer=hp.layer, seed=job.seed, test_prefix=job.test_prefix,
-                        data=Path(job.data).name, ppl_data=Path(ppl or default_corpus_path()).name,
+                        data=Path(job.data).name, ppl_data=ppl.name,
                         gen_tokens=job.gen_tokens, sequential=job.sequential,
                         monitor_every=job.monitor_every if job.sequential else 1, guard=job.guard,
                         guard_threshold=job.guard_threshold if job.guard in ("verify", "fallback") else None,
@@ -185,18 +187,22 @@ def prepare(lm: LoadedModel, job: EvalJob, status: Status = _quiet, say=None) ->
     return Setup(settings, hp, templates, stats, choice, texts)
 
 
-def guard_setup(lm: LoadedModel, layer: int, job: EvalJob, status: Status = _quiet):
+def guard_setup(lm: LoadedModel, layer: int, guard: str, threshold: float = VERIFY_THRESHOLD,
+                rule_file: str | None = None, probe: str | None = None, status: Status = _quiet):
     """The guard's rule (for ``refuse``, or when a rule file is named) and verifier."""
     from ..editing.guard import Verifier, rule_for
-    from .texts import load_texts
 
-    rule = rule_for(lm.name, job.guard_rule) if job.guard == "refuse" or job.guard_rule else None
+    rule = rule_for(lm.name, rule_file) if guard == "refuse" or rule_file else None
     verifier = None
-    if job.guard in ("verify", "fallback"):
+    if guard in ("verify", "fallback"):
         with status("probe perplexity for the guard"):
-            verifier = Verifier(lm, layer, load_texts(job.guard_probe) if job.guard_probe else None,
-                                job.guard_threshold)
+            verifier = Verifier(lm, layer, load_texts(probe) if probe else None, threshold)
     return rule, verifier
+
+
+def job_guard(lm: LoadedModel, layer: int, job: EvalJob, status: Status = _quiet):
+    """``guard_setup`` with a job's guard options."""
+    return guard_setup(lm, layer, job.guard, job.guard_threshold, job.guard_rule, job.guard_probe, status)
 
 
 class CaseRunner:
@@ -207,7 +213,7 @@ class CaseRunner:
 
         self.lm, self.job, self.setup = lm, job, setup
         self.monitor = PerplexityMonitor(lm, setup.texts, setup.hparams.layer) if setup.texts else None
-        self.rule, self.verifier = guard_setup(lm, setup.hparams.layer, job)
+        self.rule, self.verifier = job_guard(lm, setup.hparams.layer, job)
 
     def __call__(self, cases: list[Case]) -> list[tuple[dict, float]]:
         """(record, seconds) of each case; the v* of several cases are computed together."""
@@ -225,14 +231,17 @@ class CaseRunner:
         return out
 
 
-def run_job(job: EvalJob, progress=None, status: Status = _quiet, say=None, lm: LoadedModel | None = None):
-    """Run ``job`` in this process: returns (every record of its results file, setup, model)."""
-    cases, _, _ = cases_of(job)
+def run_job(job: EvalJob, progress=None, status: Status = _quiet, say=None, lm: LoadedModel | None = None,
+            cases: list[Case] | None = None):
+    """Run ``job`` in this process: returns (every record of its results file, setup, model).
+    ``cases``: the job's cases when the caller has loaded them already (``cases_of``)."""
+    if cases is None:
+        cases, _, _ = cases_of(job)
     if lm is None:
         with status(f"loading {job.model or 'the default model'}"):
             lm = load(job, progress=say is not None)
     setup = prepare(lm, job, status, say)
-    rule, verifier = guard_setup(lm, setup.hparams.layer, job, status)
+    rule, verifier = job_guard(lm, setup.hparams.layer, job, status)
     records = run(lm, cases, setup.settings, setup.hparams, setup.templates, setup.texts, job.out,
                   resume=job.resume, progress=progress, stats=setup.stats, rule=rule, verifier=verifier,
                   layer_choice=setup.layer_choice, edits_per_pass=job.edits_per_pass)

@@ -7,6 +7,7 @@ short passages of plain English prose written for this project (CC0).
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -17,6 +18,12 @@ DEFAULT_CORPUS = "english_passages.txt"
 
 def default_corpus_path() -> Path:
     return Path(str(resources.files("crome") / "corpus" / DEFAULT_CORPUS))
+
+
+def perplexity_source(path: str | Path | None = None) -> Path:
+    """The perplexity texts' file: ``path``, else $CROME_PPL_DATA, else the bundled corpus."""
+    given = path or os.environ.get("CROME_PPL_DATA")
+    return Path(given) if given else default_corpus_path()
 
 
 def load_texts(path: str | Path | None = None) -> list[str]:
