@@ -110,3 +110,74 @@ def test_edits_per_pass_gives_the_records_of_one_edit_per_pass(tokenizer, tmp_pa
     assert json.loads(three.read_text().splitlines()[0])["applied"]
     with pytest.raises(CromeError, match="sequential"):
         run(lm, cases, settings(sequential=True), HP, TEMPLATES, TEXTS, tmp_path / "s.jsonl", edits_per_pass=2)
+
+
+# ---------------------------------------------------------------- measuring K edited models in one pass
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gptj", "gpt_neox", "qwen2", "mistral", "gemma3_text"])
+def test_overlay_scores_equal_edits_written_into_the_weights(tokenizer, model_type):
+    """Each edit as an activation hook on its own rows (one forward for K edited models) gives the
+    numbers of writing its ΔW into W; rows owned by no edit are the unedited model; W is untouched."""
+    import torch
+    from test_eval import TEXTS
+
+    from crome.editing.edit import Overlay, apply_edit
+    from crome.editing.fast import PerplexityMonitor
+    from crome.evaluation.measure import sample, score_targets
+
+    lm = tiny_model(model_type, tokenizer)
+    hp = Hparams(mom2_adjustment=False, layer=1, v_steps=4)
+    edits = compute_edits(lm, REQUESTS[:3], "rome", hparams=hp, templates=TEMPLATES)
+    pairs = [(r.text(), t) for r in REQUESTS for t in (r.target_new, " France")]
+    weights = lm.mlp_out(1).weight.detach().clone()
+    monitor = PerplexityMonitor(lm, TEXTS * 3, 1, batch_size=4)
+    overlay = Overlay(edits)
+    owners = [e for e in range(3) for _ in pairs] + [None] * len(pairs)
+    together = score_targets(lm, pairs * 4, overlay=overlay, owners=owners, batch_size=7)
+    ppls = monitor.each(overlay, max_rows=8)   # edits spread over several passes
+    texts = [sample(lm, ["The city of"], 6, seed=3, overlay=overlay, owner=e) for e in range(3)]
+    assert torch.equal(lm.mlp_out(1).weight, weights)
+
+    unedited = score_targets(lm, pairs)
+    lp = [x for s in unedited for x in s.logprobs]
+    assert [x for s in together[3 * len(pairs):] for x in s.logprobs] == pytest.approx(lp, rel=1e-5)
+    moved = 0.0
+    for e, edit in enumerate(edits):
+        with apply_edit(lm, edit):
+            written = score_targets(lm, pairs)
+            ppl = monitor()
+            text = sample(lm, ["The city of"], 6, seed=3)
+        hooked = together[e * len(pairs):(e + 1) * len(pairs)]
+        for a, b in zip(written, hooked):
+            assert b.logprobs == pytest.approx(a.logprobs, rel=1e-4, abs=1e-5)
+            assert b.predicted == a.predicted
+        assert ppls[e] == pytest.approx(ppl, rel=1e-4)
+        assert texts[e] == text
+        moved = max(moved, max(abs(x - y) for s, u in zip(written, unedited) for x, y in zip(s.logprobs, u.logprobs)))
+    assert moved > 1e-2   # the edits change the scores: the comparison above is not between unedited models
+    assert torch.equal(lm.mlp_out(1).weight, weights)
+
+
+def test_a_case_measured_with_hooks_equals_it_measured_in_the_weights(tokenizer, tmp_path):
+    """evaluate_cases: K cases measured together under an overlay give the records of each case
+    with its edit written into W (keep=True, the sequential path)."""
+    from test_eval import FLAT, FULL, HP, TEXTS, settings, write
+
+    from crome.editing.fast import PerplexityMonitor
+    from crome.evaluation.datasets import load_cases
+    from crome.evaluation.evaluate import evaluate_cases, prepare_together
+
+    lm = tiny_model("gpt2", tokenizer)
+    cases = load_cases(write(tmp_path, [*FLAT, FULL])).cases
+    monitor = PerplexityMonitor(lm, TEXTS, HP.layer)
+    s = settings(test_prefix="random")
+    prepared = prepare_together(lm, cases, HP, TEMPLATES, 0)
+    hooked = evaluate_cases(lm, cases, s, HP, TEMPLATES, monitor, prepared=prepared)
+    assert all(h is None for _, h in hooked)
+    for case, (rec, _) in zip(cases, hooked):
+        [(written, handle)] = evaluate_cases(lm, [case], s, HP, TEMPLATES, monitor, keep=True,
+                                             prepared={case.case_id: prepared[case.case_id]})
+        handle.restore()
+        assert rec["applied"] and rec["ppl_after"] is not None
+        approx_equal(written, rec)
+    assert any(rec["fluency"] for rec, _ in hooked)

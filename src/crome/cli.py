@@ -17,6 +17,7 @@ from rich.table import Table
 
 from .editing.edit import METHODS
 from .editing.guard import GUARD_ACTIONS, VERIFY_THRESHOLD
+from .editing.memit import BATCH_METHODS
 from .errors import CromeError
 
 out = Console()
@@ -154,6 +155,9 @@ def _model_opts(f):
     ])
 
 
+ALL_METHODS = (*METHODS, *BATCH_METHODS)
+
+
 def _common(f):
     f = click.option("--ppl-data", default=None, help="Texts for perplexity (ME-PPL JSON or one passage a line); default: the bundled corpus, or $CROME_PPL_DATA.")(f)
     return _model_opts(f)
@@ -207,25 +211,41 @@ def _guard_setup(lm, hp, guard, guard_threshold, guard_rule, guard_probe):
 
 
 @main.command()
-@click.option("--prompt", required=True, help='Prompt with "{}" for the subject, or with the subject written out.')
-@click.option("--subject", required=True)
-@click.option("--target", "target_new", required=True, help="The new target.")
+@click.option("--prompt", default=None, help='Prompt with "{}" for the subject, or with the subject written out.')
+@click.option("--subject", default=None)
+@click.option("--target", "target_new", default=None, help="The new target.")
 @click.option("--target-true", default=None, help="The old target (recorded).")
-@click.option("--method", type=click.Choice(METHODS), default="crome", show_default=True)
+@click.option("--requests", "requests_file", default=None, type=click.Path(dir_okay=False),
+              help="MEMIT: a JSON list (or JSON lines) of {prompt, subject, target_new}, edited as one update.")
+@click.option("--method", type=click.Choice(ALL_METHODS), default="crome", show_default=True)
+@click.option("--memit-layers", default=None, help="MEMIT's layers, e.g. 4-8 (default: five centred on --layer).")
 @_common
 @click.option("--no-ppl", is_flag=True, help="Skip the perplexity report (the guard's probe still runs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--out", "out_path", default=None, help="Also write the JSON result to this file.")
 @click.option("--save", "save_dir", default=None, help="Save the edited model (Hugging Face format) here.")
 @_guard_opts_verify
-def edit(prompt, subject, target_new, target_true, method, model, layer, seed, no_mom2, mom2_corpus, mom2_samples,
-         ppl_data, no_ppl, as_json, out_path, save_dir, guard, guard_threshold, guard_rule, guard_probe):
-    """Edit one fact, check it (the guard), and report what it did to the model."""
+def edit(prompt, subject, target_new, target_true, requests_file, method, memit_layers, model, layer, seed, no_mom2,
+         mom2_corpus, mom2_samples, ppl_data, no_ppl, as_json, out_path, save_dir, guard, guard_threshold, guard_rule,
+         guard_probe):
+    """Edit one fact (or, with MEMIT, a file of them), check it (the guard), and report what it did to the model."""
     from .editing.fast import PerplexityMonitor
-    from .editing.request import EditRequest
+    from .editing.request import EditRequest, load_requests
     from .evaluation.report import measure_edit
     from .models import save_model
 
+    if requests_file and method not in BATCH_METHODS:
+        raise CromeError("--requests edits several facts as one update: use --method memit or cmemit")
+    given = [x for x in (prompt, subject, target_new) if x is not None]
+    if requests_file and given:
+        raise CromeError("give either --requests or --prompt/--subject/--target, not both")
+    if not requests_file and len(given) < 3:
+        raise CromeError("an edit needs --prompt, --subject and --target (or --requests with MEMIT)")
+    if method in BATCH_METHODS:
+        requests = load_requests(requests_file) if requests_file else [EditRequest.create(prompt, subject, target_new,
+                                                                                          target_true)]
+        return _edit_batch(requests, method, memit_layers, model, layer, seed, no_mom2, mom2_corpus, mom2_samples,
+                           ppl_data, no_ppl, as_json, out_path, save_dir, guard, guard_threshold, guard_probe)
     request = EditRequest.create(prompt, subject, target_new, target_true)
     _writable(out_path)
     if save_dir and Path(save_dir).is_file():
@@ -252,6 +272,60 @@ def edit(prompt, subject, target_new, target_true, method, model, layer, seed, n
         out.print(f"[dim]{_settings_line(result)}[/]")
         if save_dir:
             out.print(f"edited model saved to {save_dir}")
+
+
+def _edit_batch(requests, method, memit_layers, model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data,
+                no_ppl, as_json, out_path, save_dir, guard, guard_threshold, guard_probe):
+    """``crome edit --method memit|cmemit``: one update for every request."""
+    from .editing.fast import PerplexityMonitor
+    from .evaluation.jobs import memit_stats
+    from .evaluation.report import measure_batch_edit
+    from .models import save_model
+
+    if no_mom2:
+        raise CromeError("MEMIT's solve needs key statistics (C): drop --no-mom2")
+    _writable(out_path)
+    texts, ppl_name = (None, None) if no_ppl else _texts(ppl_data)
+    lm, hp, choice, stats = _setup(model, layer, seed, no_mom2, mom2_corpus, mom2_samples)
+    if memit_layers:
+        hp = hp.with_(memit_layers=_layers(memit_layers))
+    stats = memit_stats(lm, hp, stats, seed, mom2_corpus, mom2_samples, None, err.status, _say)
+    first = min(stats)   # perplexity and the guard's probe: from the lowest edited layer up
+    _, verifier = _guard_setup(lm, hp.with_(layer=first), guard, guard_threshold, None, guard_probe)
+    with err.status(f"{method}: {len(requests)} facts over layers {', '.join(map(str, stats))}"):
+        monitor = PerplexityMonitor(lm, texts, first) if texts else None
+        report = measure_batch_edit(lm, requests, method, hparams=hp, stats=stats, monitor=monitor, ppl_data=ppl_name,
+                                    keep=bool(save_dir), guard=guard, verifier=verifier, seed=seed)
+    result = report.to_dict()
+    if out_path:
+        Path(out_path).write_text(json.dumps(result, indent=2))
+    if save_dir:
+        save_model(lm, save_dir)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    rows = [[r["prompt"].replace("{}", r["subject"]), r["target_new"], f"{r['p_target_before']:.3g}",
+             f"{r['p_target_after']:.3g}"] for r in report.requests]
+    _print_table(["prompt", "target", "P before", "P after"], rows,
+                 title=f"{method}: {len(requests)} facts, layers {report.layers} ({lm.name})")
+    ppl = (f"perplexity {report.ppl_before:.4g} → {report.ppl_after:.4g} (×{report.ppl_ratio:.3g})"
+           if report.ppl_ratio is not None else "perplexity not measured")
+    conds = ", ".join(f"{k}: {v['condition']:.3g}" for k, v in report.layer_stats.items())
+    out.print(f"[dim]{ppl}; ‖ΔW‖/‖W‖ at most {report.update_ratio:.3g}; condition numbers {conds}; "
+              f"guard {guard} ({report.guard_action})[/]")
+    if save_dir:
+        out.print(f"edited model saved to {save_dir}")
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    """'4-8' or '4,6,8' as layer indices."""
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-"))
+            return tuple(range(lo, hi + 1))
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise CromeError(f"--memit-layers takes 'FIRST-LAST' or a comma-separated list, not {text!r}") from None
 
 
 def _settings_line(r: dict) -> str:
@@ -320,7 +394,8 @@ def demo(model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data, token
 
 @main.command("eval")
 @click.option("--data", required=True, help="CounterFact (flat or full schema) or zsRE JSON; a relative name is also looked up under $CROME_DATA.")
-@click.option("--method", type=click.Choice(METHODS), default="crome", show_default=True)
+@click.option("--method", type=click.Choice(ALL_METHODS), default="crome", show_default=True,
+              help="rome/crome: one fact per update; memit/cmemit: --batch-size facts per update over several layers.")
 @_common
 @click.option("--n", "n_cases", type=int, default=None, help="The first N cases.")
 @click.option("--cases", "case_ids", default=None, help="Comma-separated case ids instead of --n.")
@@ -337,12 +412,15 @@ def demo(model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data, token
 @click.option("--edits-per-pass", type=int, default=1, show_default=True,
               help="Optimise the v* of K cases together (one batched forward per step), then measure each case alone; "
                    "the records are those of K = 1 up to float rounding.")
+@click.option("--batch-size", type=int, default=1, show_default=True,
+              help="MEMIT: edit B cases as one update (measured together; with --sequential, B per update).")
+@click.option("--memit-layers", default=None, help="MEMIT's layers, e.g. 4-8 or 4,6,8 (default: five centred on --layer).")
 @click.option("--workers", type=int, default=None, help="Run the cases on N Ray workers (each loads the model once); needs crome[ray].")
 @click.option("--ray-address", default=None, help="Join a Ray cluster: 'auto' or HOST:PORT (default: start a local Ray).")
 @click.option("--threads", type=int, default=None, help="Torch threads per worker on CPU (default: the CPUs split evenly).")
 def eval_(data, method, model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data, n_cases, case_ids, test_prefix,
           out_path, resume, skip_invalid, sequential, monitor_every, gen_tokens, md_path, guard, guard_threshold,
-          guard_rule, guard_probe, edits_per_pass, workers, ray_address, threads):
+          guard_rule, guard_probe, edits_per_pass, batch_size, memit_layers, workers, ray_address, threads):
     """Edit, measure and restore each case of a dataset; one JSON line per case, then a summary."""
     from .evaluation import summary
     from .evaluation.jobs import EvalJob, cases_of, run_job
@@ -354,7 +432,8 @@ def eval_(data, method, model, layer, seed, no_mom2, mom2_corpus, mom2_samples, 
                   case_ids=tuple(case_ids.split(",")) if case_ids else None, test_prefix=test_prefix, resume=resume,
                   skip_invalid=skip_invalid, sequential=sequential, monitor_every=monitor_every, gen_tokens=gen_tokens,
                   guard=guard, guard_threshold=guard_threshold, guard_rule=guard_rule, guard_probe=guard_probe,
-                  edits_per_pass=edits_per_pass, **_load_flags())
+                  edits_per_pass=edits_per_pass, batch_size=batch_size,
+                  hparams={"memit_layers": _layers(memit_layers)} if memit_layers else {}, **_load_flags())
     cases, skipped, dataset_path = cases_of(job)
     if skipped:
         err.print(f"skipped {len(skipped)} invalid records of {dataset_path} (first: {skipped[0]})")

@@ -5,7 +5,10 @@ Activations are addressed by module (layer) and token position:
 * ``record(module)`` keeps the module's input and output of the last call;
 * ``add_at(module, rows, positions, delta)`` adds ``delta`` to the module's
   output at ``(rows[i], positions[i])``;
-* ``stop_after(module)`` ends the forward pass once the module has run, for
+* ``rank_one(module, u, lam)`` turns row b's output ``y = W x`` into
+  ``y + (u[b] · x) lam[b]``: the output of ``W + lam[b] u[b]ᵀ``, a rank-one edit
+  per row, without touching ``W`` (a zero row leaves that row unedited);
+* ``run_until(model, module)`` ends the forward pass once the module has run, for
   passes that only need activations up to the edited layer.
 """
 
@@ -56,6 +59,23 @@ def add_at(module: torch.nn.Module, rows: torch.Tensor, positions: torch.Tensor,
         output = output.clone()
         output[rows, positions] = (output[rows, positions] + delta).to(output.dtype)
         return output
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def rank_one(module: torch.nn.Module, u: torch.Tensor, lam: torch.Tensor):
+    """Row b of every batch through ``module`` sees the weights W + lam[b] u[b]ᵀ
+    (``u``: [batch, d_in], ``lam``: [batch, d_out]; float32 sums, cast back to the output's dtype)."""
+
+    def hook(_mod, args, output):
+        x = args[0]
+        scale = torch.einsum("btd,bd->bt", x.float(), u)
+        return (output.float() + scale[..., None] * lam[:, None, :]).to(output.dtype)
 
     handle = module.register_forward_hook(hook)
     try:

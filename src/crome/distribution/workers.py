@@ -97,7 +97,7 @@ def run_workers(job: EvalJob, workers: int, address: str | None = None, threads:
         while queue or running:
             while idle and queue:
                 worker = idle.pop(0)
-                chunk = [queue.popleft() for _ in range(min(job.edits_per_pass, len(queue)))]
+                chunk = [queue.popleft() for _ in range(min(job.cases_per_chunk, len(queue)))]
                 for case in chunk:
                     attempts[case.case_id] = attempts.get(case.case_id, 0) + 1
                 running[worker.run.remote(chunk)] = (worker, chunk)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..hooks import run_until
+from ..hooks import record, run_until
 from ..models import LoadedModel
 from .request import SLOT, EditRequest, locate, pad_right
 
@@ -38,6 +38,20 @@ def keys_at(lm: LoadedModel, request: EditRequest, layer: int, templates: list[s
     rows = torch.arange(len(located), device=lm.device)
     pos = torch.tensor([x.subject_last for x in located], device=lm.device)
     return rec.input[rows, pos].float(), rec.output[rows, pos].float()
+
+
+@torch.no_grad()
+def key_and_output(lm: LoadedModel, request: EditRequest, layer: int, out_layer: int,
+                   templates: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """W's key at ``layer`` and the residual stream after layer ``out_layer`` (≥ ``layer``), at the
+    subject's last token, one row per template: what MEMIT's solve and residual read."""
+    located = [locate(lm.tokenizer, request, t) for t in templates]
+    ids, mask = pad_right([x.ids for x in located], lm.tokenizer.pad_token_id, lm.device)
+    with record(lm.mlp_out(layer)) as key:
+        out = run_until(lm.model, lm.module(lm.arch.layer_name(out_layer)), input_ids=ids, attention_mask=mask)
+    rows = torch.arange(len(located), device=lm.device)
+    pos = torch.tensor([x.subject_last for x in located], device=lm.device)
+    return key.input[rows, pos].float(), out.output[rows, pos].float()
 
 
 def compute_keys(lm: LoadedModel, request: EditRequest, layer: int, templates: list[str]) -> Keys:

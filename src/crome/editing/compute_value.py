@@ -110,8 +110,9 @@ class ValueResult:
 class ReferenceRunner:
     """The straightforward forward: the whole model on the right-padded batch, full logits."""
 
-    def __init__(self, lm: LoadedModel, batch: Batch, layer: int):
+    def __init__(self, lm: LoadedModel, batch: Batch, layer: int, site: torch.nn.Module | None = None):
         self.lm, self.batch, self.layer = lm, batch, layer
+        self.site = site if site is not None else lm.mlp_out(layer)   # δ is added to its output
         self.ids, self.mask = pad_right(batch.sequences, lm.tokenizer.pad_token_id, lm.device)
         dev = lm.device
         self.rows = torch.arange(len(batch.sequences), device=dev)
@@ -123,7 +124,7 @@ class ReferenceRunner:
 
     def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs of each target token [n_targets] and KL-prompt log-dists [n_kl, vocab]."""
-        with add_at(self.lm.mlp_out(self.layer), self.rows, self.lookup, delta):
+        with add_at(self.site, self.rows, self.lookup, delta):
             logits = self.lm.model(input_ids=self.ids, attention_mask=self.mask).logits
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         target_lp = log_probs[self.t_rows, self.t_pos, self.t_ids]
@@ -191,10 +192,13 @@ def optimise_delta(runner, batch: Batch, v0: torch.Tensor, hp: Hparams) -> list[
 
 
 def compute_v_stars(lm: LoadedModel, requests: list[EditRequest], layer: int, templates: list[str],
-                    v0: list[torch.Tensor], hp: Hparams, runner_cls=ReferenceRunner) -> list[ValueResult]:
-    """v* of several edits at one layer, optimised together: one batched forward per step."""
+                    v0: list[torch.Tensor], hp: Hparams, runner_cls=ReferenceRunner,
+                    site: torch.nn.Module | None = None) -> list[ValueResult]:
+    """v* of several edits at one layer, optimised together: one batched forward per step.
+    ``site``: the module of layer ``layer`` whose output δ is added to (default: W, ROME's;
+    MEMIT adds it to the layer's output, the residual stream)."""
     batch = Batch.stack([build_batch(lm, r, templates, hp.kl_prompts) for r in requests])
-    return optimise_delta(runner_cls(lm, batch, layer), batch, torch.stack([v.detach() for v in v0]), hp)
+    return optimise_delta(runner_cls(lm, batch, layer, site), batch, torch.stack([v.detach() for v in v0]), hp)
 
 
 def compute_v_star(lm: LoadedModel, request: EditRequest, layer: int, templates: list[str],

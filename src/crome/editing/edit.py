@@ -56,7 +56,7 @@ class Edit:
     layer: int
     delta_w: torch.Tensor = field(repr=False)
     diagnostics: Diagnostics
-    vectors: dict[str, torch.Tensor] = field(repr=False)  # k_bare, k_mean, k_cur, v_cur, v_star, u
+    vectors: dict[str, torch.Tensor] = field(repr=False)  # k_bare, k_mean, k_cur, v_cur, v_star, u, lam (ΔW = lam uᵀ)
     context_templates: list[str]
     seed: int
     hparams: Hparams
@@ -133,7 +133,7 @@ def finish_edit(lm: LoadedModel, prepared: Prepared, method: str, stats: KeyStat
         raise CromeError(f"key statistics are for layer {stats.layer}, the edit is at layer {hp.layer}")
     k_cur, v_cur = current(keys, method)
     c_inv_k = stats.solve(keys.k_mean) if stats is not None else None
-    delta_w, u, denominator = rank_one_update(keys.k_mean, k_cur, v_cur, value.v_star, c_inv_k)  # step 3
+    delta_w, u, denominator, lam = rank_one_update(keys.k_mean, k_cur, v_cur, value.v_star, c_inv_k)  # step 3
 
     w = lm.weight(hp.layer)
     update_norm = float(delta_w.norm())
@@ -153,7 +153,7 @@ def finish_edit(lm: LoadedModel, prepared: Prepared, method: str, stats: KeyStat
     return Edit(request=prepared.request, method=method, layer=hp.layer, delta_w=delta_w.to(w.dtype),
                 diagnostics=diagnostics,
                 vectors=dict(k_bare=keys.k_bare, k_mean=keys.k_mean, k_cur=k_cur, v_cur=v_cur,
-                             v_star=value.v_star, u=u), context_templates=prepared.templates, seed=prepared.seed,
+                             v_star=value.v_star, u=u, lam=lam), context_templates=prepared.templates, seed=prepared.seed,
                 hparams=hp, seconds=prepared.seconds + time.perf_counter() - start,
                 key_stats=stats.record() if stats is not None else None, layer_choice=prepared.layer_choice)
 
@@ -229,11 +229,43 @@ class EditHandle:
                 self.param.copy_(self.original)
             self.active = False
 
+    @property
+    def factors(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """ΔW = Λ uᵀ as checkpoint factors ``memit.add_factors`` adds back bit for bit."""
+        return {self.edit.layer: (self.edit.vectors["lam"][:, None], self.edit.vectors["u"][:, None])}
+
     def __enter__(self) -> "EditHandle":
         return self
 
     def __exit__(self, *exc) -> None:
         self.restore()
+
+
+class Overlay:
+    """Edits at one layer, applied as activation hooks instead of being written into W: the rows
+    a batch gives to edit i are computed with W + Λ_i u_iᵀ, other rows with W (``hooks.rank_one``).
+    One forward pass then scores several edited models; W is never touched."""
+
+    def __init__(self, edits: list[Edit]):
+        layers = {e.layer for e in edits}
+        if len(layers) != 1:
+            raise CromeError(f"an overlay holds edits at one layer, not {sorted(layers)}")
+        self.layer = layers.pop()
+        self.u = torch.stack([e.vectors["u"].float() for e in edits])
+        self.lam = torch.stack([e.vectors["lam"].float() for e in edits])
+
+    def __len__(self) -> int:
+        return len(self.u)
+
+    def rows(self, lm: LoadedModel, owners: list[int | None]):
+        """A context in which batch row b is computed under edit ``owners[b]`` (None: unedited)."""
+        from ..hooks import rank_one
+
+        index = torch.tensor([len(self) if o is None else o for o in owners])
+        u = torch.cat([self.u, self.u.new_zeros(1, self.u.shape[1])])[index]
+        lam = torch.cat([self.lam, self.lam.new_zeros(1, self.lam.shape[1])])[index]
+        module = lm.mlp_out(self.layer)
+        return rank_one(module, u.to(module.weight.device), lam.to(module.weight.device))
 
 
 def apply_edit(lm: LoadedModel, edit: Edit) -> EditHandle:

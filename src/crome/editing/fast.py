@@ -24,6 +24,7 @@ from contextlib import contextmanager
 
 import torch
 
+from ..errors import CromeError
 from ..hooks import add_at, record, run_until
 from ..models import LoadedModel
 from .compute_value import Batch
@@ -45,8 +46,9 @@ def _short_circuit(layers: list[torch.nn.Module], output):
 class FastRunner:
     """Drop-in for ``ReferenceRunner``: same log-probs, computed on the suffix above layer L only."""
 
-    def __init__(self, lm: LoadedModel, batch: Batch, layer: int):
+    def __init__(self, lm: LoadedModel, batch: Batch, layer: int, site: torch.nn.Module | None = None):
         self.lm, self.batch, self.layer = lm, batch, layer
+        self.site = site if site is not None else lm.mlp_out(layer)   # δ is added to its output (in layer L)
         dev, pad = lm.device, lm.tokenizer.pad_token_id
         self.base = lm.model.base_model
         params = inspect.signature(self.base.forward).parameters
@@ -110,7 +112,7 @@ class FastRunner:
 
     def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         skip = self.layers[: self.layer] if self.below is not None else []
-        with _short_circuit(skip, self.below), add_at(self.lm.mlp_out(self.layer), self.rows, self.zero, delta):
+        with _short_circuit(skip, self.below), add_at(self.site, self.rows, self.zero, delta):
             hidden = self._base_forward()
         log_probs = torch.log_softmax(self.lm.logits(hidden[self.read_rows, self.read_pos]), dim=-1)
         target_lp = log_probs[torch.arange(self.n_t, device=log_probs.device), self.t_ids]
@@ -154,3 +156,38 @@ class PerplexityMonitor:
             nll += float(torch.nn.functional.cross_entropy(logits[m], ids[:, 1:][m], reduction="sum").double())
             count += int(m.sum())
         return math.exp(nll / count)
+
+    @torch.no_grad()
+    def each(self, overlay, max_rows: int = 64) -> list[float]:
+        """The perplexity under each edit of ``overlay`` (``edit.Overlay``, W untouched): several
+        edits share one forward pass, each on its own copy of a batch of texts, up to ``max_rows`` rows."""
+        if overlay.layer != self.layer:
+            raise CromeError(f"the monitor is for layer {self.layer}, the edits are at layer {overlay.layer}")
+        k = len(overlay)
+        nll, count = [0.0] * k, 0
+        for ids, mask, below in self.batches:
+            b = len(ids)
+            count += int(mask[:, 1:].sum())
+            step = max(1, max_rows // b)
+            for first in range(0, k, step):
+                group = list(range(first, min(first + step, k)))
+                n = len(group)
+                skip = self.layers[: self.layer] if below is not None else []
+                with _short_circuit(skip, _repeat(below, n)), overlay.rows(self.lm, [e for e in group for _ in range(b)]):
+                    hidden = self.lm.model.base_model(input_ids=ids.repeat(n, 1),
+                                                      attention_mask=mask.repeat(n, 1)).last_hidden_state
+                m = mask[:, 1:].bool()
+                for j, e in enumerate(group):  # the output layer one edit at a time: logits are large
+                    logits = self.lm.logits(hidden[j * b:(j + 1) * b, :-1])
+                    nll[e] += float(torch.nn.functional.cross_entropy(logits[m], ids[:, 1:][m],
+                                                                      reduction="sum").double())
+        return [math.exp(x / count) for x in nll]
+
+
+def _repeat(output, n: int):
+    """A layer's recorded output for n copies of its batch (a tensor, or a tuple led by one)."""
+    if output is None or n == 1:
+        return output
+    if isinstance(output, tuple):
+        return (output[0].repeat(n, *[1] * (output[0].dim() - 1)),) + output[1:]
+    return output.repeat(n, *[1] * (output.dim() - 1))

@@ -44,6 +44,11 @@ class Hparams:
     mom2_adjustment: bool = True
     mom2_samples: int = 20000
     mom2_shrinkage: float | None = None
+    # MEMIT (editing/memit.py): its layers (None: five centred on ``layer``), λ of λC + KKᵀ
+    # (None: the key width d_in), and the value step's clamp (the reference's 0.75 × ‖h‖)
+    memit_layers: tuple[int, ...] | None = None
+    mom2_update_weight: float | None = None
+    memit_clamp_norm_factor: float = 0.75
 
     def to_dict(self) -> dict:
         return asdict(self)

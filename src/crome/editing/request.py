@@ -53,6 +53,34 @@ class EditRequest:
         return asdict(self)
 
 
+def load_requests(path) -> list[EditRequest]:
+    """Edit requests from a JSON list or JSON lines: objects with prompt, subject, target_new
+    (or target) and optionally target_true."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise CromeError(f"requests file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
+    except json.JSONDecodeError as exc:
+        raise CromeError(f"{path}: not JSON or JSON lines ({exc.msg} at line {exc.lineno})") from None
+    requests = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise CromeError(f"{path}: request {i}: expected an object")
+        try:
+            requests.append(EditRequest.create(row.get("prompt"), row.get("subject"),
+                                               row.get("target_new", row.get("target")), row.get("target_true")))
+        except CromeError as exc:
+            raise CromeError(f"{path}: request {i}: {exc}") from None
+    if not requests:
+        raise CromeError(f"{path}: no requests")
+    return requests
+
+
 @dataclass(frozen=True)
 class Located:
     """A tokenized prompt and the token positions of its subject."""

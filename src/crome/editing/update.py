@@ -29,9 +29,9 @@ def current(keys: Keys, method: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def rank_one_update(k_mean: torch.Tensor, k_cur: torch.Tensor, v_cur: torch.Tensor,
                     v_star: torch.Tensor, c_inv_k_mean: torch.Tensor | None = None):
-    """ΔW (shape [d_out, d_in]), the direction u and the denominator k_cur · u."""
+    """ΔW = Λ uᵀ (shape [d_out, d_in]), the direction u, the denominator k_cur · u and Λ."""
     u = k_mean if c_inv_k_mean is None else c_inv_k_mean
     u = u / u.norm()
     denominator = k_cur @ u
     lam = (v_star - v_cur) / denominator
-    return torch.outer(lam, u), u, denominator
+    return torch.outer(lam, u), u, denominator, lam

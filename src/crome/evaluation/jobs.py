@@ -7,7 +7,7 @@ share these steps, so a case's record is the same whichever ran it:
 1. ``load``: the model, in the job's dtype and placement;
 2. ``prepare``: the layer, the key statistics, the context templates and the run's
    ``Settings`` (what every record carries and ``--resume`` checks);
-3. ``CaseRunner``: the perplexity monitor and guard, then one ``evaluate_case`` per case.
+3. ``CaseRunner``: the perplexity monitor and guard, then ``evaluate_cases`` on each batch of cases.
 """
 
 from __future__ import annotations
@@ -18,14 +18,16 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
+from ..editing.edit import METHODS
 from ..editing.guard import GUARD_ACTIONS, VERIFY_THRESHOLD
 from ..editing.hparams import Hparams
+from ..editing.memit import BATCH_METHODS, edited_layers, memit_layers
 from ..editing.mom2 import KeyStats
 from ..errors import CromeError
 from ..models import LoadedModel
 from .datasets import Case, load_cases, select
 from .datasets import resolve as resolve_data
-from .evaluate import Settings, evaluate_case, prepare_together, run
+from .evaluate import Settings, evaluate_cases, prepare_together, run
 from .texts import load_texts, perplexity_source
 
 Status = Callable[[str], contextlib.AbstractContextManager]
@@ -71,6 +73,7 @@ class EvalJob:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     edits_per_pass: int = 1            # v* of K cases optimised together (a speed setting: records don't change)
+    batch_size: int = 1                # MEMIT: B cases as one update (a run setting)
     hparams: dict = field(default_factory=dict)   # overrides of the model's defaults (e.g. v_steps)
 
     def __post_init__(self):
@@ -80,12 +83,23 @@ class EvalJob:
             raise CromeError("--n must be at least 1")
         if self.edits_per_pass < 1:
             raise CromeError("--edits-per-pass must be at least 1")
+        if self.batch_size < 1:
+            raise CromeError("--batch-size must be at least 1")
+        if self.method not in (*METHODS, *BATCH_METHODS):
+            raise CromeError(f"unknown method '{self.method}': choose one of {', '.join((*METHODS, *BATCH_METHODS))}")
+        if self.method in BATCH_METHODS and not self.mom2:
+            raise CromeError("MEMIT's solve needs key statistics (C): drop --no-mom2")
         check_mom2_flags(self.mom2, self.mom2_corpus)
         if self.guard not in GUARD_ACTIONS:
             raise CromeError(f"unknown guard action '{self.guard}': choose one of {', '.join(GUARD_ACTIONS)}")
         unknown = set(self.hparams) - {f.name for f in fields(Hparams)}
         if unknown:
             raise CromeError(f"unknown hyper-parameter {sorted(unknown)[0]!r}")
+
+    @property
+    def cases_per_chunk(self) -> int:
+        """Cases handled together: a MEMIT batch, or K edits per pass."""
+        return self.batch_size if self.method in BATCH_METHODS else self.edits_per_pass
 
     def absolute(self) -> "EvalJob":
         """The same job with every file it names made absolute (workers may run elsewhere)."""
@@ -168,12 +182,22 @@ def model_setup(lm: LoadedModel, layer, seed: int, mom2: bool = True, corpus: st
     return hp, choice, resolve_stats(lm, hp, corpus=corpus, progress=say is not None)
 
 
+def memit_stats(lm: LoadedModel, hp: Hparams, stats, seed: int, corpus=None, samples=None, overrides=None,
+                status: Status = _quiet, say=None) -> dict:
+    """C at every layer MEMIT edits (``stats``: the one already computed for ``hp.layer``)."""
+    return {layer: stats if layer == hp.layer else model_setup(lm, layer, seed, True, corpus, samples, overrides,
+                                                               status, say)[2]
+            for layer in memit_layers(hp, lm.num_layers)}
+
+
 def prepare(lm: LoadedModel, job: EvalJob, status: Status = _quiet, say=None) -> Setup:
     """Layer, key statistics, context templates, perplexity texts and the run's settings."""
     from ..editing.templates import context_templates
 
     hp, choice, stats = model_setup(lm, job.layer, job.seed, job.mom2, job.mom2_corpus, job.mom2_samples,
                                     job.hparams, status, say)
+    if job.method in BATCH_METHODS:
+        stats = memit_stats(lm, hp, stats, job.seed, job.mom2_corpus, job.mom2_samples, job.hparams, status, say)
     with status("context templates"):
         templates = context_templates(lm, job.seed, hp.template_lengths, hp.template_starts)
     ppl = perplexity_source(job.ppl_data)
@@ -183,8 +207,14 @@ def prepare(lm: LoadedModel, job: EvalJob, status: Status = _quiet, say=None) ->
                         gen_tokens=job.gen_tokens, sequential=job.sequential,
                         monitor_every=job.monitor_every if job.sequential else 1, guard=job.guard,
                         guard_threshold=job.guard_threshold if job.guard in ("verify", "fallback") else None,
-                        key_stats_source=stats.source if stats else "off", dtype=lm.dtype)
+                        key_stats_source=_source(stats), dtype=lm.dtype, batch_size=job.batch_size)
     return Setup(settings, hp, templates, stats, choice, texts)
+
+
+def _source(stats) -> str:
+    if isinstance(stats, dict):
+        stats = next(iter(stats.values()), None)
+    return stats.source if stats is not None else "off"
 
 
 def guard_setup(lm: LoadedModel, layer: int, guard: str, threshold: float = VERIFY_THRESHOLD,
@@ -212,23 +242,20 @@ class CaseRunner:
         from ..editing.fast import PerplexityMonitor
 
         self.lm, self.job, self.setup = lm, job, setup
-        self.monitor = PerplexityMonitor(lm, setup.texts, setup.hparams.layer) if setup.texts else None
-        self.rule, self.verifier = job_guard(lm, setup.hparams.layer, job)
+        first = edited_layers(job.method, setup.hparams, lm.num_layers)[0]
+        self.monitor = PerplexityMonitor(lm, setup.texts, first) if setup.texts else None
+        self.rule, self.verifier = job_guard(lm, first, job)
 
     def __call__(self, cases: list[Case]) -> list[tuple[dict, float]]:
         """(record, seconds) of each case; the v* of several cases are computed together."""
         s = self.setup
         start = time.perf_counter()
         together = prepare_together(self.lm, cases, s.hparams, s.templates, s.settings.seed,
-                                    s.layer_choice) if len(cases) > 1 else {}
-        out = []
-        for case in cases:
-            record, _ = evaluate_case(self.lm, case, s.settings, s.hparams, s.templates, self.monitor, stats=s.stats,
-                                      rule=self.rule, verifier=self.verifier, layer_choice=s.layer_choice,
-                                      prepared=together.pop(case.case_id, None))
-            out.append((record, time.perf_counter() - start))
-            start = time.perf_counter()
-        return out
+                                    s.layer_choice) if len(cases) > 1 and self.job.method not in BATCH_METHODS else {}
+        out = evaluate_cases(self.lm, cases, s.settings, s.hparams, s.templates, self.monitor, stats=s.stats,
+                             rule=self.rule, verifier=self.verifier, layer_choice=s.layer_choice, prepared=together)
+        seconds = (time.perf_counter() - start) / len(cases)
+        return [(record, seconds) for record, _ in out]
 
 
 def run_job(job: EvalJob, progress=None, status: Status = _quiet, say=None, lm: LoadedModel | None = None,
@@ -241,7 +268,7 @@ def run_job(job: EvalJob, progress=None, status: Status = _quiet, say=None, lm: 
         with status(f"loading {job.model or 'the default model'}"):
             lm = load(job, progress=say is not None)
     setup = prepare(lm, job, status, say)
-    rule, verifier = job_guard(lm, setup.hparams.layer, job, status)
+    rule, verifier = job_guard(lm, edited_layers(job.method, setup.hparams, lm.num_layers)[0], job, status)
     records = run(lm, cases, setup.settings, setup.hparams, setup.templates, setup.texts, job.out,
                   resume=job.resume, progress=progress, stats=setup.stats, rule=rule, verifier=verifier,
                   layer_choice=setup.layer_choice, edits_per_pass=job.edits_per_pass)

@@ -9,6 +9,7 @@ queried in one, which restores efficacy on first-token subjects).
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -22,14 +23,14 @@ from ..models import LoadedModel
 COLLAPSE_RATIO = 2.0
 
 
-def _join(prefix: str | None, prompt: str) -> str:
+def with_prefix(prefix: str | None, prompt: str) -> str:
     return f"{prefix.strip()} {prompt}" if prefix else prompt
 
 
 @torch.no_grad()
 def target_logprob(lm: LoadedModel, prompt: str, target: str, prefix: str | None = None) -> float:
     """log P(target tokens | prefix + prompt), summed over the target's tokens."""
-    text = _join(prefix, prompt)
+    text = with_prefix(prefix, prompt)
     ctx = lm.tokenizer(text)["input_ids"]
     tgt = target_ids(lm.tokenizer, text, target)
     ids = torch.tensor([ctx + tgt], device=lm.device)
@@ -54,12 +55,13 @@ class TargetScore:
 
 @torch.no_grad()
 def score_targets(lm: LoadedModel, pairs: list[tuple[str, str]], prefix: str | None = None,
-                  batch_size: int = 32) -> list[TargetScore]:
+                  batch_size: int = 32, overlay=None, owners: list[int | None] | None = None) -> list[TargetScore]:
     """Score many (prompt, target) pairs in padded batches; the output layer runs
-    only at the positions that predict target tokens."""
+    only at the positions that predict target tokens. With an ``overlay``
+    (``editing.edit.Overlay``), pair i is scored under edit ``owners[i]`` (None: unedited)."""
     seqs, spans = [], []
     for prompt, target in pairs:
-        text = _join(prefix, prompt)
+        text = with_prefix(prefix, prompt)
         ctx = lm.tokenizer(text)["input_ids"]
         tgt = target_ids(lm.tokenizer, text, target)
         seqs.append(ctx + tgt)
@@ -68,7 +70,9 @@ def score_targets(lm: LoadedModel, pairs: list[tuple[str, str]], prefix: str | N
     for start in range(0, len(seqs), batch_size):
         chunk, chunk_spans = seqs[start:start + batch_size], spans[start:start + batch_size]
         ids, mask = pad_right(chunk, lm.tokenizer.pad_token_id, lm.device)
-        hidden = lm.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        edited = overlay.rows(lm, owners[start:start + batch_size]) if overlay is not None else nullcontext()
+        with edited:
+            hidden = lm.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
         rows = torch.tensor([i for i, (_, t) in enumerate(chunk_spans) for _ in t], device=lm.device)
         pos = torch.tensor([n - 1 + j for n, t in chunk_spans for j in range(len(t))], device=lm.device)
         tgt = torch.tensor([x for _, t in chunk_spans for x in t], device=lm.device)
@@ -89,7 +93,7 @@ def target_probability(lm: LoadedModel, prompt: str, target: str, prefix: str | 
 @torch.no_grad()
 def generate(lm: LoadedModel, prompt: str, max_new_tokens: int = 30, prefix: str | None = None) -> str:
     """Greedy continuation of ``prefix + prompt`` (the prefix is not returned)."""
-    text = _join(prefix, prompt)
+    text = with_prefix(prefix, prompt)
     enc = lm.tokenizer(text, return_tensors="pt").to(lm.device)
     out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                             pad_token_id=lm.tokenizer.pad_token_id)
@@ -98,12 +102,14 @@ def generate(lm: LoadedModel, prompt: str, max_new_tokens: int = 30, prefix: str
 
 @torch.no_grad()
 def sample(lm: LoadedModel, prompts: list[str], max_new_tokens: int, seed: int, top_k: int = 5,
-           prefix: str | None = None) -> list[str]:
-    """Top-k sampled continuations (ROME's fluency setting: top-k 5), seeded, batched."""
-    seqs = [lm.tokenizer(_join(prefix, p))["input_ids"] for p in prompts]
+           prefix: str | None = None, overlay=None, owner: int | None = None) -> list[str]:
+    """Top-k sampled continuations (ROME's fluency setting: top-k 5), seeded, batched;
+    with an ``overlay``, under its edit ``owner``."""
+    seqs = [lm.tokenizer(with_prefix(prefix, p))["input_ids"] for p in prompts]
     ids, mask = pad_right(seqs, lm.tokenizer.pad_token_id, lm.device, left=True)
     devices = [lm.device] if lm.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    edited = overlay.rows(lm, [owner] * len(seqs)) if overlay is not None else nullcontext()
+    with torch.random.fork_rng(devices=devices), edited:
         torch.manual_seed(seed)
         out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                 do_sample=True, top_k=top_k, top_p=1.0, temperature=1.0,

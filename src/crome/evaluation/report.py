@@ -112,3 +112,84 @@ def measure_edit(lm: LoadedModel, request: EditRequest, method: str, *, monitor:
         guard_action=decision["guard_action"], edited_with=decision["edited_with"], **after,
     )
     return report, edit
+
+
+@dataclass
+class BatchReport:
+    """A MEMIT or C-MEMIT edit of several requests, measured (``crome edit --method memit``)."""
+
+    method: str
+    model: str
+    layers: list[int]
+    requests: list[dict]        # per request: prompt, subject, target_new, P(target) before/after, diagnostics
+    update_norm: float
+    update_ratio: float         # the largest over the layers
+    layer_stats: dict           # per layer: update norm and ratio, the solve's condition number, residual norm
+    finite: bool
+    applied: bool
+    ppl_before: float | None
+    ppl_after: float | None
+    ppl_ratio: float | None
+    collapsed: bool | None
+    ppl_data: str | None
+    guard: str
+    guard_ppl_ratio: float | None
+    guard_threshold: float | None
+    guard_action: str
+    edit_seconds: float
+    seed: int
+    device: str
+    dtype: str
+    key_stats: dict
+    context_templates: list[str]
+    hparams: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_batch_edit(lm: LoadedModel, requests: list[EditRequest], method: str, *, hparams, stats: dict,
+                       monitor: PerplexityMonitor | None, ppl_data: str | None = None, keep: bool = False,
+                       guard: str = "off", verifier: Verifier | None = None, seed: int = 0,
+                       templates: list[str] | None = None) -> BatchReport:
+    """Apply, measure and (unless ``keep``) restore one MEMIT edit of ``requests``. ``guard``: off or
+    verify (probe perplexity; above the threshold the edit is rolled back: ``GuardRefused``)."""
+    from ..editing.guard import GuardRefused
+    from ..editing.memit import apply_memit
+
+    if guard not in ("off", "verify"):
+        raise CromeError(f"--guard {guard} is for ROME and C-ROME; MEMIT takes off or verify")
+    if guard == "verify" and verifier is None:
+        raise CromeError("--guard verify needs a verifier (probe perplexity)")
+    first = min(stats) if stats else None
+    if monitor is not None and first is not None and monitor.layer > first:
+        raise CromeError(f"perplexity monitor is for layer {monitor.layer}, MEMIT edits layer {first}")
+    before = [target_probability(lm, r.text(), r.target_new) for r in requests]
+    edit, handle = apply_memit(lm, requests, method, hparams=hparams, stats=stats, templates=templates, seed=seed)
+    try:
+        decision = dict(guard_ppl_ratio=None, guard_threshold=verifier.threshold if guard == "verify" else None,
+                        guard_action="applied")
+        if guard == "verify":
+            ratio = decision["guard_ppl_ratio"] = verifier.ratio()
+            if not ratio <= verifier.threshold:
+                handle.restore()
+                raise GuardRefused(f"guard rolled back the {method} edit: probe perplexity grew {ratio:.3g}x > "
+                                   f"{verifier.threshold:g}", None, dict(decision, guard_action="rolled back"))
+        after = [target_probability(lm, r.text(), r.target_new) for r in requests]
+        ppl = dict(ppl_before=None, ppl_after=None, ppl_ratio=None, collapsed=None)
+        if monitor is not None:
+            value = monitor()
+            ppl = dict(ppl_before=monitor.baseline, ppl_after=value, ppl_ratio=value / monitor.baseline,
+                       collapsed=collapsed(monitor.baseline, value))
+    finally:
+        if not keep:
+            handle.restore()
+    summary = edit.record()
+    return BatchReport(
+        method=method, model=lm.name, layers=list(edit.layers),
+        requests=[dict(prompt=r.prompt, subject=r.subject, target_new=r.target_new, p_target_before=b,
+                       p_target_after=a, **extra) for r, b, a, extra in zip(requests, before, after, edit.per_request)],
+        update_norm=summary["update_norm"], update_ratio=summary["update_ratio"], layer_stats=summary["layer_stats"],
+        finite=edit.finite, applied=True, ppl_data=ppl_data, guard=guard, edit_seconds=edit.seconds, seed=seed,
+        device=str(lm.device), dtype=lm.dtype, key_stats=summary["key_stats"], context_templates=edit.context_templates,
+        hparams=edit.hparams.to_dict(), **ppl, **decision)

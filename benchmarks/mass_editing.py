@@ -1,0 +1,152 @@
+"""Sequential mass editing: ROME, C-ROME, MEMIT (batches of 10) and C-MEMIT, edit after edit in one model.
+
+Each method is a resumable ``crome eval --sequential`` run (its updates checkpointed as factors), and
+the methods advance in rounds (every method to the same edit count, then the next round), so a
+stop at any point leaves them comparable. Kill it whenever; the same command continues.
+
+    python benchmarks/mass_editing.py --n 1000 --out-dir runs/mass                 # hours on a 2-core CPU
+    python benchmarks/mass_editing.py --report --out-dir runs/mass --docs docs/results/mass
+
+A run name is a method, optionally with ``+verify`` (the guard rolls back edits whose probe
+perplexity grows past 2×) and ``+nomom2`` (C = I, the "Fall of ROME" paper's setting; ROME only).
+The report writes a table (Markdown and JSON) and a plot of perplexity and retained efficacy
+against the number of edits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from benchlib import emit
+
+DATA = Path(os.environ.get("CROME_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+RUNS = ["rome", "crome", "memit", "cmemit"]
+
+
+def job_for(name: str, args):
+    from crome.evaluation.jobs import EvalJob
+
+    method, *flags = name.split("+")
+    return EvalJob(data=args.data, out=str(Path(args.out_dir) / f"{name}.jsonl"), method=method, ppl_data=args.ppl_data,
+                   sequential=True, monitor_every=args.monitor_every, gen_tokens=0, resume=True,
+                   batch_size=args.batch_size if method.endswith("memit") else 1, mom2="nomom2" not in flags,
+                   guard="verify" if "verify" in flags else "off", seed=args.seed).absolute()
+
+
+def run_all(args) -> None:
+    import transformers
+
+    from crome.evaluation.evaluate import ResultsFile, run
+    from crome.evaluation.jobs import cases_of, job_guard, load, prepare
+    from crome.editing.memit import edited_layers
+
+    transformers.utils.logging.set_verbosity_error()
+    jobs = {name: job_for(name, args) for name in args.runs}
+    first = next(iter(jobs.values()))
+    cases, _, _ = cases_of(first)
+    cases = cases[:args.n]
+    lm = load(first, progress=False)
+    setups = {name: prepare(lm, job) for name, job in jobs.items()}
+    guards = {name: job_guard(lm, edited_layers(job.method, setups[name].hparams, lm.num_layers)[0], job)
+              for name, job in jobs.items()}
+    deadline = time.time() + 3600 * args.hours if args.hours else math.inf
+    for upto in range(args.round, len(cases) + args.round, args.round):
+        for name, job in jobs.items():
+            if time.time() > deadline:
+                print("time is up: rerun the same command to continue", flush=True)
+                return
+            s = setups[name]
+            start, before = time.perf_counter(), len(ResultsFile(job.out).read())
+            records = run(lm, cases[:upto], s.settings, s.hparams, s.templates, s.texts, job.out, resume=True,
+                          stats=s.stats, rule=guards[name][0], verifier=guards[name][1])
+            last = records[-1]
+            print(f"{name:>14}: {len(records):5d} edits ({len(records) - before} in {time.perf_counter() - start:.0f} s), "
+                  f"perplexity {last.get('ppl_after')}, retained {last.get('retained_efficacy')}", flush=True)
+
+
+def report(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from crome.evaluation.evaluate import ResultsFile
+
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    table, fig = {}, plt.figure(figsize=(11, 4))
+    ax_ppl, ax_ret = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for name in args.runs:
+        path = Path(args.out_dir) / f"{name}.jsonl"
+        records = ResultsFile(path).read() if path.exists() else []
+        if not records:
+            continue
+        measured = [r for r in records if r.get("ppl_after") is not None]
+        base = next((r["ppl_before"] for r in records if r.get("ppl_before")), None)
+        collapsed = next((r["step"] for r in measured if r.get("collapsed")), None)
+        applied = [r for r in records if r["applied"]]
+        refused = [r for r in records if r.get("guard_action") == "rolled back"]
+
+        def mean(key):
+            vals = [r["metrics"][key] for r in applied if r.get("metrics") and r["metrics"].get(key) is not None]
+            return sum(vals) / len(vals) if vals else None
+
+        final = measured[-1] if measured else {}
+        table[name] = dict(edits=len(records), applied=len(applied), rolled_back=len(refused),
+                           ppl_unedited=base, first_collapse=collapsed, final_ppl=final.get("ppl_after"),
+                           max_ppl_ratio=max((r["ppl_ratio"] for r in measured), default=None),
+                           final_retained=final.get("retained_efficacy"),
+                           final_retained_prefixed=final.get("retained_efficacy_prefixed"),
+                           es=mean("es"), ns=mean("ns"))
+        ax_ppl.plot([r["step"] for r in measured], [r["ppl_after"] for r in measured], label=name)
+        kept = [r for r in measured if r.get("retained_efficacy") is not None]
+        ax_ret.plot([r["step"] for r in kept], [r["retained_efficacy"] for r in kept], label=name)
+    if not table:
+        raise SystemExit(f"no results in {args.out_dir}")
+    ax_ppl.set(yscale="log", xlabel="edits", ylabel="perplexity (ME-PPL_50)", title="perplexity")
+    ax_ret.set(xlabel="edits", ylabel="share of edits still holding", ylim=(0, 1.02), title="retained efficacy")
+    for ax in (ax_ppl, ax_ret):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(docs / "mass-editing.png", dpi=120)
+
+    def cell(v):
+        return "—" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    cols = list(next(iter(table.values())))
+    lines = ["| run | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    lines += [f"| {name} | " + " | ".join(cell(row[c]) for c in cols) + " |" for name, row in table.items()]
+    (docs / "mass-editing.md").write_text("\n".join(lines) + "\n")
+    emit(table, str(docs / "mass-editing.json"))
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", nargs="+", default=RUNS)
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--round", type=int, default=10, help="Edits per method per round.")
+    ap.add_argument("--batch-size", type=int, default=10, help="MEMIT's facts per update.")
+    ap.add_argument("--monitor-every", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hours", type=float, default=None, help="Stop after this long (rerun to continue).")
+    ap.add_argument("--data", default=str(DATA / "counterfact" / "counterfact-val.json"))
+    ap.add_argument("--ppl-data", default=str(DATA / "me-ppl" / "ME-PPL_50.json"))
+    ap.add_argument("--out-dir", default="runs/mass")
+    ap.add_argument("--report", action="store_true", help="Write the table and plot from the runs so far.")
+    ap.add_argument("--docs", default="docs/results/mass")
+    args = ap.parse_args()
+    if args.report:
+        report(args)
+    else:
+        run_all(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""MEMIT (Meng et al. 2023): B facts in one update, spread over several layers.
+
+The same steps as ROME's files:
+
+1. keys: at each edited layer l, every request's key, averaged over the context templates
+   (``compute_key.key_and_output``);
+2. values: a target z for the residual stream after the last edited layer L: z = h + δ,
+   δ from the v* optimisation (``compute_value``) with δ added to layer L's output;
+3. insert, layer by layer from the lowest: the residual R = z − h (h read again with the
+   layers below already updated), a share 1/(layers left) of it, solved against the keys
+   with the key statistics C:
+
+       ΔW_l = (R / m) Kᵀ (λ C + K Kᵀ)⁻¹         (K: [d_in, B], R: [d_out, B])
+
+   kept as factors a bᵀ, a = R / m and b = (λ C + K Kᵀ)⁻¹ K: rank B per layer.
+
+Consistency ("The Fall of ROME"), as data: ``memit`` (the reference) reads h, and takes the
+δ's scale, from the bare prompts while its keys are averaged over the templated ones;
+``cmemit`` reads h from the same templated prompts as the keys (their mean), so each
+layer's residual is measured where its keys are.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..errors import CromeError
+from ..models import LoadedModel
+from .compute_key import key_and_output
+from .compute_value import ReferenceRunner, compute_v_stars
+from .hparams import Hparams
+from .mom2 import KeyStats
+from .request import SLOT, EditRequest, locate
+from .templates import context_templates
+
+# method -> read h (and the value step's v0) from the templated prompts' mean (True) or the bare prompt
+BATCH_METHODS = {"memit": False, "cmemit": True}
+
+
+def memit_layers(hp: Hparams, num_layers: int) -> tuple[int, ...]:
+    """``hp.memit_layers``, else five layers centred on ROME's layer (GPT-J: ROME 5, MEMIT 3–8)."""
+    layers = hp.memit_layers or tuple(range(max(0, hp.layer - 2), min(num_layers, hp.layer + 3)))
+    if list(layers) != sorted(set(layers)) or not all(0 <= x < num_layers for x in layers):
+        raise CromeError(f"MEMIT layers must be distinct, ascending and in 0..{num_layers - 1}: {list(layers)}")
+    return tuple(layers)
+
+
+def edited_layers(method: str, hp: Hparams, num_layers: int) -> tuple[int, ...]:
+    """The layers an edit with ``method`` changes; a perplexity monitor or probe must start at the first."""
+    return memit_layers(hp, num_layers) if method in BATCH_METHODS else (hp.layer,)
+
+
+def memit_solve(keys: torch.Tensor, resid: torch.Tensor, c: torch.Tensor,
+                weight: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ as factors (a, b), ΔW = a bᵀ, and the condition number of λC + K Kᵀ.
+    ``keys``: [B, d_in], ``resid``: [B, d_out] (one row per request); solved in float64."""
+    k = keys.double().T
+    lhs = weight * c.double().to(k.device) + k @ k.T
+    b = torch.linalg.solve(lhs, k)
+    eig = torch.linalg.eigvalsh(lhs)
+    return resid.double().T.float(), b.float(), float(eig[-1] / eig[0])
+
+
+def factor_update(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """ΔW = Σ_j a_j b_jᵀ, summed in a fixed order with no matrix product: the same factors give
+    the same bits on every replay (a checkpoint's restore). One column is ``torch.outer``, ROME's ΔW."""
+    delta = torch.outer(a[:, 0], b[:, 0])
+    for j in range(1, a.shape[1]):
+        delta += torch.outer(a[:, j], b[:, j])
+    return delta
+
+
+class WeightsHandle:
+    """Edited layers' W as they were; ``restore()`` puts them back bit for bit."""
+
+    def __init__(self, lm: LoadedModel, layers):
+        self.params = {layer: lm.mlp_out(layer).weight for layer in layers}
+        self.original = {layer: p.detach().clone() for layer, p in self.params.items()}
+        self.active = True
+        self.factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # what was added, per layer
+
+    def restore(self) -> None:
+        if self.active:
+            with torch.no_grad():
+                for layer, p in self.params.items():
+                    p.copy_(self.original[layer])
+            self.active = False
+
+
+def add_factors(lm: LoadedModel, layer: int, a: torch.Tensor, b: torch.Tensor) -> None:
+    """W_layer += a bᵀ (in W's dtype and layout)."""
+    delta = factor_update(a, b)
+    param = lm.mlp_out(layer).weight
+    delta = delta.T if lm.arch.transposed else delta
+    with torch.no_grad():
+        param.add_(delta.to(device=param.device, dtype=param.dtype))
+
+
+@dataclass
+class BatchEdit:
+    """A MEMIT edit of B requests: the factors of each layer's update and how they came about."""
+
+    requests: list[EditRequest]
+    method: str
+    layers: tuple[int, ...]
+    factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)   # layer -> (a, b), ΔW = a bᵀ
+    layer_stats: dict[int, dict]      # layer -> update_norm, weight_norm, update_ratio, condition, residual_norm
+    per_request: list[dict]           # p_target_opt, opt_steps, first_token_subject, cos_bare_mean (last layer)
+    context_templates: list[str]
+    seed: int
+    hparams: Hparams
+    seconds: float
+    key_stats: dict[int, dict] = field(default_factory=dict)
+    targets: torch.Tensor | None = field(default=None, repr=False)   # z, [B, d]: h after the last layer + δ
+
+    @property
+    def finite(self) -> bool:
+        return all(math.isfinite(s["update_norm"]) for s in self.layer_stats.values())
+
+    def record(self) -> dict:
+        """What every request's eval record carries about the batch."""
+        return dict(layers=list(self.layers), batch_size=len(self.requests), finite=self.finite,
+                    update_norm=math.sqrt(sum(s["update_norm"] ** 2 for s in self.layer_stats.values())),
+                    update_ratio=max(s["update_ratio"] for s in self.layer_stats.values()),
+                    layer_stats={str(k): v for k, v in self.layer_stats.items()},
+                    key_stats={str(k): v for k, v in self.key_stats.items()})
+
+
+def apply_memit(lm: LoadedModel, requests: list[EditRequest], method: str = "cmemit", *,
+                hparams: Hparams | None = None, stats: dict[int, KeyStats] | None = None,
+                templates: list[str] | None = None, seed: int = 0, runner_cls=None) -> tuple[BatchEdit, WeightsHandle]:
+    """Compute and apply the MEMIT (``method="memit"``) or C-MEMIT (``"cmemit"``) edit of ``requests``.
+
+    Layers are updated one after another (each layer's residual is read with the layers below
+    already edited), so computing is applying. Returns the edit and a handle that restores every
+    edited layer; a non-finite update is rolled back and raises. ``hparams``: the model's defaults
+    when None; ``stats``: C by layer, computed (once, cached) from text sampled from the model when None."""
+    if method not in BATCH_METHODS:
+        raise CromeError(f"unknown batch method '{method}': choose one of {', '.join(BATCH_METHODS)}")
+    if not requests:
+        raise CromeError("no requests to edit")
+    consistent = BATCH_METHODS[method]
+    if hparams is None:
+        from .layer_choice import resolve
+
+        hparams, _ = resolve(lm, None, None, seed)
+    hp = hparams
+    layers = memit_layers(hp, lm.num_layers)
+    if stats is None:
+        from .edit import resolve_stats
+
+        if not hp.mom2_adjustment:
+            raise CromeError("MEMIT's solve needs key statistics (C): mom2 adjustment is off")
+        stats = {x: resolve_stats(lm, replace(hp, layer=x)) for x in layers}
+    missing = [x for x in layers if x not in stats]
+    if missing:
+        raise CromeError(f"MEMIT's solve needs key statistics (C) at layers {missing}: drop --no-mom2")
+    if runner_cls is None:
+        from .fast import FastRunner
+
+        runner_cls = FastRunner if lm.arch.fast else ReferenceRunner
+    start = time.perf_counter()
+    if templates is None:
+        templates = context_templates(lm, seed, hp.template_lengths, hp.template_starts)
+    rows = [SLOT, *templates]       # row 0 the bare prompt, then the templates (as compute_keys)
+    last = layers[-1]
+    # λ: GPT-J's MEMIT takes 15,000 for keys of width 16,384; by default crome scales it with the width d_in
+    weight = hp.mom2_update_weight if hp.mom2_update_weight is not None else float(stats[last].mom2.shape[0])
+
+    def read(layer):
+        """Per request: the mean key at ``layer`` and h after layer ``last`` (mean or bare)."""
+        ks, hs, cos = [], [], []
+        for r in requests:
+            k, h = key_and_output(lm, r, layer, last, rows)
+            ks.append(k[1:].mean(0))
+            hs.append(h[1:].mean(0) if consistent else h[0])
+            cos.append(float(torch.nn.functional.cosine_similarity(k[0], k[1:].mean(0), dim=0)))
+        return torch.stack(ks), torch.stack(hs), cos
+
+    _, h0, _ = read(layers[0])
+    value_hp = replace(hp, clamp_norm_factor=hp.memit_clamp_norm_factor)
+    site = lm.module(lm.arch.layer_name(last))
+    values = compute_v_stars(lm, requests, last, templates, list(h0), value_hp, runner_cls, site=site)
+    z = torch.stack([h + v.delta for h, v in zip(h0, values)])
+
+    handle = WeightsHandle(lm, layers)
+    factors, layer_stats = {}, {}
+    try:
+        for i, layer in enumerate(layers):
+            keys, h, cos = read(layer)
+            resid = (z - h) / (len(layers) - i)
+            a, b, condition = memit_solve(keys, resid, stats[layer].mom2, weight)
+            w = lm.mlp_out(layer).weight
+            update_norm = float(factor_update(a, b).norm())
+            layer_stats[layer] = dict(update_norm=update_norm, weight_norm=float(w.float().norm()),
+                                      update_ratio=update_norm / float(w.float().norm()), condition=condition,
+                                      residual_norm=float((z - h).norm(dim=1).mean()))
+            if not math.isfinite(update_norm):
+                raise CromeError(f"non-finite MEMIT update (NaN or inf) at layer {layer}: edit not applied")
+            add_factors(lm, layer, a, b)
+            factors[layer] = handle.factors[layer] = (a.cpu(), b.cpu())
+    except BaseException:
+        handle.restore()
+        raise
+    per_request = [dict(p_target_opt=v.p_target, opt_steps=v.steps, cos_bare_mean=c,
+                        first_token_subject=locate(lm.tokenizer, r).subject_is_first)
+                   for r, v, c in zip(requests, values, cos)]
+    edit = BatchEdit(requests=list(requests), method=method, layers=layers, factors=factors, layer_stats=layer_stats,
+                     per_request=per_request, context_templates=list(templates), seed=seed, hparams=hp,
+                     seconds=time.perf_counter() - start, key_stats={x: stats[x].record() for x in layers},
+                     targets=z.cpu())
+    return edit, handle

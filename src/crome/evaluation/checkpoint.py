@@ -1,0 +1,73 @@
+"""A sequential run's checkpoint: the accumulated update as factors, one file per update.
+
+After update n (one ROME edit, or one MEMIT batch) the run writes ``<out>.factors/update-n.pt``
+before its records: the cases it holds and, per edited layer, factors (a, b) with ΔW = a bᵀ
+(rank one per edit and layer). Resuming replays them in order with ``memit.add_factors``, the
+same operations in the same order as the run, so the weights come back bit for bit; each
+record's ``weights_sha`` (a hash of the edited layers after its update) checks that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from ..editing.memit import add_factors
+from ..errors import CromeError
+from ..models import LoadedModel
+
+
+def weights_sha(lm: LoadedModel, layers) -> str:
+    """sha256 of the edited layers' W, first 16 hex digits."""
+    h = hashlib.sha256()
+    for layer in sorted(layers):
+        h.update(lm.mlp_out(layer).weight.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class FactorStore:
+    """``<out>.factors/update-000001.pt``, ...: one file per update of a sequential run."""
+
+    def __init__(self, out: str | os.PathLike):
+        out = Path(out)
+        self.folder = out.with_name(out.stem + ".factors")
+
+    def path(self, update: int) -> Path:
+        return self.folder / f"update-{update:06d}.pt"
+
+    def write(self, update: int, case_ids: list[str], factors: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path(update).with_suffix(".tmp")
+        torch.save({"case_ids": list(case_ids),
+                    "layers": {int(k): (a.detach().cpu(), b.detach().cpu()) for k, (a, b) in factors.items()}}, tmp)
+        os.replace(tmp, self.path(update))
+
+    def read(self, update: int) -> dict:
+        path = self.path(update)
+        if not path.exists():
+            raise CromeError(f"{path} is missing: the sequential run's checkpoint is incomplete; start it anew")
+        return torch.load(path, map_location="cpu")
+
+    def updates(self) -> list[int]:
+        if not self.folder.exists():
+            return []
+        return sorted(int(p.stem.split("-")[1]) for p in self.folder.glob("update-*.pt"))
+
+    def drop_after(self, update: int) -> None:
+        """Remove the files of updates after ``update`` (an update cut off before its records)."""
+        for n in self.updates():
+            if n > update:
+                self.path(n).unlink()
+
+    def clear(self) -> None:
+        self.drop_after(0)
+
+
+def replay(lm: LoadedModel, store: FactorStore, updates: int) -> None:
+    """Add updates 1..``updates`` to the weights, as the run added them."""
+    for n in range(1, updates + 1):
+        for layer, (a, b) in store.read(n)["layers"].items():
+            add_factors(lm, layer, a, b)

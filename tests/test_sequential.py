@@ -1,0 +1,145 @@
+"""Sequential runs that last: checkpointed factors, a resume after a kill, MEMIT batches, the guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TEMPLATES, tiny_model
+from test_eval import FLAT, HP, TEXTS, settings, write
+from test_memit import stats_for
+
+from crome import CromeError
+from crome.editing.guard import Verifier
+from crome.editing.hparams import Hparams
+from crome.evaluation.checkpoint import FactorStore, weights_sha
+from crome.evaluation.datasets import load_cases
+from crome.evaluation.evaluate import ResultsFile, run
+
+MORE = [dict(FLAT[i % len(FLAT)], case_id=10 + i) for i in range(6)]
+MEMIT_HP = Hparams(layer=1, v_steps=3, memit_layers=(0, 1), mom2_update_weight=3.0)
+
+
+class Killed(Exception):
+    pass
+
+
+def killing_after(n):
+    """A progress wrapper that stops the run when case n + 1 is about to be worked on."""
+    def progress(items, total, description):
+        for i, item in enumerate(items):
+            if i == n:
+                raise Killed
+            yield item
+    return progress
+
+
+def final_weights(lm, out, layers):
+    """The weights after the last update of a finished run: replayed from its checkpoint."""
+    from crome.evaluation.checkpoint import replay
+
+    store = FactorStore(out)
+    before = {x: lm.mlp_out(x).weight.detach().clone() for x in layers}
+    replay(lm, store, store.updates()[-1])
+    after = {x: lm.mlp_out(x).weight.detach().clone() for x in layers}
+    with torch.no_grad():
+        for x in layers:
+            lm.mlp_out(x).weight.copy_(before[x])
+    return after
+
+
+@pytest.mark.parametrize("model_type, method, hp, kill_at", [
+    ("llama", "rome", HP, 2), ("gpt2", "crome", HP, 4), ("llama", "cmemit", MEMIT_HP, 3)])
+def test_a_killed_sequential_run_resumes_to_the_same_weights_and_records(tokenizer, tmp_path, model_type, method,
+                                                                         hp, kill_at):
+    lm = tiny_model(model_type, tokenizer)
+    batch = method.endswith("memit")
+    layers = hp.memit_layers if batch else (hp.layer,)
+    stats = stats_for(lm, layers) if batch else None
+    s = settings(method=method, sequential=True, monitor_every=2, batch_size=2 if batch else 1)
+    cases = load_cases(write(tmp_path, MORE)).cases
+    w0 = {x: lm.mlp_out(x).weight.detach().clone() for x in layers}
+    whole, part = tmp_path / "whole.jsonl", tmp_path / "part.jsonl"
+    reference = run(lm, cases, s, hp, TEMPLATES, TEXTS, whole, stats=stats)
+    with pytest.raises(Killed):
+        run(lm, cases, s, hp, TEMPLATES, TEXTS, part, stats=stats, progress=killing_after(kill_at))
+    assert all(torch.equal(lm.mlp_out(x).weight, w0[x]) for x in layers)     # the kill left W as it was
+    assert 0 < len(ResultsFile(part).read()) < len(cases)
+    run(lm, cases, s, hp, TEMPLATES, TEXTS, part, stats=stats, resume=True)
+    assert part.read_bytes() == whole.read_bytes()                             # every record, every field, exactly
+    a, b = final_weights(lm, whole, layers), final_weights(lm, part, layers)
+    assert all(torch.equal(a[x], b[x]) and not torch.equal(a[x], w0[x]) for x in layers)
+    assert len({r["weights_sha"] for r in reference}) == len(FactorStore(whole).updates())
+    if batch:
+        assert [r["update"] for r in reference] == [1, 1, 2, 2, 3, 3] and reference[0]["batch_size"] == 2
+
+
+def test_an_update_cut_off_before_its_records_runs_again(tokenizer, tmp_path, monkeypatch):
+    """Killed between writing update 3's factors and its record: the resume drops update 3 and redoes it."""
+    lm = tiny_model("llama", tokenizer)
+    s = settings(sequential=True)
+    cases = load_cases(write(tmp_path, MORE)).cases
+    whole, part = tmp_path / "whole.jsonl", tmp_path / "part.jsonl"
+    reference = run(lm, cases, s, HP, TEMPLATES, TEXTS, whole)
+    real_append, calls = ResultsFile.append, []
+
+    def append(self, record):
+        if self.path == part and "weights_sha" in record:
+            calls.append(record)
+            if len(calls) == 3:
+                raise Killed
+        real_append(self, record)
+
+    monkeypatch.setattr(ResultsFile, "append", append)
+    with pytest.raises(Killed):
+        run(lm, cases, s, HP, TEMPLATES, TEXTS, part)
+    assert FactorStore(part).updates() == [1, 2, 3] and len(ResultsFile(part).read()) == 2
+    monkeypatch.setattr(ResultsFile, "append", real_append)
+    run(lm, cases, s, HP, TEMPLATES, TEXTS, part, resume=True)
+    assert part.read_bytes() == whole.read_bytes() and len(reference) == len(cases)
+
+
+def test_a_checkpoint_that_does_not_give_the_recorded_weights_is_refused(tokenizer, tmp_path):
+    lm = tiny_model("llama", tokenizer)
+    s = settings(sequential=True)
+    cases = load_cases(write(tmp_path, MORE)).cases
+    out = tmp_path / "seq.jsonl"
+    with pytest.raises(Killed):
+        run(lm, cases, s, HP, TEMPLATES, TEXTS, out, progress=killing_after(3))
+    store = FactorStore(out)
+    saved = store.read(2)
+    a, b = saved["layers"][1]
+    store.write(2, saved["case_ids"], {1: (a * 1.001, b)})
+    w0 = lm.mlp_out(1).weight.detach().clone()
+    with pytest.raises(CromeError, match="checkpoint does not give the weights"):
+        run(lm, cases, s, HP, TEMPLATES, TEXTS, out, resume=True)
+    assert torch.equal(lm.mlp_out(1).weight, w0)
+
+
+def test_the_guard_keeps_a_sequential_run_under_its_threshold(tokenizer, tmp_path):
+    """verify in a sequential run: edits that would push probe perplexity past the threshold are
+    rolled back and recorded as such; the kept edits keep it under."""
+    lm = tiny_model("llama", tokenizer)
+    hp = Hparams(mom2_adjustment=False, layer=1, v_steps=6, v_lr=2.0, clamp_norm_factor=40.0)
+    cases = load_cases(write(tmp_path, MORE)).cases
+    free = run(lm, cases, settings(sequential=True), hp, TEMPLATES, TEXTS, tmp_path / "free.jsonl")
+    worst = max(r["ppl_ratio"] for r in free)
+    threshold = 1 + (worst - 1) / 3          # a threshold the unguarded run crosses
+    assert worst > threshold
+    verifier = Verifier(lm, 1, TEXTS, threshold)
+    guarded = run(lm, cases, settings(sequential=True, guard="verify", guard_threshold=threshold), hp, TEMPLATES,
+                  TEXTS, tmp_path / "guarded.jsonl", verifier=verifier)
+    refused = [r for r in guarded if not r["applied"]]
+    assert refused and all(r["guard_action"] == "rolled back" and "rolled back" in r["error"] for r in refused)
+    assert all(r["guard_ppl_ratio"] <= threshold for r in guarded if r["applied"])
+    assert all(r["ppl_ratio"] <= threshold * 1.0001 for r in guarded if r.get("ppl_ratio") is not None)
+    assert guarded[-1]["n_applied"] == len(cases) - len(refused)
+
+
+def test_memit_needs_batch_methods_for_batch_size(tokenizer, tmp_path):
+    lm = tiny_model("llama", tokenizer)
+    cases = load_cases(write(tmp_path, MORE)).cases
+    with pytest.raises(CromeError, match="batch-size is MEMIT's"):
+        run(lm, cases, settings(batch_size=2), HP, TEMPLATES, TEXTS, tmp_path / "x.jsonl")
+    with pytest.raises(CromeError, match="edits-per-pass"):
+        run(lm, cases, settings(method="memit"), MEMIT_HP, TEMPLATES, TEXTS, tmp_path / "y.jsonl", edits_per_pass=2)
+    assert weights_sha(lm, (0, 1)) == weights_sha(lm, (1, 0))
