@@ -16,7 +16,6 @@ against the number of edits.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -41,9 +40,9 @@ def job_for(name: str, args):
 def run_all(args) -> None:
     import transformers
 
+    from crome.editing.memit import edited_layers
     from crome.evaluation.evaluate import ResultsFile, run
     from crome.evaluation.jobs import cases_of, job_guard, load, prepare
-    from crome.editing.memit import edited_layers
 
     transformers.utils.logging.set_verbosity_error()
     jobs = {name: job_for(name, args) for name in args.runs}

@@ -96,6 +96,26 @@ def test_two_workers_give_the_records_of_one_and_of_no_ray(files, one_worker, tm
     assert setup.settings.dtype == "float32" and one_worker[0]["dtype"] == "float32"
 
 
+def test_memit_batches_on_workers_give_the_records_of_no_ray(files, tmp_path):
+    """A worker is handed a whole MEMIT batch (--batch-size), not --edits-per-pass cases."""
+    from crome.distribution.workers import run_workers
+
+    memit = dict(method="cmemit", batch_size=2, mom2=True, mom2_samples=300,
+                 hparams={"v_steps": 3, "memit_layers": [0, 1]})
+    run_workers(job(files, tmp_path / "w.jsonl", **memit), 2, threads=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_job(job(files, tmp_path / "local.jsonl", **memit))
+    finally:
+        torch.set_num_threads(threads)
+    workers, local = by_case(tmp_path / "w.jsonl"), by_case(tmp_path / "local.jsonl")
+    assert workers == local and len(local) == len(FLAT)
+    assert [r["batch_size"] for r in local] == [2] * len(FLAT) and local[0]["layers"] == [0, 1]
+    assert [r["update_cases"] for r in local] == [2, 2, 2, 2, 1][:len(FLAT)]
+    assert local[0]["ppl_after"] == local[1]["ppl_after"]   # one update for the batch's two cases
+
+
 def test_resume_with_another_worker_count(files, one_worker, tmp_path):
     from crome.distribution.workers import run_workers
 

@@ -409,9 +409,9 @@ def demo(model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data, token
 @click.option("--gen-tokens", type=int, default=100, show_default=True, help="Tokens sampled per generation prompt for fluency (0: skip).")
 @click.option("--markdown", "md_path", default=None, help="Also write the summary table as Markdown.")
 @_guard_opts
-@click.option("--edits-per-pass", type=int, default=1, show_default=True,
-              help="Optimise the v* of K cases together (one batched forward per step), then measure each case alone; "
-                   "the records are those of K = 1 up to float rounding.")
+@click.option("--edits-per-pass", type=int, default=None,
+              help="Compute and measure K cases' edits together (batched passes); the records are K = 1's up to "
+                   "float rounding. Default: measured per device (2 on CPU, 1 on GPU until measured).")
 @click.option("--batch-size", type=int, default=1, show_default=True,
               help="MEMIT: edit B cases as one update (measured together; with --sequential, B per update).")
 @click.option("--memit-layers", default=None, help="MEMIT's layers, e.g. 4-8 or 4,6,8 (default: five centred on --layer).")

@@ -87,6 +87,7 @@ def run_workers(job: EvalJob, workers: int, address: str | None = None, threads:
     check_resumable(done, setup.settings, results.path, job.resume)
     setup_ref = ray.put(setup)
     pids = dict(zip(pool, ray.get([w.use.remote(setup_ref) for w in pool])))
+    per_chunk = job.cases_per_chunk("cuda" if place.num_gpus else "cpu")
     finished = {r["case_id"] for r in done}
     queue = deque(c for c in cases if c.case_id not in finished)
     records = list(done)
@@ -97,7 +98,7 @@ def run_workers(job: EvalJob, workers: int, address: str | None = None, threads:
         while queue or running:
             while idle and queue:
                 worker = idle.pop(0)
-                chunk = [queue.popleft() for _ in range(min(job.cases_per_chunk, len(queue)))]
+                chunk = [queue.popleft() for _ in range(min(per_chunk, len(queue)))]
                 for case in chunk:
                     attempts[case.case_id] = attempts.get(case.case_id, 0) + 1
                 running[worker.run.remote(chunk)] = (worker, chunk)
@@ -130,7 +131,7 @@ def run_workers(job: EvalJob, workers: int, address: str | None = None, threads:
             for case, (record, seconds) in zip(chunk, finished_chunk):
                 results.append(record)
                 timing.append(dict(case_id=case.case_id, seconds=seconds, worker=pids[worker],
-                                   attempt=attempts[case.case_id], edits_per_pass=job.edits_per_pass))
+                                   attempt=attempts[case.case_id], edits_per_pass=per_chunk))
                 records.append(record)
                 yield case
             idle.append(worker)

@@ -123,7 +123,7 @@ class BatchEdit:
 
     def record(self) -> dict:
         """What every request's eval record carries about the batch."""
-        return dict(layers=list(self.layers), batch_size=len(self.requests), finite=self.finite,
+        return dict(layers=list(self.layers), update_cases=len(self.requests), finite=self.finite,
                     update_norm=math.sqrt(sum(s["update_norm"] ** 2 for s in self.layer_stats.values())),
                     update_ratio=max(s["update_ratio"] for s in self.layer_stats.values()),
                     layer_stats={str(k): v for k, v in self.layer_stats.items()},

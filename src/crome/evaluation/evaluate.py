@@ -378,6 +378,16 @@ def prepare_together(lm: LoadedModel, cases: list[Case], hp: Hparams, templates:
     return {c.case_id: p for c, p in zip(cases, prepared)}
 
 
+# --edits-per-pass by device, chosen by measurement (docs/SPEED.md, benchmarks/bench_eval.py): on the
+# 2-core CPU K = 2 ran 1.15x the cases per minute of K = 1 at 1.78 GiB peak; K = 4 ran 1.18x but
+# needed 2.14 GiB, over the 2 GB budget. No GPU was measured: 1 until one is.
+DEFAULT_EDITS_PER_PASS = {"cpu": 2}
+
+
+def default_edits_per_pass(device_type: str) -> int:
+    return DEFAULT_EDITS_PER_PASS.get(device_type, 1)
+
+
 def run(lm: LoadedModel, cases: list[Case], settings: Settings, hp: Hparams, templates: list[str],
         texts: list[str] | None, out: str | os.PathLike, resume: bool = False, progress=None,
         stats=None, rule: GuardRule | None = None, verifier: Verifier | None = None,

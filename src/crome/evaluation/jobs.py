@@ -27,7 +27,7 @@ from ..errors import CromeError
 from ..models import LoadedModel
 from .datasets import Case, load_cases, select
 from .datasets import resolve as resolve_data
-from .evaluate import Settings, evaluate_cases, prepare_together, run
+from .evaluate import Settings, default_edits_per_pass, evaluate_cases, prepare_together, run
 from .texts import load_texts, perplexity_source
 
 Status = Callable[[str], contextlib.AbstractContextManager]
@@ -72,7 +72,7 @@ class EvalJob:
     device_map: str | None = None
     trust_remote_code: bool = False
     allow_pickle: bool = False
-    edits_per_pass: int = 1            # v* of K cases optimised together (a speed setting: records don't change)
+    edits_per_pass: int | None = None  # K cases per pass (a speed setting: records don't change); None: the device's
     batch_size: int = 1                # MEMIT: B cases as one update (a run setting)
     hparams: dict = field(default_factory=dict)   # overrides of the model's defaults (e.g. v_steps)
 
@@ -81,7 +81,7 @@ class EvalJob:
             raise CromeError("--monitor-every must be at least 1")
         if self.n_cases is not None and self.n_cases < 1:
             raise CromeError("--n must be at least 1")
-        if self.edits_per_pass < 1:
+        if self.edits_per_pass is not None and self.edits_per_pass < 1:
             raise CromeError("--edits-per-pass must be at least 1")
         if self.batch_size < 1:
             raise CromeError("--batch-size must be at least 1")
@@ -96,10 +96,17 @@ class EvalJob:
         if unknown:
             raise CromeError(f"unknown hyper-parameter {sorted(unknown)[0]!r}")
 
-    @property
-    def cases_per_chunk(self) -> int:
+    def per_pass(self, device_type: str) -> int:
+        """K, the cases whose edits are computed and measured together: ``edits_per_pass``, else
+        the measured default for the device; 1 for sequential runs and MEMIT (whose batches are
+        ``batch_size``)."""
+        if self.sequential or self.method in BATCH_METHODS:
+            return self.edits_per_pass or 1   # evaluate.run refuses K > 1 there, saying why
+        return self.edits_per_pass or default_edits_per_pass(device_type)
+
+    def cases_per_chunk(self, device_type: str) -> int:
         """Cases handled together: a MEMIT batch, or K edits per pass."""
-        return self.batch_size if self.method in BATCH_METHODS else self.edits_per_pass
+        return self.batch_size if self.method in BATCH_METHODS else self.per_pass(device_type)
 
     def absolute(self) -> "EvalJob":
         """The same job with every file it names made absolute (workers may run elsewhere)."""
@@ -271,5 +278,5 @@ def run_job(job: EvalJob, progress=None, status: Status = _quiet, say=None, lm: 
     rule, verifier = job_guard(lm, edited_layers(job.method, setup.hparams, lm.num_layers)[0], job, status)
     records = run(lm, cases, setup.settings, setup.hparams, setup.templates, setup.texts, job.out,
                   resume=job.resume, progress=progress, stats=setup.stats, rule=rule, verifier=verifier,
-                  layer_choice=setup.layer_choice, edits_per_pass=job.edits_per_pass)
+                  layer_choice=setup.layer_choice, edits_per_pass=job.per_pass(lm.device.type))
     return records, setup, lm
