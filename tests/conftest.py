@@ -66,6 +66,14 @@ def tiny_model(model_type: str, tokenizer, seed: int = 0):
     return from_modules(model, tokenizer, name=f"tiny-{model_type}")
 
 
+def save_tiny(folder, tokenizer, model_type: str = "llama"):
+    """A tiny random model saved as a model folder (what --model takes)."""
+    lm = tiny_model(model_type, tokenizer)
+    lm.model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(params=["gpt2", "llama"])
 def tiny(request, tokenizer):
     return tiny_model(request.param, tokenizer)

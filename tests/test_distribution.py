@@ -10,7 +10,7 @@ import signal
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TEMPLATES, tiny_model
+from conftest import TEMPLATES, save_tiny, tiny_model
 
 from crome import CromeError
 from crome.cli import main
@@ -50,9 +50,7 @@ def ray_local():
 def files(tmp_path_factory, tokenizer):
     """A tiny random Llama saved as a model folder, five cases and a few texts."""
     root = tmp_path_factory.mktemp("dist")
-    lm = tiny_model("llama", tokenizer)
-    lm.model.save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
+    save_tiny(root / "tiny", tokenizer)
     (root / "data.json").write_text(json.dumps(FLAT))
     (root / "texts.txt").write_text("The cat sat on the mat.\nRivers run to the sea and the sea is wide.\nA short one.\n")
     return root

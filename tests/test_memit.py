@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TEMPLATES, tiny_model
+from conftest import TEMPLATES, save_tiny, tiny_model
 
 from crome import CromeError, EditRequest
 from crome.editing.compute_key import key_and_output
@@ -143,9 +143,7 @@ def folder(tmp_path_factory, tokenizer):
     from test_eval import FLAT
 
     root = tmp_path_factory.mktemp("memit")
-    lm = tiny_model("llama", tokenizer)
-    lm.model.save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
+    save_tiny(root / "tiny", tokenizer)
     (root / "data.json").write_text(json.dumps([dict(FLAT[i % len(FLAT)], case_id=i) for i in range(4)]))
     (root / "texts.txt").write_text("The cat sat on the mat.\nRivers run to the sea and the sea is wide.\n")
     (root / "requests.json").write_text(json.dumps([
