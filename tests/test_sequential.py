@@ -39,7 +39,7 @@ def final_weights(lm, out, layers):
 
     store = FactorStore(out)
     before = {x: lm.mlp_out(x).weight.detach().clone() for x in layers}
-    replay(lm, store, store.updates()[-1])
+    replay(lm, [store.read(n) for n in store.updates()])
     after = {x: lm.mlp_out(x).weight.detach().clone() for x in layers}
     with torch.no_grad():
         for x in layers:

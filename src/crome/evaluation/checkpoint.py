@@ -66,8 +66,8 @@ class FactorStore:
         self.drop_after(0)
 
 
-def replay(lm: LoadedModel, store: FactorStore, updates: int) -> None:
-    """Add updates 1..``updates`` to the weights, as the run added them."""
-    for n in range(1, updates + 1):
-        for layer, (a, b) in store.read(n)["layers"].items():
+def replay(lm: LoadedModel, saved: list[dict]) -> None:
+    """Add the updates (``FactorStore.read``'s, in order) to the weights, as the run added them."""
+    for update in saved:
+        for layer, (a, b) in update["layers"].items():
             add_factors(lm, layer, a, b)

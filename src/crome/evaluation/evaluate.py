@@ -420,14 +420,13 @@ def run(lm: LoadedModel, cases: list[Case], settings: Settings, hp: Hparams, tem
     original = WeightsHandle(lm, layers) if settings.sequential else None
     monitor = PerplexityMonitor(lm, texts, layers[0]) if texts else None   # its baseline: the unedited model
     applied: list[tuple[Case, str | None]] = []
-    updates, steps = 0, len(done)
+    updates = 0
     if settings.sequential:
         try:
             done, updates = _restore_sequential(lm, done, results, store, layers)
         except BaseException:
             original.restore()
             raise
-        steps = len(done)
         by_id = {c.case_id: c for c in cases}
         applied = [(by_id[r["case_id"]], r["test_prefix_text"]) for r in done if r["applied"] and r["case_id"] in by_id]
     finished = {r["case_id"] for r in done}
@@ -443,7 +442,7 @@ def run(lm: LoadedModel, cases: list[Case], settings: Settings, hp: Hparams, tem
             start = time.perf_counter()
             together = prepare_together(lm, chunk, hp, templates, settings.seed, layer_choice) \
                 if len(chunk) > 1 and not batch else {}
-            n_done = steps + step + 1
+            n_done = len(done) + step + 1
             monitor_now = (not settings.sequential or n_done % settings.monitor_every < len(chunk)
                            or step == len(todo) - 1)
             evaluated = evaluate_cases(lm, chunk, settings, hp, templates, monitor, measure_ppl=monitor_now,
@@ -486,16 +485,18 @@ def _restore_sequential(lm: LoadedModel, done: list[dict], results: "ResultsFile
         store.clear()
         return done, 0
     finished = {r["case_id"] for r in done}
-    updates = 0
+    saved = []   # each file read once: checked here, then replayed
     for n in store.updates():
-        if n != updates + 1 or not set(store.read(n)["case_ids"]) <= finished:
+        update = store.read(n) if n == len(saved) + 1 else None
+        if update is None or not set(update["case_ids"]) <= finished:
             break
-        updates = n
+        saved.append(update)
+    updates = len(saved)
     keep = [r for r in done if r.get("update", 0) <= updates]
     if len(keep) != len(done):
         results.rewrite(keep)
     store.drop_after(updates)
-    replay(lm, store, updates)
+    replay(lm, saved)
     if keep and weights_sha(lm, layers) != keep[-1].get("weights_sha"):
         raise CromeError(f"{results.path}: its checkpoint does not give the weights its last record saw; "
                          f"start the run anew")
