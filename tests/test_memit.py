@@ -188,9 +188,10 @@ def test_cli_eval_memit_batches_sequentially_and_resumes(folder, tmp_path):
             "--ppl-data", str(folder / "texts.txt"), "--gen-tokens", "0", "--sequential", "--out", str(out)]
     r = CliRunner().invoke(main, [*args, "--n", "2"])
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(main, [*args, "--n", "4", "--resume"])
+    r = CliRunner().invoke(main, [*args, "--n", "4", "--resume", "--retained-every", "4"])
     assert r.exit_code == 0, r.output
     records = ResultsFile(out).read()
+    assert [r["retained_every"] for r in records] == [0, 0, 4, 4]
     assert [r["update"] for r in records] == [1, 1, 2, 2] and all(r["batch_size"] == 2 for r in records)
     assert records[-1]["n_applied"] == 4 and records[-1]["retained_efficacy"] is not None
     assert records[0]["layers"] == [0, 1] and records[0]["hparams"]["memit_layers"] == [0, 1]

@@ -135,6 +135,29 @@ def test_the_guard_keeps_a_sequential_run_under_its_threshold(tokenizer, tmp_pat
     assert guarded[-1]["n_applied"] == len(cases) - len(refused)
 
 
+def test_retained_efficacy_has_its_own_cadence_which_a_resume_may_change(tokenizer, tmp_path):
+    """--retained-every: retained efficacy (whose cost grows with the edits) at its own steps, the
+    perplexity at --monitor-every's; a resumed run may change either (each record says which), not
+    the method."""
+    lm = tiny_model("llama", tokenizer)
+    cases = load_cases(write(tmp_path, MORE)).cases
+    out = tmp_path / "seq.jsonl"
+    with pytest.raises(Killed):
+        run(lm, cases, settings(sequential=True, retained_every=3), HP, TEMPLATES, TEXTS, out,
+            progress=killing_after(4))
+    first = ResultsFile(out).read()
+    assert [r["ppl_after"] is not None for r in first] == [True] * 4
+    assert [r["retained_efficacy"] is not None for r in first] == [False, False, True, False]
+    with pytest.raises(CromeError, match="holds a run with method='rome'"):
+        run(lm, cases, settings(method="crome", sequential=True), HP, TEMPLATES, TEXTS, out, resume=True)
+    records = run(lm, cases, settings(sequential=True, monitor_every=2), HP, TEMPLATES, TEXTS, out, resume=True)
+    assert records[:4] == first
+    assert [r["ppl_after"] is not None for r in records[4:]] == [False, True]   # edit 6: every 2nd and the last
+    assert [r["retained_efficacy"] is not None for r in records[4:]] == [False, True]
+    assert [(r["monitor_every"], r["retained_every"]) for r in records] == [(1, 3)] * 4 + [(2, 0)] * 2
+    assert all(0 <= r["retained_efficacy"] <= 1 for r in records if r["retained_efficacy"] is not None)
+
+
 def test_memit_needs_batch_methods_for_batch_size(tokenizer, tmp_path):
     lm = tiny_model("llama", tokenizer)
     cases = load_cases(write(tmp_path, MORE)).cases

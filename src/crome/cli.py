@@ -406,6 +406,9 @@ def demo(model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data, token
 @click.option("--skip-invalid", is_flag=True, help="Skip (and count) malformed records instead of stopping.")
 @click.option("--sequential", is_flag=True, help="Let edits accumulate in one model.")
 @click.option("--monitor-every", type=int, default=1, show_default=True, help="With --sequential: perplexity and retained efficacy every k-th edit.")
+@click.option("--retained-every", type=int, default=0, show_default=True,
+              help="With --sequential: retained efficacy (which re-scores every edit so far) every k-th edit instead; "
+                   "0: with the perplexity. --resume may change both.")
 @click.option("--gen-tokens", type=int, default=100, show_default=True, help="Tokens sampled per generation prompt for fluency (0: skip).")
 @click.option("--markdown", "md_path", default=None, help="Also write the summary table as Markdown.")
 @_guard_opts
@@ -419,8 +422,8 @@ def demo(model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data, token
 @click.option("--ray-address", default=None, help="Join a Ray cluster: 'auto' or HOST:PORT (default: start a local Ray).")
 @click.option("--threads", type=int, default=None, help="Torch threads per worker on CPU (default: the CPUs split evenly).")
 def eval_(data, method, model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data, n_cases, case_ids, test_prefix,
-          out_path, resume, skip_invalid, sequential, monitor_every, gen_tokens, md_path, guard, guard_threshold,
-          guard_rule, guard_probe, edits_per_pass, batch_size, memit_layers, workers, ray_address, threads):
+          out_path, resume, skip_invalid, sequential, monitor_every, retained_every, gen_tokens, md_path, guard,
+          guard_threshold, guard_rule, guard_probe, edits_per_pass, batch_size, memit_layers, workers, ray_address, threads):
     """Edit, measure and restore each case of a dataset; one JSON line per case, then a summary."""
     from .evaluation import summary
     from .evaluation.jobs import EvalJob, cases_of, run_job
@@ -430,7 +433,8 @@ def eval_(data, method, model, layer, seed, no_mom2, mom2_corpus, mom2_samples, 
     job = EvalJob(data=data, out=out_path, method=method, model=model, layer=layer, seed=seed, mom2=not no_mom2,
                   mom2_corpus=mom2_corpus, mom2_samples=mom2_samples, ppl_data=ppl_data, n_cases=n_cases,
                   case_ids=tuple(case_ids.split(",")) if case_ids else None, test_prefix=test_prefix, resume=resume,
-                  skip_invalid=skip_invalid, sequential=sequential, monitor_every=monitor_every, gen_tokens=gen_tokens,
+                  skip_invalid=skip_invalid, sequential=sequential, monitor_every=monitor_every,
+                  retained_every=retained_every, gen_tokens=gen_tokens,
                   guard=guard, guard_threshold=guard_threshold, guard_rule=guard_rule, guard_probe=guard_probe,
                   edits_per_pass=edits_per_pass, batch_size=batch_size,
                   hparams={"memit_layers": _layers(memit_layers)} if memit_layers else {}, **_load_flags())

@@ -214,31 +214,37 @@ def compute_edits(lm: LoadedModel, requests: list[EditRequest], method: str = "c
     return [finish_edit(lm, p, method, stats) for p in prepared]
 
 
-class EditHandle:
-    """An applied edit; ``restore()`` puts the original weights back bit for bit."""
+class WeightsHandle:
+    """Edited layers' W as they were; ``restore()`` puts them back bit for bit. ``factors``: what
+    was added, per layer (ΔW = a bᵀ), as checkpoint factors ``memit.add_factors`` adds back bit for bit."""
 
-    def __init__(self, lm: LoadedModel, edit: Edit):
-        self.lm, self.edit = lm, edit
-        self.param = lm.mlp_out(edit.layer).weight
-        self.original = self.param.detach().clone()
+    def __init__(self, lm: LoadedModel, layers):
+        self.params = {layer: lm.mlp_out(layer).weight for layer in layers}
+        self.original = {layer: p.detach().clone() for layer, p in self.params.items()}
         self.active = True
+        self.factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def restore(self) -> None:
         if self.active:
             with torch.no_grad():
-                self.param.copy_(self.original)
+                for layer, p in self.params.items():
+                    p.copy_(self.original[layer])
             self.active = False
 
-    @property
-    def factors(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """ΔW = Λ uᵀ as checkpoint factors ``memit.add_factors`` adds back bit for bit."""
-        return {self.edit.layer: (self.edit.vectors["lam"][:, None], self.edit.vectors["u"][:, None])}
-
-    def __enter__(self) -> "EditHandle":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.restore()
+
+
+class EditHandle(WeightsHandle):
+    """An applied ROME edit: one layer, ΔW = Λ uᵀ."""
+
+    def __init__(self, lm: LoadedModel, edit: Edit):
+        super().__init__(lm, [edit.layer])
+        self.lm, self.edit = lm, edit
+        self.factors = {edit.layer: (edit.vectors["lam"][:, None], edit.vectors["u"][:, None])}
 
 
 class Overlay:
@@ -273,7 +279,8 @@ def apply_edit(lm: LoadedModel, edit: Edit) -> EditHandle:
     if not edit.diagnostics.finite or not torch.isfinite(edit.delta_w).all():
         raise CromeError(f"non-finite update (NaN or inf) for layer {edit.layer}: edit not applied")
     handle = EditHandle(lm, edit)
+    param = handle.params[edit.layer]
     delta = edit.delta_w.T if lm.arch.transposed else edit.delta_w
     with torch.no_grad():
-        handle.param.add_(delta.to(handle.param.device))
+        param.add_(delta.to(param.device))
     return handle

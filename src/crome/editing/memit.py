@@ -32,6 +32,7 @@ from ..errors import CromeError
 from ..models import LoadedModel
 from .compute_key import key_and_output
 from .compute_value import ReferenceRunner, compute_v_stars
+from .edit import WeightsHandle
 from .hparams import Hparams
 from .mom2 import KeyStats
 from .request import SLOT, EditRequest, locate
@@ -72,23 +73,6 @@ def factor_update(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     for j in range(1, a.shape[1]):
         delta += torch.outer(a[:, j], b[:, j])
     return delta
-
-
-class WeightsHandle:
-    """Edited layers' W as they were; ``restore()`` puts them back bit for bit."""
-
-    def __init__(self, lm: LoadedModel, layers):
-        self.params = {layer: lm.mlp_out(layer).weight for layer in layers}
-        self.original = {layer: p.detach().clone() for layer, p in self.params.items()}
-        self.active = True
-        self.factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # what was added, per layer
-
-    def restore(self) -> None:
-        if self.active:
-            with torch.no_grad():
-                for layer, p in self.params.items():
-                    p.copy_(self.original[layer])
-            self.active = False
 
 
 def add_factors(lm: LoadedModel, layer: int, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -18,11 +18,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..editing.edit import EditHandle, Overlay
+from ..editing.edit import EditHandle, Overlay, WeightsHandle
 from ..editing.fast import PerplexityMonitor
 from ..editing.guard import GuardRefused, GuardRule, Verifier, guarded_apply
 from ..editing.hparams import Hparams
-from ..editing.memit import BATCH_METHODS, WeightsHandle, edited_layers, memit_layers
+from ..editing.memit import BATCH_METHODS, edited_layers, memit_layers
 from ..editing.mom2 import KeyStats
 from ..errors import CromeError
 from ..models import LoadedModel
@@ -48,6 +48,7 @@ class Settings:
     gen_tokens: int = 100
     sequential: bool = False
     monitor_every: int = 1
+    retained_every: int = 0         # sequential: retained efficacy every k-th edit (0: with the perplexity)
     guard: str = "off"
     guard_threshold: float | None = None
     key_stats_source: str = "off"   # source of C (mom2 adjustment), or "off"
@@ -344,6 +345,11 @@ def timing_path(out: str | os.PathLike) -> Path:
     return out.with_name(out.stem + ".timing.jsonl")
 
 
+# How often a sequential run measures: a resumed run may change it (each record carries its own), since
+# measuring changes no weight. A long run can thin out retained efficacy, whose cost grows with the edits.
+CADENCE = ("monitor_every", "retained_every")
+
+
 def check_resumable(done: list[dict], settings: Settings | None, out: Path, resume: bool) -> None:
     """A results file with records is continued only with ``resume`` and the same settings
     (``settings=None``: check the flag only)."""
@@ -357,6 +363,8 @@ def check_resumable(done: list[dict], settings: Settings | None, out: Path, resu
     want = asdict(settings)
     defaults = asdict(Settings(method="", model="", layer=0, seed=0))
     for key, value in want.items():
+        if key in CADENCE:
+            continue
         if done[0].get(key, defaults[key]) != value:  # a field added later reads as its default
             raise CromeError(f"{out} holds a run with {key}={done[0].get(key)!r}, not {value!r}: "
                              f"choose another --out")
@@ -443,8 +451,10 @@ def run(lm: LoadedModel, cases: list[Case], settings: Settings, hp: Hparams, tem
             together = prepare_together(lm, chunk, hp, templates, settings.seed, layer_choice) \
                 if len(chunk) > 1 and not batch else {}
             n_done = len(done) + step + 1
-            monitor_now = (not settings.sequential or n_done % settings.monitor_every < len(chunk)
-                           or step == len(todo) - 1)
+            last = step == len(todo) - 1
+            monitor_now = not settings.sequential or n_done % settings.monitor_every < len(chunk) or last
+            retain_now = monitor_now if not settings.retained_every else \
+                (n_done % settings.retained_every < len(chunk) or last)
             evaluated = evaluate_cases(lm, chunk, settings, hp, templates, monitor, measure_ppl=monitor_now,
                                        keep=settings.sequential, stats=stats, rule=rule, verifier=verifier,
                                        layer_choice=layer_choice, prepared=together)
@@ -460,7 +470,7 @@ def run(lm: LoadedModel, cases: list[Case], settings: Settings, hp: Hparams, tem
                         applied.append((done_case, rec["test_prefix_text"]))
                     rec.update(step=n_done - len(chunk) + n + 1, update=updates, n_applied=len(applied),
                                weights_sha=sha, retained_efficacy=None, retained_efficacy_prefixed=None)
-                    if monitor_now and applied and n == len(chunk) - 1:
+                    if retain_now and applied and n == len(chunk) - 1:
                         cs = [c for c, _ in applied]
                         rec["retained_efficacy"] = retained_efficacy(lm, cs, [None] * len(cs))
                         if settings.test_prefix != "none":

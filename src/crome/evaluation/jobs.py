@@ -63,6 +63,7 @@ class EvalJob:
     skip_invalid: bool = False
     sequential: bool = False
     monitor_every: int = 1
+    retained_every: int = 0            # sequential: retained efficacy every k-th edit (0: with the perplexity)
     gen_tokens: int = 100
     guard: str = "off"
     guard_threshold: float = VERIFY_THRESHOLD
@@ -79,6 +80,8 @@ class EvalJob:
     def __post_init__(self):
         if self.monitor_every < 1:
             raise CromeError("--monitor-every must be at least 1")
+        if self.retained_every < 0:
+            raise CromeError("--retained-every must be at least 1 (or 0: with the perplexity)")
         if self.n_cases is not None and self.n_cases < 1:
             raise CromeError("--n must be at least 1")
         if self.edits_per_pass is not None and self.edits_per_pass < 1:
@@ -212,7 +215,8 @@ def prepare(lm: LoadedModel, job: EvalJob, status: Status = _quiet, say=None) ->
     settings = Settings(method=job.method, model=lm.name, layer=hp.layer, seed=job.seed, test_prefix=job.test_prefix,
                         data=Path(job.data).name, ppl_data=ppl.name,
                         gen_tokens=job.gen_tokens, sequential=job.sequential,
-                        monitor_every=job.monitor_every if job.sequential else 1, guard=job.guard,
+                        monitor_every=job.monitor_every if job.sequential else 1,
+                        retained_every=job.retained_every if job.sequential else 0, guard=job.guard,
                         guard_threshold=job.guard_threshold if job.guard in ("verify", "fallback") else None,
                         key_stats_source=_source(stats), dtype=lm.dtype, batch_size=job.batch_size)
     return Setup(settings, hp, templates, stats, choice, texts)
