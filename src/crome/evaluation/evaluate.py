@@ -451,10 +451,11 @@ def run(lm: LoadedModel, cases: list[Case], settings: Settings, hp: Hparams, tem
             together = prepare_together(lm, chunk, hp, templates, settings.seed, layer_choice) \
                 if len(chunk) > 1 and not batch else {}
             n_done = len(done) + step + 1
-            last = step == len(todo) - 1
-            monitor_now = not settings.sequential or n_done % settings.monitor_every < len(chunk) or last
-            retain_now = monitor_now if not settings.retained_every else \
-                (n_done % settings.retained_every < len(chunk) or last)
+            def due(every: int) -> bool:   # this chunk reaches a multiple of ``every``, or ends the run
+                return n_done % every < len(chunk) or step == len(todo) - 1
+
+            monitor_now = not settings.sequential or due(settings.monitor_every)
+            retain_now = due(settings.retained_every) if settings.retained_every else monitor_now
             evaluated = evaluate_cases(lm, chunk, settings, hp, templates, monitor, measure_ppl=monitor_now,
                                        keep=settings.sequential, stats=stats, rule=rule, verifier=verifier,
                                        layer_choice=layer_choice, prepared=together)
