@@ -105,14 +105,13 @@ def report(args) -> None:
         worst = max((r for r in applied if r.get("update_ratio") is not None), key=lambda r: r["update_ratio"],
                     default={})
         # the curve at fixed edit counts, and its steepest step between two measurements
-        marks = [m for m in [50, *range(100, args.n + 1, 100)] if m <= len(records)]
-        by_step = {r["step"]: r for r in measured}
-        rises = [(b["ppl_after"] / a["ppl_after"], b["step"]) for a, b in zip(measured, measured[1:])]
+        marks = {50, *range(100, args.n + 1, 100)}
+        steepest, steepest_at = max(((b["ppl_after"] / a["ppl_after"], b["step"])
+                                     for a, b in zip(measured, measured[1:])), default=(None, None))
         table[name] = dict(edits=len(records), applied=len(applied), rolled_back=len(refused),
                            ppl_unedited=base, first_collapse=collapsed,
                            first_10x=next((r["step"] for r in measured if r["ppl_ratio"] > 10), None),
-                           largest_rise=max(rises, default=(None, None))[0],
-                           largest_rise_at=max(rises, default=(None, None))[1],
+                           largest_rise=steepest, largest_rise_at=steepest_at,
                            largest_update_ratio=worst.get("update_ratio"), largest_update_at=worst.get("step"),
                            final_ppl=final.get("ppl_after"),
                            max_ppl_ratio=max((r["ppl_ratio"] for r in measured), default=None),
@@ -120,9 +119,8 @@ def report(args) -> None:
                            retained=kept[-1]["retained_efficacy"] if kept else None,
                            retained_prefixed=kept[-1].get("retained_efficacy_prefixed") if kept else None,
                            es=mean("es"), ns=mean("ns"),
-                           ppl_at={m: by_step[m]["ppl_after"] for m in marks if m in by_step},
-                           retained_at_edits={m: by_step[m]["retained_efficacy"] for m in marks
-                                              if m in by_step and by_step[m].get("retained_efficacy") is not None})
+                           ppl_at={r["step"]: r["ppl_after"] for r in measured if r["step"] in marks},
+                           retained_at_edits={r["step"]: r["retained_efficacy"] for r in kept if r["step"] in marks})
         ax_ppl.plot([r["step"] for r in measured], [r["ppl_after"] for r in measured], label=name)
         ax_ret.plot([r["step"] for r in kept], [r["retained_efficacy"] for r in kept], label=name)
     if not table:
