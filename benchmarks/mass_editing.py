@@ -120,7 +120,10 @@ def report(args) -> None:
                            retained_prefixed=kept[-1].get("retained_efficacy_prefixed") if kept else None,
                            es=mean("es"), ns=mean("ns"),
                            ppl_at={r["step"]: r["ppl_after"] for r in measured if r["step"] in marks},
-                           retained_at_edits={r["step"]: r["retained_efficacy"] for r in kept if r["step"] in marks})
+                           retained_at_edits={r["step"]: r["retained_efficacy"] for r in kept if r["step"] in marks},
+                           # a guarded run: how many edits the guard had rolled back by then
+                           rolled_back_by={m: sum(r["step"] <= m for r in refused) for m in sorted(marks)
+                                           if m <= len(records)} if refused else {})
         ax_ppl.plot([r["step"] for r in measured], [r["ppl_after"] for r in measured], label=name)
         ax_ret.plot([r["step"] for r in kept], [r["retained_efficacy"] for r in kept], label=name)
     if not table:

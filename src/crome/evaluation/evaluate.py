@@ -463,6 +463,13 @@ def run(lm: LoadedModel, cases: list[Case], settings: Settings, hp: Hparams, tem
                 updates += 1
                 kept = next((h for _, h in evaluated if h is not None), None)
                 store.write(updates, [c.case_id for c in chunk], kept.factors if kept is not None else {})
+                if kept is None and monitor_now and monitor is not None:
+                    # nothing applied (rolled back, refused, failed): the curve still gets its point,
+                    # the perplexity of the model as the earlier updates left it
+                    ppl = monitor()
+                    for rec, _ in evaluated:
+                        rec.update(ppl_before=monitor.baseline, ppl_after=ppl, ppl_ratio=ppl / monitor.baseline,
+                                   collapsed=collapsed(monitor.baseline, ppl))
                 sha = weights_sha(lm, layers)
             seconds = (time.perf_counter() - start) / len(chunk)
             for n, ((rec, handle), done_case) in enumerate(zip(evaluated, chunk)):
