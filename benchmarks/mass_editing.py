@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from benchlib import emit
 
 DATA = Path(os.environ.get("CROME_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 RUNS = ["rome", "crome", "memit", "cmemit"]
+BLOWUP = 0.5   # an update over half of ‖W‖: the one-edit blow-ups of sequential ROME (EVAL.md)
 
 
 def job_for(name: str, args):
@@ -108,6 +110,11 @@ def report(args) -> None:
         marks = {50, *range(100, args.n + 1, 100)}
         steepest, steepest_at = max(((b["ppl_after"] / a["ppl_after"], b["step"])
                                      for a, b in zip(measured, measured[1:])), default=(None, None))
+        # a guarded run: the blow-ups it stopped (step: probe ratio they would have caused), and the
+        # ordinary edits it rolled back once the run's drift had spent the threshold
+        blowups = {r["step"]: r["guard_ppl_ratio"] for r in refused if r["update_ratio"] > BLOWUP}
+        ordinary = [r for r in refused if r["update_ratio"] <= BLOWUP]
+        spent_at = ordinary[0]["step"] if ordinary else None
         table[name] = dict(edits=len(records), applied=len(applied), rolled_back=len(refused),
                            ppl_unedited=base, first_collapse=collapsed,
                            first_10x=next((r["step"] for r in measured if r["ppl_ratio"] > 10), None),
@@ -123,7 +130,13 @@ def report(args) -> None:
                            retained_at_edits={r["step"]: r["retained_efficacy"] for r in kept if r["step"] in marks},
                            # a guarded run: how many edits the guard had rolled back by then
                            rolled_back_by={m: sum(r["step"] <= m for r in refused) for m in sorted(marks)
-                                           if m <= len(records)} if refused else {})
+                                           if m <= len(records)} if refused else {},
+                           blowups_rolled_back=blowups,
+                           ordinary_rollbacks_from=spent_at,
+                           rolled_back_share_from_then=(sum(not r["applied"] for r in records if r["step"] >= spent_at)
+                                                        / (len(records) - spent_at + 1)) if ordinary else None,
+                           ordinary_rollback_median_update=statistics.median(r["update_ratio"] for r in ordinary)
+                           if ordinary else None)
         ax_ppl.plot([r["step"] for r in measured], [r["ppl_after"] for r in measured], label=name)
         ax_ret.plot([r["step"] for r in kept], [r["retained_efficacy"] for r in kept], label=name)
     if not table:

@@ -28,7 +28,7 @@ from ..errors import CromeError
 from ..models import LoadedModel
 from .checkpoint import FactorStore, replay, weights_sha
 from .datasets import Case
-from .measure import collapsed, sample, score_targets, template_prefix, with_prefix
+from .measure import ppl_fields, sample, score_targets, template_prefix, with_prefix
 from .metrics import accuracy, agreement, fluency, prob, score_and_magnitude
 
 TEST_PREFIXES = ("none", "fixed", "random")
@@ -167,8 +167,7 @@ def evaluate_cases(lm: LoadedModel, cases: list[Case], settings: Settings, hp: H
         if monitor is not None and measure_ppl:
             ppls = monitor.each(overlay) if overlay is not None else [monitor()] * len(applied)
             for i, ppl in zip(applied, ppls):
-                recs[i].update(ppl_after=ppl, ppl_ratio=ppl / monitor.baseline,
-                               collapsed=collapsed(monitor.baseline, ppl))
+                recs[i].update(ppl_fields(monitor.baseline, ppl))
         for slot, i in enumerate(applied):
             if cases[i].generation_prompts and settings.gen_tokens:
                 texts = sample(lm, cases[i].generation_prompts, settings.gen_tokens, settings.seed,
@@ -466,10 +465,9 @@ def run(lm: LoadedModel, cases: list[Case], settings: Settings, hp: Hparams, tem
                 if kept is None and monitor_now and monitor is not None:
                     # nothing applied (rolled back, refused, failed): the curve still gets its point,
                     # the perplexity of the model as the earlier updates left it
-                    ppl = monitor()
+                    fields = dict(ppl_before=monitor.baseline, **ppl_fields(monitor.baseline, monitor()))
                     for rec, _ in evaluated:
-                        rec.update(ppl_before=monitor.baseline, ppl_after=ppl, ppl_ratio=ppl / monitor.baseline,
-                                   collapsed=collapsed(monitor.baseline, ppl))
+                        rec.update(fields)
                 sha = weights_sha(lm, layers)
             seconds = (time.perf_counter() - start) / len(chunk)
             for n, ((rec, handle), done_case) in enumerate(zip(evaluated, chunk)):

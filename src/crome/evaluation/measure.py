@@ -138,6 +138,11 @@ def collapsed(ppl_before: float, ppl_after: float, threshold: float = COLLAPSE_R
     return not math.isfinite(ppl_after) or ppl_after / ppl_before > threshold
 
 
+def ppl_fields(ppl_before: float, ppl_after: float) -> dict:
+    """A record's perplexity fields after an edit, against ``ppl_before`` (the unedited model)."""
+    return dict(ppl_after=ppl_after, ppl_ratio=ppl_after / ppl_before, collapsed=collapsed(ppl_before, ppl_after))
+
+
 @dataclass
 class Prefixed:
     """A model queried with a fixed context prefix prepended to every prompt."""

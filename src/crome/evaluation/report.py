@@ -10,7 +10,7 @@ from ..editing.guard import GuardRule, Verifier, guarded_apply
 from ..editing.request import EditRequest
 from ..errors import CromeError
 from ..models import LoadedModel
-from .measure import collapsed, generate, target_probability, template_prefix
+from .measure import generate, ppl_fields, target_probability, template_prefix
 
 
 @dataclass
@@ -90,8 +90,7 @@ def measure_edit(lm: LoadedModel, request: EditRequest, method: str, *, monitor:
             after["p_target_after"] = target_probability(lm, prompt, request.target_new)
             after["p_target_after_prefixed"] = target_probability(lm, prompt, request.target_new, prefix=prefix)
             if monitor is not None:
-                ppl = monitor()
-                after.update(ppl_after=ppl, ppl_ratio=ppl / ppl_before, collapsed=collapsed(ppl_before, ppl))
+                after.update(ppl_fields(ppl_before, monitor()))
             if generate_tokens:
                 after["generation_after"] = generate(lm, prompt, generate_tokens)
         finally:
@@ -178,9 +177,7 @@ def measure_batch_edit(lm: LoadedModel, requests: list[EditRequest], method: str
         after = [target_probability(lm, r.text(), r.target_new) for r in requests]
         ppl = dict(ppl_before=None, ppl_after=None, ppl_ratio=None, collapsed=None)
         if monitor is not None:
-            value = monitor()
-            ppl = dict(ppl_before=monitor.baseline, ppl_after=value, ppl_ratio=value / monitor.baseline,
-                       collapsed=collapsed(monitor.baseline, value))
+            ppl = dict(ppl_before=monitor.baseline, **ppl_fields(monitor.baseline, monitor()))
     finally:
         if not keep:
             handle.restore()
