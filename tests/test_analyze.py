@@ -184,7 +184,7 @@ def test_guard_refuse_and_fallback(lm):
     assert e.value.exit_code == 3 and "update_ratio" in str(e.value)
     assert torch.equal(lm.mlp_out(1).weight, before)
     never = GuardRule("update_ratio", 1e9, above=True)
-    verifier = Verifier(lm, 1, ["A short text.", "Another short text here."], threshold=1e9)
+    verifier = Verifier(lm, 1, ["A short text.", "Another short text here."], threshold=1e9, efficacy=False)
     edit, handle, decision = guarded_apply(lm, req, "rome", "fallback", rule=never, verifier=verifier, hparams=HP,
                                            templates=TEMPLATES)
     assert edit.method == "rome" and decision["guard_predicted_collapse"] is False and handle is not None

@@ -181,3 +181,31 @@ def test_a_case_measured_with_hooks_equals_it_measured_in_the_weights(tokenizer,
         assert rec["applied"] and rec["ppl_after"] is not None
         approx_equal(written, rec)
     assert any(rec["fluency"] for rec, _ in hooked)
+
+
+def test_overlay_of_edits_at_two_layers_scores_each_as_written_into_w(tokenizer):
+    """A guard fallback may move one case's edit to a neighbouring layer: the overlay then hooks both
+    layers (zero factors where an edit is not), and the monitor measures from the lowest one."""
+    from test_eval import TEXTS
+
+    from crome.editing.edit import Overlay, apply_edit
+    from crome.editing.fast import PerplexityMonitor
+    from crome.evaluation.measure import score_targets
+
+    lm = tiny_model("llama", tokenizer)
+    edits = [compute_edits(lm, [r], "crome", hparams=Hparams(mom2_adjustment=False, layer=layer, v_steps=4),
+                           templates=TEMPLATES)[0] for r, layer in zip(REQUESTS[:2], (2, 1))]
+    pairs = [(r.text(), r.target_new) for r in REQUESTS]
+    monitor = PerplexityMonitor(lm, TEXTS, 2)
+    overlay = Overlay(edits)
+    assert overlay.layers == [1, 2] and overlay.layer == 1
+    together = score_targets(lm, pairs * 2, overlay=overlay, owners=[0] * len(pairs) + [1] * len(pairs))
+    ppls = monitor.each(overlay)      # layer 1 is below the monitor's: it measures from layer 1 up
+    for e, edit in enumerate(edits):
+        with apply_edit(lm, edit):
+            written, ppl = score_targets(lm, pairs), monitor.at(1)()
+        hooked = together[e * len(pairs):(e + 1) * len(pairs)]
+        for a, b in zip(written, hooked):
+            assert b.logprobs == pytest.approx(a.logprobs, rel=1e-4, abs=1e-5)
+        assert ppls[e] == pytest.approx(ppl, rel=1e-4)
+    assert monitor.at(1) is monitor.at(1) and monitor.at(1).layer == 1 and monitor.at(2) is monitor

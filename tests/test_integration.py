@@ -147,3 +147,27 @@ def test_cli_guard_exits_3_with_one_line(tmp_path, guard, word):
     assert res.exit_code == 3, res.output
     assert word in res.output and len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "r.json").exists()
+
+
+def test_verify_rolls_back_an_edit_that_does_not_take_and_keeps_one_that_does(default_lm):
+    """Crome's defaults (C sampled from the model), the real model. At layer 2 the first position's
+    key is an attention-sink outlier (≈27× the prefixed keys' norm; docs/MODELS.md) and the C-ROME edit
+    of a one-token first subject does not take: verify rolls it back bit for bit and says so, though
+    its probe perplexity is fine. At the table's layer 6 a normal C-ROME edit takes and is kept."""
+    from crome.editing.guard import GuardRefused, Verifier, guarded_apply
+
+    before = {k: v.clone() for k, v in default_lm.model.state_dict().items()}
+    sink = EditRequest.create("{} belongs to the continent of", "Paris", "Antarctica", "Europe")
+    with pytest.raises(GuardRefused, match="did not take") as refused:
+        guarded_apply(default_lm, sink, "crome", "verify", verifier=Verifier(default_lm, 2), layer=2)
+    d, diag = refused.value.decision, refused.value.edit.diagnostics
+    assert d["guard_reason"] == "did not take" and d["guard_ppl_ratio"] < d["guard_threshold"]
+    assert diag.first_token_subject and diag.key_outlier_ratio > 10 and diag.unlikely_to_take()
+    after = default_lm.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    normal = EditRequest.create("The mother tongue of {} is", "Danielle Darrieux", "English", "French")
+    edit, handle, decision = guarded_apply(default_lm, normal, "crome", "verify", verifier=Verifier(default_lm, 6))
+    eff = decision["guard_efficacy"]
+    assert decision["guard_action"] == "applied" and decision["guard_took"] and eff["prefix"]
+    assert eff["p_new_after"] > 0.5 > eff["p_old_after"] and edit.diagnostics.unlikely_to_take() is None
+    handle.restore()

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .editing.edit import METHODS
-from .editing.guard import GUARD_ACTIONS, VERIFY_THRESHOLD
+from .editing.guard import GUARD_ACTIONS, VERIFY_THRESHOLD, GuardRefused
 from .editing.memit import BATCH_METHODS
 from .errors import CromeError
 
@@ -172,6 +172,9 @@ def _guard_opts(f, default="off"):
         click.option("--guard-threshold", type=float, default=VERIFY_THRESHOLD, show_default=True, help="Largest probe perplexity ratio verify accepts."),
         click.option("--guard-rule", default=None, type=click.Path(dir_okay=False), help="Rule file from `crome analyze guard` (a cheap pre-check)."),
         click.option("--guard-probe", default=None, help="Probe texts for verify (default: the bundled passages)."),
+        click.option("--guard-efficacy/--no-guard-efficacy", default=True, show_default=True,
+                     help="verify/fallback also roll back an edit that did not take: P(new target) on its prompt "
+                          "(after the test prefix, for C-ROME) must rise and end above P(old target)."),
     ])
 
 
@@ -204,10 +207,11 @@ def _setup(model, layer, seed, no_mom2, mom2_corpus, mom2_samples):
     return lm, hp, choice, stats
 
 
-def _guard_setup(lm, hp, guard, guard_threshold, guard_rule, guard_probe):
+def _guard_setup(lm, hp, guard, guard_threshold, guard_rule, guard_probe, guard_efficacy=True):
     from .evaluation.jobs import guard_setup
 
-    return guard_setup(lm, hp.layer, guard, guard_threshold, guard_rule, guard_probe, status=err.status)
+    return guard_setup(lm, hp.layer, guard, guard_threshold, guard_rule, guard_probe, status=err.status,
+                       efficacy=guard_efficacy)
 
 
 @main.command()
@@ -227,7 +231,7 @@ def _guard_setup(lm, hp, guard, guard_threshold, guard_rule, guard_probe):
 @_guard_opts_verify
 def edit(prompt, subject, target_new, target_true, requests_file, method, memit_layers, model, layer, seed, no_mom2,
          mom2_corpus, mom2_samples, ppl_data, no_ppl, as_json, out_path, save_dir, guard, guard_threshold, guard_rule,
-         guard_probe):
+         guard_probe, guard_efficacy):
     """Edit one fact (or, with MEMIT, a file of them), check it (the guard), and report what it did to the model."""
     from .editing.fast import PerplexityMonitor
     from .editing.request import EditRequest, load_requests
@@ -252,12 +256,20 @@ def edit(prompt, subject, target_new, target_true, requests_file, method, memit_
         raise CromeError(f"--save names a file, not a folder: {save_dir}")
     texts, ppl_name = (None, None) if no_ppl else _texts(ppl_data)
     lm, hp, choice, stats = _setup(model, layer, seed, no_mom2, mom2_corpus, mom2_samples)
-    rule, verifier = _guard_setup(lm, hp, guard, guard_threshold, guard_rule, guard_probe)
+    rule, verifier = _guard_setup(lm, hp, guard, guard_threshold, guard_rule, guard_probe, guard_efficacy)
     with err.status(f"{method}: computing the edit at layer {hp.layer} and measuring it"):
         monitor = PerplexityMonitor(lm, texts, hp.layer) if texts else None
-        report, computed = measure_edit(lm, request, method, monitor=monitor, ppl_data=ppl_name, seed=seed, guard=guard,
-                                        rule=rule, verifier=verifier, hparams=hp, mom2=stats, keep=bool(save_dir),
-                                        layer_choice=choice)
+        try:
+            report, computed = measure_edit(lm, request, method, monitor=monitor, ppl_data=ppl_name, seed=seed,
+                                            guard=guard, rule=rule, verifier=verifier, hparams=hp, mom2=stats,
+                                            keep=bool(save_dir), layer_choice=choice)
+        except GuardRefused as refused:   # still one line: what the diagnostics said joins the error
+            why = refused.edit.diagnostics.unlikely_to_take() if refused.edit is not None else None
+            if why:
+                raise GuardRefused(f"{refused}; the diagnostics said it was unlikely to take: {why}",
+                                   refused.edit, refused.decision) from None
+            raise
+    _warn_unlikely(computed)
     result = report.to_dict()
     if out_path:
         Path(out_path).write_text(json.dumps(result, indent=2))
@@ -272,6 +284,14 @@ def edit(prompt, subject, target_new, target_true, requests_file, method, memit_
         out.print(f"[dim]{_settings_line(result)}[/]")
         if save_dir:
             out.print(f"edited model saved to {save_dir}")
+
+
+def _warn_unlikely(edit) -> None:
+    """One line when the edit's diagnostics say it is unlikely to take (``Diagnostics.unlikely_to_take``)."""
+    why = edit.diagnostics.unlikely_to_take() if edit is not None else None
+    if why:
+        err.print(f"[yellow]warning:[/] the edit at layer {edit.layer} is unlikely to take: {why}", highlight=False,
+                  soft_wrap=True)
 
 
 def _edit_batch(requests, method, memit_layers, model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data,
@@ -335,7 +355,12 @@ def _settings_line(r: dict) -> str:
     choice = r.get("layer_choice") or {}
     guard = r.get("guard", "off")
     if r.get("guard_ppl_ratio") is not None:
-        guard += f": probe perplexity ×{r['guard_ppl_ratio']:.4g} ≤ {r['guard_threshold']:g}, {r['guard_action']}"
+        guard += f": probe perplexity ×{r['guard_ppl_ratio']:.4g} ≤ {r['guard_threshold']:g}"
+        eff = r.get("guard_efficacy")
+        if eff:
+            where = " (prefixed)" if eff["prefix"] else ""
+            guard += f", took: P(target){where} {eff['p_new_before']:.3g} → {eff['p_new_after']:.3g}"
+        guard += f", {r['guard_action']}"
     return f"layer {r['layer']} ({choice.get('rule', '?')}); {c}; guard {guard}"
 
 
@@ -423,7 +448,8 @@ def demo(model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data, token
 @click.option("--threads", type=int, default=None, help="Torch threads per worker on CPU (default: the CPUs split evenly).")
 def eval_(data, method, model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data, n_cases, case_ids, test_prefix,
           out_path, resume, skip_invalid, sequential, monitor_every, retained_every, gen_tokens, md_path, guard,
-          guard_threshold, guard_rule, guard_probe, edits_per_pass, batch_size, memit_layers, workers, ray_address, threads):
+          guard_threshold, guard_rule, guard_probe, guard_efficacy, edits_per_pass, batch_size, memit_layers, workers,
+          ray_address, threads):
     """Edit, measure and restore each case of a dataset; one JSON line per case, then a summary."""
     from .evaluation import summary
     from .evaluation.jobs import EvalJob, cases_of, run_job
@@ -436,7 +462,7 @@ def eval_(data, method, model, layer, seed, no_mom2, mom2_corpus, mom2_samples, 
                   skip_invalid=skip_invalid, sequential=sequential, monitor_every=monitor_every,
                   retained_every=retained_every, gen_tokens=gen_tokens,
                   guard=guard, guard_threshold=guard_threshold, guard_rule=guard_rule, guard_probe=guard_probe,
-                  edits_per_pass=edits_per_pass, batch_size=batch_size,
+                  guard_efficacy=guard_efficacy, edits_per_pass=edits_per_pass, batch_size=batch_size,
                   hparams={"memit_layers": _layers(memit_layers)} if memit_layers else {}, **_load_flags())
     cases, skipped, dataset_path = cases_of(job)
     if skipped:

@@ -27,6 +27,7 @@ class Keys:
     keys: torch.Tensor      # [n_templates, d_in], one key per template
     values: torch.Tensor    # [n_templates, d_out]
     first_token_subject: bool
+    key_outlier_ratio: float  # ‖k^u‖ / median ‖k‖ over the prefixed templates (1.0 without any)
 
 
 @torch.no_grad()
@@ -54,11 +55,22 @@ def key_and_output(lm: LoadedModel, request: EditRequest, layer: int, out_layer:
     return key.input[rows, pos].float(), out.output[rows, pos].float()
 
 
+def outlier_ratio(k_bare: torch.Tensor, prefixed: torch.Tensor) -> float:
+    """How far the bare prompt's key sits from the prefixed ones: ‖k^u‖ / median ‖k‖ of the
+    prefixed keys. Far from 1 either way, the first position's key is an outlier: an
+    "attention sink" massive activation (≫ 1), or ROME's near-zero denominator (≪ 1)."""
+    if len(prefixed) == 0:
+        return 1.0
+    return float(k_bare.norm() / prefixed.norm(dim=1).median())
+
+
 def compute_keys(lm: LoadedModel, request: EditRequest, layer: int, templates: list[str]) -> Keys:
     keys, values = keys_at(lm, request, layer, [SLOT, *templates])
+    prefixed = torch.tensor([t != SLOT for t in templates], device=keys.device)
     return Keys(
         k_bare=keys[0], v_bare=values[0],
         k_mean=keys[1:].mean(0), v_mean=values[1:].mean(0),
         keys=keys[1:], values=values[1:],
         first_token_subject=locate(lm.tokenizer, request).subject_is_first,
+        key_outlier_ratio=outlier_ratio(keys[0], keys[1:][prefixed]),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -45,6 +46,20 @@ class Diagnostics:
     p_target_opt: float         # P(target) reached by the v* optimisation
     opt_steps: int
     finite: bool
+    key_outlier_ratio: float = 1.0  # ‖k^u‖ / median ‖k‖ of the prefixed templates' keys
+    value_shift: float = 0.0        # ‖v* − v_cur‖ / ‖v_cur‖: how far v* moves W's output
+
+    def unlikely_to_take(self) -> str | None:
+        """Why these numbers say the edit is unlikely to take (None: they don't); guard.WARN_*."""
+        from .guard import WARN_OUTLIER, WARN_VALUE_SHIFT
+
+        reasons = []
+        if self.value_shift > WARN_VALUE_SHIFT:
+            reasons.append(f"‖v*−v_cur‖/‖v_cur‖ = {self.value_shift:.3g} > {WARN_VALUE_SHIFT:g}")
+        if self.first_token_subject and self.key_outlier_ratio > WARN_OUTLIER:
+            reasons.append(f"the bare key is {self.key_outlier_ratio:.3g}x the prefixed keys' norm "
+                           f"(a first-position outlier, an attention sink)")
+        return "; ".join(reasons) or None
 
 
 @dataclass
@@ -149,6 +164,8 @@ def finish_edit(lm: LoadedModel, prepared: Prepared, method: str, stats: KeyStat
         p_target_opt=value.p_target,
         opt_steps=value.steps,
         finite=bool(torch.isfinite(delta_w).all()) and math.isfinite(update_norm),
+        key_outlier_ratio=keys.key_outlier_ratio,
+        value_shift=float((value.v_star - v_cur).norm() / v_cur.norm()),
     )
     return Edit(request=prepared.request, method=method, layer=hp.layer, delta_w=delta_w.to(w.dtype),
                 diagnostics=diagnostics,
@@ -248,30 +265,35 @@ class EditHandle(WeightsHandle):
 
 
 class Overlay:
-    """Edits at one layer, applied as activation hooks instead of being written into W: the rows
-    a batch gives to edit i are computed with W + Λ_i u_iᵀ, other rows with W (``hooks.rank_one``).
-    One forward pass then scores several edited models; W is never touched."""
+    """Edits applied as activation hooks instead of being written into W: the rows a batch gives
+    to edit i are computed with W + Λ_i u_iᵀ at edit i's layer, other rows with W
+    (``hooks.rank_one``; an edit has zero factors at every other layer). One forward pass then
+    scores several edited models; W is never touched. ``layer``: the lowest edited layer."""
 
     def __init__(self, edits: list[Edit]):
-        layers = {e.layer for e in edits}
-        if len(layers) != 1:
-            raise CromeError(f"an overlay holds edits at one layer, not {sorted(layers)}")
-        self.layer = layers.pop()
-        self.u = torch.stack([e.vectors["u"].float() for e in edits])
-        self.lam = torch.stack([e.vectors["lam"].float() for e in edits])
+        self.layers = sorted({e.layer for e in edits})
+        self.layer = self.layers[0]
+        self.u, self.lam = {}, {}
+        for layer in self.layers:
+            self.u[layer] = torch.stack([e.vectors["u"].float() * (e.layer == layer) for e in edits])
+            self.lam[layer] = torch.stack([e.vectors["lam"].float() * (e.layer == layer) for e in edits])
 
     def __len__(self) -> int:
-        return len(self.u)
+        return len(self.u[self.layer])
 
+    @contextmanager
     def rows(self, lm: LoadedModel, owners: list[int | None]):
         """A context in which batch row b is computed under edit ``owners[b]`` (None: unedited)."""
         from ..hooks import rank_one
 
         index = torch.tensor([len(self) if o is None else o for o in owners])
-        u = torch.cat([self.u, self.u.new_zeros(1, self.u.shape[1])])[index]
-        lam = torch.cat([self.lam, self.lam.new_zeros(1, self.lam.shape[1])])[index]
-        module = lm.mlp_out(self.layer)
-        return rank_one(module, u.to(module.weight.device), lam.to(module.weight.device))
+        with ExitStack() as stack:
+            for layer in self.layers:
+                u = torch.cat([self.u[layer], self.u[layer].new_zeros(1, self.u[layer].shape[1])])[index]
+                lam = torch.cat([self.lam[layer], self.lam[layer].new_zeros(1, self.lam[layer].shape[1])])[index]
+                module = lm.mlp_out(layer)
+                stack.enter_context(rank_one(module, u.to(module.weight.device), lam.to(module.weight.device)))
+            yield
 
 
 def apply_edit(lm: LoadedModel, edit: Edit) -> EditHandle:

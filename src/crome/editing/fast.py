@@ -24,7 +24,6 @@ from contextlib import contextmanager
 
 import torch
 
-from ..errors import CromeError
 from ..hooks import add_at, record, run_until
 from ..models import LoadedModel
 from .compute_value import Batch
@@ -132,6 +131,8 @@ class PerplexityMonitor:
     def __init__(self, lm: LoadedModel, texts: list[str], layer: int, batch_size: int = 10, max_length: int = 256):
         lm.check_layer(layer)
         self.lm, self.layer = lm, layer
+        self.texts, self.batch_size, self.max_length = texts, batch_size, max_length
+        self.below_monitors: dict[int, PerplexityMonitor] = {}
         self.layers = [lm.module(lm.arch.layer_name(i)) for i in range(lm.num_layers)]
         tokens = sorted((lm.tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts), key=len)
         self.batches = []  # texts of similar length batched together: little padding
@@ -144,6 +145,15 @@ class PerplexityMonitor:
                     below = run_until(lm.model, self.layers[layer - 1], input_ids=ids, attention_mask=mask).output
             self.batches.append((ids, mask, below))
         self.baseline = self()
+
+    def at(self, layer: int) -> "PerplexityMonitor":
+        """A monitor that sees an edit at ``layer``: this one for layers at or above its own (it
+        recomputes every layer from its own up), else one for ``layer`` on the same texts, made once."""
+        if layer >= self.layer:
+            return self
+        if layer not in self.below_monitors:
+            self.below_monitors[layer] = PerplexityMonitor(self.lm, self.texts, layer, self.batch_size, self.max_length)
+        return self.below_monitors[layer]
 
     @torch.no_grad()
     def __call__(self) -> float:
@@ -161,8 +171,8 @@ class PerplexityMonitor:
     def each(self, overlay, max_rows: int = 64) -> list[float]:
         """The perplexity under each edit of ``overlay`` (``edit.Overlay``, W untouched): several
         edits share one forward pass, each on its own copy of a batch of texts, up to ``max_rows`` rows."""
-        if overlay.layer != self.layer:
-            raise CromeError(f"the monitor is for layer {self.layer}, the edits are at layer {overlay.layer}")
+        if overlay.layer < self.layer:
+            return self.at(overlay.layer).each(overlay, max_rows)
         k = len(overlay)
         nll, count = [0.0] * k, 0
         for ids, mask, below in self.batches:

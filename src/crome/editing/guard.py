@@ -3,9 +3,11 @@
 Two checks, usable together:
 
 * ``verify`` (the default of ``crome edit``) applies the edit, measures perplexity on
-  a small probe set (the bundled passages, with the fast monitor) and restores the
-  exact original weights when perplexity grew by more than ``threshold`` (default 2).
-  It needs no calibration and works on any model.
+  a small probe set (the bundled passages, with the fast monitor) and checks that the
+  edit took (``Efficacy``: P(new target) on its own prompt rose and ends above P(old
+  target)); it restores the exact original weights when perplexity grew by more than
+  ``threshold`` (default ``VERIFY_THRESHOLD``, 1.2: "damaged the model") or the edit
+  did not take ("did not take"). It needs no per-model calibration.
 * a predictive rule (``GuardRule``), a cheap pre-check that reads only the diagnostics
   known before the weights are touched: one threshold on the update ratio ‖ΔW‖/‖W‖,
   the denominator k_cur·u or cos(k^u, k̄). A rule is calibrated per model
@@ -14,9 +16,9 @@ Two checks, usable together:
   for its default model (``DEFAULT_RULES``); other models have none until calibrated.
 
 Actions: ``off``; ``refuse`` (the rule predicts a collapse: weights untouched, exit 3);
-``verify`` (apply, measure, roll back on damage: exit 3); ``fallback`` (edit with the
-method; if the rule or the probe rejects it, try C-ROME and verify that; refuse if it
-fails too).
+``verify`` (apply, measure, roll back on damage or when it did not take: exit 3);
+``fallback`` (edit with the method; if the rule or the checks reject it, try C-ROME at
+the same layer, then one layer up and one down, verifying each; refuse if all fail).
 """
 
 from __future__ import annotations
@@ -28,7 +30,17 @@ from dataclasses import asdict, dataclass
 from ..errors import CromeError
 
 GUARD_ACTIONS = ("off", "refuse", "verify", "fallback")
-VERIFY_THRESHOLD = 2.0
+# Calibrated on clean single edits (they took, with an update under 0.5‖W‖) of both real models: probe
+# ratio at most ×1.03 on SmolLM2, ×1.09 on Gemma 3 (benchmarks/layer_sweep.py; docs/MODELS.md, "Layer
+# choice"), so 1.2 leaves twice the largest clean rise; edits that damage
+# the model sit at ×1.3 and above (the held-out report's failed edits: ×1.3–1.5; ROME's large updates).
+VERIFY_THRESHOLD = 1.2
+# The context an edit's efficacy is checked in: C-ROME's edit is learned for prefixed contexts
+# ("The Fall of ROME" queries it after a test-time prefix), ROME's for the bare prompt.
+PREFIXED_TEST = {"rome": False, "crome": True}
+# ``crome edit`` warns that an edit is unlikely to take beyond these (docs/MODELS.md, "Layer choice")
+WARN_VALUE_SHIFT = 8.0
+WARN_OUTLIER = 4.0
 FEATURES = ("update_ratio", "denominator", "cos_bare_mean")
 
 
@@ -162,29 +174,152 @@ class GuardRefused(CromeError):
 
 
 class Verifier:
-    """Perplexity on a probe set after an edit at ``layer``, against the unedited model."""
+    """What the guard measures after an edit: perplexity on a probe set against the unedited
+    model, and (``efficacy``) whether the edit took on its own prompt (``Efficacy``)."""
 
-    def __init__(self, lm, layer: int, texts: list[str] | None = None, threshold: float = VERIFY_THRESHOLD):
+    def __init__(self, lm, layer: int, texts: list[str] | None = None, threshold: float = VERIFY_THRESHOLD,
+                 efficacy: bool = True):
         from ..evaluation.texts import load_texts
         from .fast import PerplexityMonitor
 
         if not threshold > 0:
             raise CromeError(f"the guard threshold must be a positive perplexity ratio, not {threshold}")
-        self.threshold = threshold
+        self.threshold, self.efficacy = threshold, efficacy
         self.monitor = PerplexityMonitor(lm, texts or load_texts(), layer)
 
     @property
     def layer(self) -> int:
         return self.monitor.layer
 
-    def ratio(self) -> float:
-        return self.monitor() / self.monitor.baseline
+    def ratio(self, layer: int | None = None) -> float:
+        """Probe perplexity now against the unedited model's, seen from an edit at ``layer``."""
+        monitor = self.monitor.at(self.layer if layer is None else layer)
+        return monitor() / monitor.baseline
+
+
+@dataclass
+class Efficacy:
+    """Did the edit take? On the edit's own prompt (after the test prefix where the method needs
+    one, ``PREFIXED_TEST``), P(new target) must rise and end above P(old target): CounterFact's
+    efficacy test (per-token probabilities, ``metrics.prob``) on one prompt."""
+
+    target_old: str | None        # None: the model already answered with the new target
+    prefix: str | None
+    p_new_before: float
+    p_new_after: float | None = None
+    p_old_after: float | None = None
+
+    @property
+    def took(self) -> bool:
+        return (self.p_new_after is not None and self.p_new_after > self.p_new_before
+                and (self.p_old_after is None or self.p_new_after > self.p_old_after))
+
+    def reason(self, target_new: str) -> str:
+        where = f" after the prefix {self.prefix!r}" if self.prefix else ""
+        old = f", P({self.target_old}) {self.p_old_after:.3g}" if self.target_old is not None else ""
+        return f"did not take: P({target_new}){where} {self.p_new_before:.3g} -> {self.p_new_after:.3g}{old}"
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+def _probs(lm, prompt: str, targets: list[str], prefix: str | None) -> list[float]:
+    from ..evaluation.measure import score_targets
+    from ..evaluation.metrics import prob
+
+    return [prob(s.logprobs) for s in score_targets(lm, [(prompt, t) for t in targets], prefix=prefix)]
+
+
+class EfficacyCheck:
+    """The unedited model's side of ``Efficacy`` for one request, in both test contexts."""
+
+    def __init__(self, lm, request, templates: list[str]):
+        from ..evaluation.measure import current_answer, template_prefix
+
+        prompt = request.text()
+        self.lm, self.prompt, self.target_new = lm, prompt, request.target_new
+        old = request.target_true or current_answer(lm, prompt)
+        self.target_old = None if old.strip().lower() == request.target_new.strip().lower() else old
+        prefixed = [template_prefix(t) for t in templates if template_prefix(t)]
+        self.prefixes = {False: None, True: prefixed[0] if prefixed else None}
+        self.before = {k: _probs(lm, prompt, [self.target_new], p)[0] for k, p in self.prefixes.items()}
+
+    def after(self, method: str, prefixed: bool | None = None) -> Efficacy:
+        """Measure the edited model (the edit in W) in ``method``'s test context (or the one asked for)."""
+        key = PREFIXED_TEST[method] if prefixed is None else prefixed
+        targets = [self.target_new] + ([self.target_old] if self.target_old is not None else [])
+        p = _probs(self.lm, self.prompt, targets, self.prefixes[key])
+        return Efficacy(self.target_old, self.prefixes[key], self.before[key], p[0], p[1] if len(p) > 1 else None)
+
+
+# Fallback: after the method itself, C-ROME at the same layer, then C-ROME one layer up and one down.
+FALLBACK_LAYERS = (1, -1)
+
+
+def _attempts(method: str, action: str, neighbours: bool) -> list[tuple[str, int]]:
+    """(method, layer offset) in the order the guard tries them."""
+    if action != "fallback":
+        return [(method, 0)]
+    tries = [(method, 0)] + ([("crome", 0)] if method != "crome" else [])
+    return tries + ([("crome", d) for d in FALLBACK_LAYERS] if neighbours else [])
+
+
+def _at_layer(lm, prepared, stats, offset: int):
+    """The prepared keys and v*, and C, ``offset`` layers away (None when outside the model)."""
+    from .edit import prepare_edit, resolve_stats
+    from .layer_choice import LayerChoice
+
+    if offset == 0:
+        return prepared, stats
+    layer = prepared.hparams.layer + offset
+    if not 0 <= layer < lm.num_layers:
+        return None, None
+    hp = prepared.hparams.with_(layer=layer)
+    choice = LayerChoice(layer, "fallback", dict(from_layer=prepared.hparams.layer))
+    moved = prepare_edit(lm, prepared.request, hparams=hp, templates=prepared.templates, seed=prepared.seed,
+                         layer_choice=choice)
+    return moved, resolve_stats(lm, hp, corpus=stats.corpus if stats is not None else None)
+
+
+def _decision(action: str, method: str, rule: GuardRule | None, verifier: Verifier | None) -> dict:
+    verifying = action in ("verify", "fallback")
+    return dict(guard=action, guard_rule=rule.to_dict() if rule else None, guard_predicted_collapse=None,
+                guard_ppl_ratio=None, guard_threshold=verifier.threshold if verifying else None,
+                guard_took=None, guard_efficacy=None, guard_reason=None, guard_action="applied", edited_with=method)
+
+
+def _check_guard(lm, action: str, rule, verifier) -> None:
+    if action not in GUARD_ACTIONS:
+        raise CromeError(f"unknown guard action '{action}': choose one of {', '.join(GUARD_ACTIONS)}")
+    if action == "refuse" and rule is None:
+        raise CromeError(f"--guard refuse needs a rule calibrated for {lm.name} (crome analyze guard --calibrate, "
+                         f"then --guard-rule FILE); --guard verify needs none")
+    if action in ("verify", "fallback") and verifier is None:
+        raise CromeError(f"--guard {action} needs a verifier (probe perplexity)")
+
+
+def _verify(lm, edit, handle, verifier: Verifier, check: EfficacyCheck | None, decision: dict) -> str | None:
+    """Measure the applied edit; roll it back and say why when it damaged the model or did not take."""
+    ratio = decision["guard_ppl_ratio"] = verifier.ratio(edit.layer)
+    efficacy = check.after(edit.method) if check is not None else None
+    decision["guard_efficacy"] = efficacy.record() if efficacy else None
+    decision["guard_took"] = efficacy.took if efficacy else None
+    if not ratio <= verifier.threshold:  # NaN fails too
+        problem = f"damaged the model: probe perplexity grew {ratio:.3g}x > {verifier.threshold:g}"
+    elif efficacy is not None and not efficacy.took:
+        problem = efficacy.reason(edit.request.target_new)
+    else:
+        return None
+    handle.restore()
+    decision["guard_reason"] = problem.split(":")[0]
+    return f"{edit.method} at layer {edit.layer}: {problem}, rolled back"
 
 
 def guarded_apply(lm, request, method: str, action: str = "off", *, rule: GuardRule | None = None,
-                  verifier: Verifier | None = None, prepared=None, **edit_kwargs):
+                  verifier: Verifier | None = None, prepared=None, neighbours: bool = True, **edit_kwargs):
     """Compute an edit, let the guard judge it, apply it if it passes. ``prepared``: the request's
     keys and v* when already computed (``prepare_edits``), else they are computed here.
+    ``neighbours``: ``fallback`` may move to a neighbouring layer (off in sequential runs).
 
     Returns (edit, handle, decision): ``handle`` is the applied edit (None when the update
     is not finite, which is never applied). Raises ``GuardRefused`` (weights untouched or
@@ -192,54 +327,50 @@ def guarded_apply(lm, request, method: str, action: str = "off", *, rule: GuardR
     from .edit import apply_edit, check_method, finish_edit, prepare_edit, resolve_stats
 
     check_method(method)
-    if action not in GUARD_ACTIONS:
-        raise CromeError(f"unknown guard action '{action}': choose one of {', '.join(GUARD_ACTIONS)}")
-    if action == "refuse" and rule is None:
-        raise CromeError(f"--guard refuse needs a rule calibrated for {lm.name} (crome analyze guard --calibrate, "
-                         f"then --guard-rule FILE); --guard verify needs none")
+    _check_guard(lm, action, rule, verifier)
     verifying = action in ("verify", "fallback")
-    if verifying and verifier is None:
-        raise CromeError(f"--guard {action} needs a verifier (probe perplexity)")
     rule = rule if action != "off" else None
-    decision = dict(guard=action, guard_rule=rule.to_dict() if rule else None, guard_predicted_collapse=None,
-                    guard_ppl_ratio=None, guard_threshold=verifier.threshold if verifying else None,
-                    guard_action="applied", edited_with=method)
-    methods = [method, "crome"] if action == "fallback" and method != "crome" else [method]
+    decision = _decision(action, method, rule, verifier)
     mom2 = edit_kwargs.pop("mom2", None)
     if prepared is None:
         prepared = prepare_edit(lm, request, **edit_kwargs)  # keys and v* are the same for every method
     elif prepared.request != request:
         raise CromeError("the prepared keys and v* are for another request")
     stats = resolve_stats(lm, prepared.hparams, mom2)
+    check = EfficacyCheck(lm, request, prepared.templates) if verifying and verifier.efficacy else None
     problems, edit = [], None
-    for m in methods:
-        edit = finish_edit(lm, prepared, m, stats)
-        if verifying and verifier.layer != edit.layer:
-            raise CromeError(f"the guard's probe is for layer {verifier.layer}, the edit is at layer {edit.layer}")
+    for m, offset in _attempts(method, action, neighbours):
+        here, here_stats = _at_layer(lm, prepared, stats, offset)
+        if here is None:
+            continue
+        edit = finish_edit(lm, here, m, here_stats)
         decision["edited_with"] = m
         if rule is not None:
             predicted = rule.predicts_collapse(edit.diagnostics)
             decision["guard_predicted_collapse"] = predicted
             if predicted:
-                problems.append(f"{m}: {rule.reason(edit.diagnostics)}")
+                problems.append(f"{m} at layer {edit.layer}: {rule.reason(edit.diagnostics)}")
+                decision["guard_reason"] = "predicted collapse"
                 if action == "refuse":
                     break
                 continue
         if not edit.diagnostics.finite:
             if action == "fallback":
-                problems.append(f"{m}: non-finite update")
+                problems.append(f"{m} at layer {edit.layer}: non-finite update")
                 continue
             return edit, None, decision
+        if verifying:
+            verifier.monitor.at(edit.layer)  # a monitor below the run's layer takes its baseline now, unedited
         handle = apply_edit(lm, edit)
         if verifying:
-            ratio = verifier.ratio()
-            decision["guard_ppl_ratio"] = ratio
-            if not ratio <= verifier.threshold:  # NaN fails too
-                handle.restore()
-                problems.append(f"{m}: probe perplexity grew {ratio:.3g}x > {verifier.threshold:g}, rolled back")
+            problem = _verify(lm, edit, handle, verifier, check, decision)
+            if problem:
+                problems.append(problem)
                 continue
-        if m != method:
-            decision["guard_action"] = f"fallback: crome instead of {method}"
+        if (m, offset) != (method, 0):
+            where = f" at layer {edit.layer}" if offset else ""
+            decision["guard_action"] = f"fallback: crome{where} instead of {method}"
+        decision["guard_reason"] = None
         return edit, handle, decision
     decision["guard_action"] = "rolled back" if decision["guard_ppl_ratio"] is not None and action == "verify" else "refused"
     raise GuardRefused(f"guard {decision['guard_action']} the {method} edit: " + "; ".join(problems), edit, decision)

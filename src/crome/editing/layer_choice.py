@@ -9,8 +9,19 @@ of the depth (ROME: 10 of 48 layers). Layer 0's MLP is never restored: the noise
 added to the embeddings, and the first MLP mostly re-encodes the token itself, so
 restoring it undoes the corruption wholesale (on SmolLM2 every window that holds
 layer 0 restores ~0.35 of the probability, every other ≤ 0.09) and would drag the
-choice to the bottom of the model. Layer 0 is therefore not a candidate either. The choice is cached per model and recorded
-with every result (``LayerChoice.record()``), with the traced curve.
+choice to the bottom of the model. Layer 0 is therefore not a candidate either.
+
+The trace says where a fact is recalled, not where a rank-one insertion works: on a
+held-out Qwen2 model the traced peak (layer 3) builds the first position's massive
+activation (an "attention sink": the bare key 6x the prefixed keys' norm), and every
+first-token C-ROME edit there failed to take. So the candidates, in order of traced
+effect, are checked by trial C-ROME edits of a few known facts, first-token subjects
+among them (``trial_requests``, ``editability``): each is applied, checked the way ``--guard verify``
+checks efficacy, and restored. The first candidate where every trial edit takes, with no
+warning from its diagnostics (a bare key over 4x the prefixed keys' norm, a value shift over
+8) and an update under ``MAX_TRIAL_UPDATE``·‖W‖, is chosen. The choice is cached per model and
+recorded with every result (``LayerChoice.record()``): the traced curve, every candidate's
+trial edits (took, update ratio, ‖v*−v_cur‖/‖v_cur‖, the bare key's outlier ratio), the cost.
 
 Models in the hyper-parameter table keep their entry; every other model gets
 ``auto``. Too few known facts (fewer than ``MIN_FACTS``) fall back to the
@@ -21,15 +32,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 
 from ..errors import CromeError
 from ..models import LoadedModel, cache_dir
 from .hparams import DEFAULTS, Hparams, defaults_for, depth_rule
+from .request import EditRequest
 
 MIN_FACTS = 3
-RULE_VERSION = 2   # part of the cache key: a changed rule recomputes cached choices
+RULE_VERSION = 3   # part of the cache key: a changed rule recomputes cached choices
+MAX_CANDIDATES = 4     # layers tried, in order of traced effect
+TRIAL_EDITS = 4        # trial edits per candidate layer, half with first-token subjects
+MAX_TRIAL_UPDATE = 1.0  # ‖ΔW‖/‖W‖ above this (an update larger than W) fails a trial: no clean edit on
+                        # either real model came near it (docs/MODELS.md, "Layer choice")
 FACTS_FILE = "facts.tsv"
 
 
@@ -61,21 +79,112 @@ def load_facts() -> list[Fact]:
     return facts
 
 
-def auto_layer(lm: LoadedModel, seed: int = 0, n_facts: int = 20, window: int | None = None,
-               use_cache: bool = True) -> LayerChoice:
-    """The layer whose MLP window at the subject's last token carries the most causal effect."""
-    from ..analysis.trace import trace_fact
+def known_facts(lm: LoadedModel, facts: list[Fact]) -> list[Fact]:
+    """The facts whose answer is the model's top-1 prediction (its first token)."""
     from ..evaluation.measure import score_targets
+
+    scores = score_targets(lm, [(f.prompt.replace("{}", f.subject) if "{}" in f.prompt else f.prompt, f.answer)
+                                for f in facts])
+    return [f for f, s in zip(facts, scores) if s.hits[0]]
+
+
+def first_position(lm: LoadedModel, fact: Fact) -> bool:
+    """The fact's subject is one token at the prompt's start: its last token is the first position."""
+    one = len(lm.tokenizer(fact.subject, add_special_tokens=False)["input_ids"]) == 1
+    return fact.prompt.startswith("{}") and one
+
+
+def trial_requests(lm: LoadedModel, facts: list[Fact], known: list[Fact], n: int = TRIAL_EDITS) -> list[EditRequest]:
+    """Counterfactual edits for the trials: half of them of facts whose subject's last token is the first
+    position (where keys are outliers; from the whole list: an edit's counterfactual target needs no
+    recall), the rest of facts the model knows whose subject comes later. A fact's new target is another
+    fact's answer to the same prompt."""
+    def paired(f):   # another fact asks the same question: its answer is a counterfactual of the same kind
+        return any(g.prompt == f.prompt and g.answer != f.answer for g in facts)
+
+    first = sorted((f for f in facts if first_position(lm, f)), key=lambda f: not paired(f))[: (n + 1) // 2]
+    chosen = first + [f for f in known if not f.prompt.startswith("{}")][: n - len(first)]
+    requests = []
+    for f in chosen:
+        others = [g.answer for g in facts if g.answer != f.answer and g.prompt == f.prompt]
+        others = others or [g.answer for g in facts if g.answer != f.answer]
+        requests.append(EditRequest.create(f.prompt, f.subject, others[0], f.answer))
+    return requests
+
+
+def editability(lm: LoadedModel, layer: int, requests: list[EditRequest], seed: int = 0,
+                samples: int | None = None) -> dict:
+    """Trial C-ROME edits at ``layer`` with crome's default key statistics (C from sampled text):
+    each is computed, applied, checked (``guard.EfficacyCheck``: does it take?) and restored.
+    The layer is editable when every trial edit takes, none has diagnostics that say it is unlikely to
+    take (``Diagnostics.unlikely_to_take``: an attention-sink bare key, an outsized value shift: the same
+    rule ``crome edit`` warns with) and none is larger than ``MAX_TRIAL_UPDATE``·‖W‖."""
+    from .edit import apply_edit, finish_edit, prepare_edits, resolve_stats
+    from .guard import EfficacyCheck
+
+    hp = defaults_for(lm.name, lm.num_layers).with_(layer=layer, mom2_samples=samples)
+    prepared = prepare_edits(lm, requests, hparams=hp, seed=seed, layer_choice=LayerChoice(layer, "trial"))
+    stats = resolve_stats(lm, hp)
+    trials = []
+    for p in prepared:
+        check = EfficacyCheck(lm, p.request, p.templates)
+        edit, took = finish_edit(lm, p, "crome", stats), False
+        if edit.diagnostics.finite:
+            with apply_edit(lm, edit):
+                took = check.after("crome").took
+        d = edit.diagnostics
+        warned = d.unlikely_to_take()
+        trials.append(dict(subject=p.request.subject, target_new=p.request.target_new,
+                           first_token_subject=d.first_token_subject, took=took, warned=warned,
+                           update_ratio=_round(d.update_ratio), value_shift=_round(d.value_shift),
+                           key_outlier_ratio=_round(d.key_outlier_ratio)))
+    took = sum(t["took"] for t in trials)
+    worst = max((math.inf if t["update_ratio"] is None else t["update_ratio"] for t in trials), default=0.0)
+    warned = sum(t["warned"] is not None for t in trials)
+    editable = bool(trials) and took == len(trials) and not warned and worst <= MAX_TRIAL_UPDATE
+    return dict(layer=layer, editable=editable, took=took, warned=warned, trials=trials, max_update_ratio=worst)
+
+
+def _try_editability(lm: LoadedModel, layer: int, requests: list[EditRequest], seed: int, samples) -> dict:
+    """``editability``, or a layer where no edit could be computed at all (singular key statistics: a dead MLP)."""
+    import torch
+
+    try:
+        return editability(lm, layer, requests, seed, samples)
+    except (CromeError, torch.linalg.LinAlgError) as exc:
+        return dict(layer=layer, editable=False, took=0, trials=[], max_update_ratio=math.inf,
+                    error=f"{type(exc).__name__}: {exc}"[:200])
+
+
+def _round(x: float) -> float | None:
+    return float(f"{x:.4g}") if math.isfinite(x) else None
+
+
+def _pick(candidates: list[dict]) -> dict:
+    """The first editable candidate (they come in order of traced effect), else the one whose
+    trial edits did best: most taken, then the smallest update."""
+    for c in candidates:
+        if c["editable"]:
+            return c
+    return min(candidates, key=lambda c: (-c["took"], c.get("warned", 0), c["max_update_ratio"]))
+
+
+def auto_layer(lm: LoadedModel, seed: int = 0, n_facts: int = 20, window: int | None = None,
+               use_cache: bool = True, samples: int | None = None) -> LayerChoice:
+    """Where the fact is recalled and an edit takes: the layers whose MLP window at the subject's
+    last token carries the most causal effect, in that order, each checked by trial edits
+    (``editability``); the first editable one."""
+    from ..analysis.trace import trace_fact
 
     facts = load_facts()
     window = window or max(1, round(lm.num_layers / 5))
-    key = json.dumps([RULE_VERSION, lm.identity, [asdict(f) for f in facts], seed, n_facts, window])
+    key = json.dumps([RULE_VERSION, lm.identity, [asdict(f) for f in facts], seed, n_facts, window, samples])
     path = cache_dir() / "layers" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
     if use_cache and path.exists():
         return LayerChoice(**json.loads(path.read_text()))
-    scores = score_targets(lm, [(f.prompt.replace("{}", f.subject) if "{}" in f.prompt else f.prompt, f.answer)
-                                for f in facts])
-    known = [f for f, s in zip(facts, scores) if s.hits[0]][:n_facts]
+    start = time.perf_counter()
+    known_all = known_facts(lm, facts)
+    known = known_all[:n_facts]
     if len(known) < max(1, MIN_FACTS):
         layer = depth_rule(lm.num_layers)
         choice = LayerChoice(layer, "depth", dict(reason=f"the model knows {len(known)} of {len(facts)} facts "
@@ -88,10 +197,20 @@ def auto_layer(lm: LoadedModel, seed: int = 0, n_facts: int = 20, window: int | 
                            last_subject_only=True, first_layer=1)
             for layer in range(L):
                 effects[layer] += t.effects["mlp"][layer][t.subject_last] / len(known)
-        layer = max(range(1, L), key=lambda i: effects[i]) if L > 1 else 0
-        choice = LayerChoice(layer, "auto", dict(method="causal trace, MLP at the last subject token (layers >= 1)", window=window,
-                                                 seed=seed, n_facts=len(known), scanned=len(facts),
-                                                 effects=[round(e, 6) for e in effects]))
+        traced = time.perf_counter() - start
+        ranked = sorted(range(1, L), key=lambda i: -effects[i])[:MAX_CANDIDATES] if L > 1 else [0]
+        requests, candidates = trial_requests(lm, facts, known_all), []
+        for layer in ranked:
+            candidates.append(dict(_try_editability(lm, layer, requests, seed, samples), effect=round(effects[layer], 6)))
+            if candidates[-1]["editable"]:
+                break
+        best = _pick(candidates)
+        choice = LayerChoice(best["layer"], "auto", dict(
+            method="causal trace, MLP at the last subject token (layers >= 1), then trial C-ROME edits in order of "
+                   "effect: the first layer where every trial edit takes, none warned", window=window, seed=seed,
+            n_facts=len(known), scanned=len(facts), effects=[round(e, 6) for e in effects],
+            candidates=candidates, editable=best["editable"], trace_seconds=round(traced, 1),
+            seconds=round(time.perf_counter() - start, 1)))
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(choice.record()))

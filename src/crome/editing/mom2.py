@@ -53,6 +53,7 @@ class KeyStats:
     n_keys: int
     shrinkage: float      # λ
     hash: str             # sha256 of C's bytes, first 16 hex digits
+    corpus: str | None = None  # the corpus file (None: sampled text): C for another layer comes from it too
 
     def solve(self, k: torch.Tensor) -> torch.Tensor:
         """C⁻¹ k."""
@@ -172,7 +173,7 @@ def key_stats(lm: LoadedModel, layer: int, corpus: str | Path | None = None, sam
         raise CromeError(f"key statistics from {label} are not finite")
     digest = hashlib.sha256(c.numpy().tobytes()).hexdigest()[:16]
     return KeyStats(mom2=c.to(lm.device), source=label, source_hash=source_hash, layer=layer, n_keys=count,
-                    shrinkage=lam, hash=digest)
+                    shrinkage=lam, hash=digest, corpus=str(corpus) if corpus is not None else None)
 
 
 def _accumulate(lm, layer, rows, samples, batch_size, progress, label):

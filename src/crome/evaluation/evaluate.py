@@ -194,6 +194,7 @@ def _edit_each(lm, cases, recs, settings, hp, templates, monitor, keep, stats, r
         try:
             edit, handle, decision = guarded_apply(lm, case.request, settings.method, settings.guard, rule=rule,
                                                    verifier=verifier, prepared=prepared.get(case.case_id),
+                                                   neighbours=not keep,
                                                    hparams=hp, templates=templates, seed=settings.seed,
                                                    mom2=stats, layer_choice=layer_choice)
         except GuardRefused as e:

@@ -69,6 +69,7 @@ class EvalJob:
     guard_threshold: float = VERIFY_THRESHOLD
     guard_rule: str | None = None
     guard_probe: str | None = None
+    guard_efficacy: bool = True        # verify/fallback: also roll back an edit that did not take
     dtype: str = "auto"
     device_map: str | None = None
     trust_remote_code: bool = False
@@ -229,7 +230,8 @@ def _source(stats) -> str:
 
 
 def guard_setup(lm: LoadedModel, layer: int, guard: str, threshold: float = VERIFY_THRESHOLD,
-                rule_file: str | None = None, probe: str | None = None, status: Status = _quiet):
+                rule_file: str | None = None, probe: str | None = None, status: Status = _quiet,
+                efficacy: bool = True):
     """The guard's rule (for ``refuse``, or when a rule file is named) and verifier."""
     from ..editing.guard import Verifier, rule_for
 
@@ -237,13 +239,14 @@ def guard_setup(lm: LoadedModel, layer: int, guard: str, threshold: float = VERI
     verifier = None
     if guard in ("verify", "fallback"):
         with status("probe perplexity for the guard"):
-            verifier = Verifier(lm, layer, load_texts(probe) if probe else None, threshold)
+            verifier = Verifier(lm, layer, load_texts(probe) if probe else None, threshold, efficacy)
     return rule, verifier
 
 
 def job_guard(lm: LoadedModel, layer: int, job: EvalJob, status: Status = _quiet):
     """``guard_setup`` with a job's guard options."""
-    return guard_setup(lm, layer, job.guard, job.guard_threshold, job.guard_rule, job.guard_probe, status)
+    return guard_setup(lm, layer, job.guard, job.guard_threshold, job.guard_rule, job.guard_probe, status,
+                       job.guard_efficacy)
 
 
 class CaseRunner:

@@ -100,6 +100,17 @@ def generate(lm: LoadedModel, prompt: str, max_new_tokens: int = 30, prefix: str
     return lm.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def current_answer(lm: LoadedModel, prompt: str, max_new_tokens: int = 4) -> str:
+    """The model's own answer to ``prompt``: the first word of its greedy continuation."""
+    for word in generate(lm, prompt, max_new_tokens).split():
+        if word.strip(".,;:!?\"'()"):
+            return word.strip(".,;:!?\"'()")
+    ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"].to(lm.device)
+    with torch.no_grad():
+        top = int(lm.model(input_ids=ids).logits[0, -1].argmax())
+    return lm.tokenizer.decode([top]).strip() or lm.tokenizer.decode([top])
+
+
 @torch.no_grad()
 def sample(lm: LoadedModel, prompts: list[str], max_new_tokens: int, seed: int, top_k: int = 5,
            prefix: str | None = None, overlay=None, owner: int | None = None) -> list[str]:

@@ -26,6 +26,8 @@ class EditReport:
     update_norm: float
     update_ratio: float
     cos_bare_mean: float
+    key_outlier_ratio: float
+    value_shift: float
     first_token_subject: bool
     p_target_opt: float
     finite: bool
@@ -45,6 +47,9 @@ class EditReport:
     guard_predicted_collapse: bool | None
     guard_ppl_ratio: float | None
     guard_threshold: float | None
+    guard_took: bool | None
+    guard_efficacy: dict | None
+    guard_reason: str | None
     guard_action: str
     edited_with: str
     edit_seconds: float
@@ -73,16 +78,13 @@ def measure_edit(lm: LoadedModel, request: EditRequest, method: str, *, monitor:
     prompt = request.text()
     p_before = target_probability(lm, prompt, request.target_new)
     edit, handle, decision = guarded_apply(lm, request, method, guard, rule=rule, verifier=verifier, **edit_kwargs)
-    if monitor is not None and monitor.layer != edit.layer:
-        if handle is not None:
-            handle.restore()
-        raise CromeError(f"perplexity monitor is for layer {monitor.layer}, the edit is at layer {edit.layer}")
-    ppl_before = monitor.baseline if monitor is not None else None
     prefix = template_prefix(edit.context_templates[1] if len(edit.context_templates) > 1 else "")
     after: dict = dict(ppl_after=None, ppl_ratio=None, collapsed=None, p_target_after=None,
                        p_target_after_prefixed=None, generation_after=None)
     if handle is not None:
-        handle.restore()  # the prefixed "before" needs the unedited model
+        handle.restore()  # the prefixed "before" (and a new monitor's baseline) need the unedited model
+    monitor = monitor.at(edit.layer) if monitor is not None else None   # a fallback may move the layer down
+    ppl_before = monitor.baseline if monitor is not None else None
     p_before_prefixed = target_probability(lm, prompt, request.target_new, prefix=prefix)
     if handle is not None:
         handle = apply_edit(lm, edit)
@@ -101,14 +103,16 @@ def measure_edit(lm: LoadedModel, request: EditRequest, method: str, *, monitor:
         method=method, model=lm.name, layer=edit.layer, prompt=request.prompt, subject=request.subject,
         target_new=request.target_new, denominator=d.denominator, numerator_norm=d.numerator_norm,
         update_norm=d.update_norm, update_ratio=d.update_ratio, cos_bare_mean=d.cos_bare_mean,
-        first_token_subject=d.first_token_subject, p_target_opt=d.p_target_opt, finite=d.finite,
+        key_outlier_ratio=d.key_outlier_ratio, value_shift=d.value_shift, first_token_subject=d.first_token_subject, p_target_opt=d.p_target_opt, finite=d.finite,
         applied=handle is not None, ppl_before=ppl_before, ppl_data=ppl_data, p_target_before=p_before,
         p_target_before_prefixed=p_before_prefixed, test_prefix=prefix, edit_seconds=edit.seconds,
         seed=edit.seed, device=str(lm.device), dtype=lm.dtype, key_stats=edit.key_stats, layer_choice=edit.layer_choice,
         context_templates=edit.context_templates, hparams=edit.hparams.to_dict(),
         guard=guard, guard_predicted_collapse=decision["guard_predicted_collapse"],
         guard_ppl_ratio=decision["guard_ppl_ratio"], guard_threshold=decision["guard_threshold"],
-        guard_action=decision["guard_action"], edited_with=decision["edited_with"], **after,
+        guard_took=decision["guard_took"], guard_efficacy=decision["guard_efficacy"],
+        guard_reason=decision["guard_reason"], guard_action=decision["guard_action"],
+        edited_with=decision["edited_with"], **after,
     )
     return report, edit
 

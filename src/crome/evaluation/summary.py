@@ -71,6 +71,9 @@ def summarize(records: list[dict]) -> dict[str, dict[str, str]]:
             stopped = sum(r.get("guard_action") in ("rolled back", "refused") for r in guarded)
             fallback = sum(str(r.get("guard_action", "")).startswith("fallback") for r in guarded)
             rows["guard: kept / fallback / stopped"] = f"{len(guarded) - stopped - fallback} / {fallback} / {stopped}"
+            untaken = sum(r.get("guard_reason") == "did not take" for r in guarded)
+            if untaken:
+                rows["guard: stopped because the edit did not take"] = str(untaken)
             probe = [r["guard_ppl_ratio"] for r in applied if r.get("guard_ppl_ratio") is not None]
             if probe:
                 rows["guard probe ratio of kept edits: max"] = _cell(max(probe))
