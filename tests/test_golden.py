@@ -1,0 +1,144 @@
+"""Golden records: what every orchestration path writes, frozen before the run code was refactored.
+
+Each scenario runs a real path end to end on a tiny random llama (independent ROME/C-ROME edits
+with one or two per pass, the guard's actions, a sequential run, MEMIT batches, ``crome edit``)
+and compares every field of every record with ``tests/golden/<scenario>.json``: strings, flags and
+counts exactly, floats to 1e-5 relative. Timings are left out. A change of behaviour fails here;
+a deliberate one regenerates the files with ``CROME_GOLDEN_UPDATE=1 pytest tests/test_golden.py``
+and says why in its commit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import save_tiny, tiny_model
+
+GOLDEN = Path(__file__).parent / "golden"
+VOLATILE = {"edit_seconds", "seconds", "v_seconds", "stats_seconds"}
+CASES = [
+    {"case_id": 1, "prompt": "Paris is the capital of", "subject": "Paris", "target_new": "Germany",
+     "ground_truth": "France", "rephrase_prompt": "The city of Paris is the capital of",
+     "locality_prompt": "Berlin is the capital of", "locality_ground_truth": "Germany"},
+    {"case_id": 2, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+     "target_new": "English", "ground_truth": "French", "rephrase_prompt": "Danielle Darrieux speaks",
+     "locality_prompt": "The mother tongue of Jean Gabin is", "locality_ground_truth": "French"},
+    {"case_id": 3, "prompt": "Toko Yasuda plays the", "subject": "Toko Yasuda", "target_new": "piano",
+     "ground_truth": "guitar", "rephrase_prompt": "Toko Yasuda is known for playing the",
+     "locality_prompt": "Jimi Hendrix plays the", "locality_ground_truth": "guitar"},
+    {"case_id": 18, "requested_rewrite": {"prompt": "{}, created by", "subject": "Porsche 911",
+     "target_new": {"str": "Honda"}, "target_true": {"str": "Porsche"}},
+     "paraphrase_prompts": ["Porsche 911 is developed by"], "neighborhood_prompts": ["Porsche 550, developed by"],
+     "attribute_prompts": [], "generation_prompts": ["Porsche 911 is sold by"]},
+]
+TEXTS = "The cat sat on the mat.\nRivers run to the sea and the sea is wide.\nA short one about the weather.\n"
+CORPUS = " ".join(["Some ordinary text about cities, rivers, people and the things they make."] * 40)
+
+# scenario: options of EvalJob (on top of: the four cases, layer 1, seed 0, 3 v* steps, 4 tokens of fluency)
+SCENARIOS = {
+    "crome-verify": dict(method="crome", guard="verify"),
+    "rome-two-per-pass": dict(method="rome", edits_per_pass=2, test_prefix="random"),
+    "crome-fallback-corpus": dict(method="crome", guard="fallback", mom2=True),
+    "rome-refuse": dict(method="rome", guard="refuse", guard_rule="RULE"),
+    "crome-sequential": dict(method="crome", sequential=True, guard="verify", retained_every=2),
+    "memit-batch": dict(method="memit", mom2=True, batch_size=2, guard="verify"),
+    "cmemit-sequential": dict(method="cmemit", mom2=True, batch_size=2, sequential=True),
+}
+
+
+def _strip(x, tmp: str):
+    """Without timings, and with the test's temporary folder written as <tmp>."""
+    if isinstance(x, dict):
+        return {k: _strip(v, tmp) for k, v in x.items() if k not in VOLATILE}
+    if isinstance(x, (list, tuple)):
+        return [_strip(v, tmp) for v in x]
+    return x.replace(tmp, "<tmp>") if isinstance(x, str) else x
+
+
+def _same(a, b, where="") -> None:
+    if isinstance(a, float) or isinstance(b, float):
+        if a is None or b is None or isinstance(a, bool) or isinstance(b, bool):
+            assert a == b, f"{where}: {a!r} != {b!r}"
+        elif not (math.isnan(a) and math.isnan(b)):
+            assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7), f"{where}: {a!r} != {b!r}"
+    elif isinstance(a, dict) and isinstance(b, dict):
+        assert sorted(a) == sorted(b), f"{where}: keys {sorted(set(a) ^ set(b))} differ"
+        for k in a:
+            _same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), f"{where}: {len(a)} items != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def check_golden(name: str, got, tmp) -> None:
+    path = GOLDEN / f"{name}.json"
+    got = json.loads(json.dumps(_strip(got, str(tmp))))   # as written: tuples become lists, NaN stays NaN
+    if os.environ.get("CROME_GOLDEN_UPDATE"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+    assert path.exists(), f"no golden file {path}: run with CROME_GOLDEN_UPDATE=1 once"
+    _same(json.loads(path.read_text()), got, name)
+
+
+@pytest.fixture
+def files(tmp_path):
+    data = tmp_path / "cases.json"
+    data.write_text(json.dumps(CASES))
+    texts = tmp_path / "texts.txt"
+    texts.write_text(TEXTS)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS)
+    rule = tmp_path / "rule.json"
+    rule.write_text(json.dumps({"feature": "update_ratio", "threshold": 0.22, "above": True}))
+    return dict(data=data, texts=texts, corpus=corpus, rule=rule)
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_eval_records_are_unchanged(name, tokenizer, files, tmp_path):
+    from crome.evaluation.jobs import EvalJob, run_job
+
+    opts = dict(SCENARIOS[name])
+    if opts.pop("mom2", False):
+        opts["mom2_corpus"] = str(files["corpus"])
+        opts["mom2_samples"] = 400
+    else:
+        opts["mom2"] = False
+    if opts.get("guard_rule") == "RULE":
+        opts["guard_rule"] = str(files["rule"])
+    hp = {"v_steps": 3} if not opts["method"].endswith("memit") else {"v_steps": 3, "memit_layers": (0, 1)}
+    job = EvalJob(data=str(files["data"]), out=str(tmp_path / "out.jsonl"), layer=1, seed=0,
+                  ppl_data=str(files["texts"]), gen_tokens=4, guard_probe=str(files["texts"]), hparams=hp, **opts)
+    lm = tiny_model("llama", tokenizer)
+    records, _, _ = run_job(job, lm=lm)
+    check_golden(name, records, tmp_path)
+
+
+@pytest.mark.parametrize("method, guard", [("crome", "off"), ("crome", "verify"), ("rome", "fallback"),
+                                           ("cmemit", "verify")])
+def test_crome_edit_json_is_unchanged(method, guard, tokenizer, files, tmp_path):
+    from crome.cli import main
+
+    folder = save_tiny(tmp_path / "tiny", tokenizer)
+    args = ["edit", "--model", str(folder), "--layer", "1", "--no-mom2", "--ppl-data", str(files["texts"]),
+            "--guard-probe", str(files["texts"]), "--method", method, "--guard", guard, "--json"]
+    if method.endswith("memit"):
+        requests = tmp_path / "requests.jsonl"
+        requests.write_text("".join(json.dumps(dict(prompt=c["prompt"], subject=c["subject"],
+                                                    target_new=c["target_new"])) + "\n" for c in CASES[:2]))
+        args = [a for a in args if a != "--no-mom2"] + ["--requests", str(requests), "--mom2-corpus",
+                                                        str(files["corpus"]), "--mom2-samples", "400",
+                                                        "--memit-layers", "0-1"]
+    else:
+        args += ["--prompt", "{} is the capital of", "--subject", "Paris", "--target", "Germany"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code in (0, 3), result.output
+    check_golden(f"edit-{method}-{guard}", dict(exit_code=result.exit_code, result=json.loads(result.stdout)
+                                        if result.exit_code == 0 else result.stderr.strip()), tmp_path)
