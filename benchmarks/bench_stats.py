@@ -2,7 +2,9 @@
 the verifying guard's probe, once per edit.
 
 Every timing starts from an empty cache folder (a temporary $CROME_CACHE_DIR; the converted
-model is loaded from the normal cache), so sampling, key passes and tracing are all included.
+model is loaded from the normal cache). C from sampled text comes first, so its time includes
+sampling the text; the auto layer then runs with that text cached (its trial edits need C at
+each candidate layer: key passes, no new sampling), as it does for a user after the first run.
 
     python benchmarks/bench_stats.py                           # default model, layer 6
     python benchmarks/bench_stats.py --model path/to/x.gguf --layer 2 --out docs/results/models/stats-x.json
@@ -42,9 +44,6 @@ def main() -> None:
     result = dict(model=lm.name, device=str(lm.device), threads=torch.get_num_threads(), samples=args.samples)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["CROME_CACHE_DIR"] = tmp
-        t = time.perf_counter()
-        auto = auto_layer(lm)
-        result["auto_layer"] = dict(layer=auto.layer, rule=auto.rule, seconds=time.perf_counter() - t)
         layer = args.layer if args.layer is not None else choose_layer(lm).layer
         result["layer"] = layer
         sources = {"model": None, "passages": default_corpus_path(),
@@ -54,6 +53,10 @@ def main() -> None:
             stats = key_stats(lm, layer, corpus, args.samples, progress=False)
             result[f"stats_{name}"] = dict(seconds=time.perf_counter() - t, **stats.record())
             print(name, f"{result[f'stats_{name}']['seconds']:.1f} s", stats.record(), flush=True)
+        t = time.perf_counter()
+        auto = auto_layer(lm)
+        result["auto_layer"] = dict(layer=auto.layer, rule=auto.rule, seconds=time.perf_counter() - t)
+        print("auto layer", auto.layer, f"{result['auto_layer']['seconds']:.1f} s", flush=True)
     from crome.editing.guard import Verifier
 
     t = time.perf_counter()

@@ -18,6 +18,7 @@ Results go to one JSONL per model (resumable); ``--summarize`` writes docs/MODEL
     python benchmarks/models_eval.py --model default --n 50
     python benchmarks/models_eval.py --model path/to/gemma-3-270m-q4_k_m.gguf --n 50
     python benchmarks/models_eval.py --summarize docs/results/models/*.jsonl
+    python benchmarks/models_eval.py --compare OLD.jsonl NEW.jsonl   # the `model` rows of two runs
 """
 
 from __future__ import annotations
@@ -144,6 +145,36 @@ HEADER = ("| ES | PS | NS | ES / PS / NS, test prefix | ppl ratio median | ppl r
           "| keys | λ | stats s |")
 
 
+def compare(old_path: str, new_path: str, source: str = "model") -> str:
+    """The ``source`` rows of two results files on the cases and layers both have: one table row
+    each (as ``summarize``), and how far the cases moved (e.g. C before and after a sampler change)."""
+    def rows(path):
+        recs = [json.loads(line) for line in Path(path).read_text().splitlines()]
+        by_case = {(r["layer"], r["case_id"]): dict(r) for r in recs if r["source"] == source}
+        for r in recs:   # cos(u, u_wiki): the Wikipedia row of the same case has every source's
+            key = (r["layer"], r["case_id"])
+            if key in by_case and by_case[key].get("cos_u_wikipedia") is None and r.get("cos_u_by_source"):
+                by_case[key]["cos_u_wikipedia"] = r["cos_u_by_source"].get(source)
+        return by_case
+    old, new = rows(old_path), rows(new_path)
+    common = sorted(set(old) & set(new))
+    lines = [f"**`{source}` key statistics, {Path(old_path).name} against {Path(new_path).name}: "
+             f"{len(common)} (layer, case) pairs**", "", "| C | n " + HEADER, "|---|" + "---:|" * 4 + "---|" + "---:|" * 7]
+    with_cos = [c for c in common if old[c].get("cos_u_wikipedia") is not None
+                and new[c].get("cos_u_wikipedia") is not None]
+    for label, recs in ((old_path, old), (new_path, new)):
+        rs = [recs[c] for c in common]
+        cos = [recs[c]["cos_u_wikipedia"] for c in with_cos]
+        ks = rs[0]["key_stats"]
+        lines.append(_row(f"{ks['source']}, `{ks['hash']}`", rs, cos))
+    both = [c for c in common if old[c].get("metrics") and new[c].get("metrics")]
+    moved = {k: max(abs(old[c]["metrics"][k] - new[c]["metrics"][k]) for c in both) for k in ("es", "ps", "ns")}
+    ratio = max(abs(old[c]["ppl_ratio"] - new[c]["ppl_ratio"]) for c in both)
+    lines += ["", f"cos(u, u_wiki) on the {len(with_cos)} cases both runs have it for. Largest change of a case: "
+              f"ES {moved['es']:.2f}, PS {moved['ps']:.2f}, NS {moved['ns']:.2f}, perplexity ratio {ratio:.3f}."]
+    return "\n".join(lines)
+
+
 def summarize(paths: list[str]) -> str:
     lines = []
     for path in paths:
@@ -193,8 +224,12 @@ if __name__ == "__main__":
     ap.add_argument("--summarize", nargs="+", default=None, help="Results files: print the Markdown tables.")
     ap.add_argument("--doc", default=None, help="With --summarize: put the tables into this Markdown file, "
                                                 "between the lines <!-- tables --> and <!-- /tables -->.")
+    ap.add_argument("--compare", nargs=2, default=None, metavar=("OLD", "NEW"),
+                    help="Two results files: compare their `model` rows on the cases both have.")
     args = ap.parse_args()
-    if args.summarize:
+    if args.compare:
+        print(compare(*args.compare))
+    elif args.summarize:
         tables = summarize(args.summarize)
         if args.doc:
             doc = Path(args.doc).read_text()

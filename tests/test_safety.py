@@ -208,6 +208,33 @@ def test_default_key_stats_are_sampled_from_the_model_seeded_and_recorded(tokeni
     assert edit.key_stats["source"] == a.source and edit.key_stats["hash"] == a.hash
 
 
+def test_sampled_rows_do_not_depend_on_the_batch_and_the_model_is_untouched(tokenizer):
+    from crome.editing.mom2 import sample_token_ids
+
+    lm = tiny_model("llama", tokenizer)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    one_batch = sample_token_ids(lm, 5 * 16, length=16, batch_size=8, dtype=torch.float32)
+    small_batches = sample_token_ids(lm, 5 * 16, length=16, batch_size=2, dtype=torch.float32)
+    assert len(one_batch) == 5 and all(len(r) == 16 for r in one_batch)
+    assert one_batch == small_batches  # each row has its own seeded generator
+    assert sample_token_ids(lm, 5 * 16, length=16, seed=1, dtype=torch.float32) != one_batch
+    bf16 = sample_token_ids(lm, 5 * 16, length=16, dtype=torch.bfloat16)  # on a cast copy
+    assert len(bf16) == 5 and next(lm.model.parameters()).dtype == torch.float32
+    assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
+
+
+def test_cast_copy_keeps_tied_weights_tied(tokenizer):
+    from crome.editing.mom2 import _cast_copy
+
+    lm = tiny_model("gpt2", tokenizer)  # GPT-2 ties the output layer to the token embeddings
+    assert lm.model.get_output_embeddings().weight is lm.model.get_input_embeddings().weight
+    copy = _cast_copy(lm.model, torch.bfloat16)
+    assert copy.get_output_embeddings().weight is copy.get_input_embeddings().weight
+    assert copy.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert lm.model.get_output_embeddings().weight.dtype == torch.float32
+    assert _cast_copy(lm.model, torch.float32) is lm.model  # nothing to cast: no copy
+
+
 def test_mom2_off_with_statistics_given_is_an_error(tiny):
     with pytest.raises(CromeError, match="mom2 adjustment is off"):
         compute_edit(tiny, REQ, "crome", hparams=HP, templates=TEMPLATES, mom2=torch.eye(64))

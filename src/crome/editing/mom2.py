@@ -5,9 +5,9 @@ leaks into everything the layer reads; with C it points where ordinary keys have
 little energy. So crome uses C by default, from one of two sources:
 
 * ``corpus``: a text file the user names (plain text, ME-PPL JSON, Wikipedia summaries);
-* ``model`` (the default): text sampled from the model itself, seeded. It needs no
-  download and fits any model and tokenizer; docs/MODELS.md compares it with
-  Wikipedia text on two real models.
+* ``model`` (the default): text sampled from the model itself, seeded per row, in
+  bfloat16 where the hardware has it. It needs no download and fits any model and
+  tokenizer; docs/MODELS.md compares it with Wikipedia text on two real models.
 
 Keys are collected at every token position, up to ``samples`` of them. C is then
 shrunk towards a multiple of the identity, C_λ = (1 − λ) S + λ (tr S / d) I, with
@@ -22,6 +22,8 @@ and every result records ``KeyStats.record()``: source, number of keys, λ, hash
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -33,10 +35,11 @@ import torch
 from ..errors import CromeError
 from ..evaluation.texts import load_texts
 from ..hooks import run_until
-from ..models import LoadedModel, cache_dir, file_digest
+from ..models import LoadedModel, cache_dir, dtype_name, file_digest
 from .request import pad_right
 
 MODEL_SOURCE = "model"
+SAMPLER = "sampled-v2"  # per-row generators, large batches, native bf16 where the hardware has it
 # starts of the sampled texts: common openings of English prose, one per row in turn
 SAMPLE_STARTS = ("The", "In", "A", "It", "This", "When", "He", "She", "We", "They", "There", "I",
                  "One", "After", "According to", "On", "For", "Many", "Some", "His")
@@ -47,7 +50,7 @@ class KeyStats:
     """C (shrunk) for one model and layer, and where it came from."""
 
     mom2: torch.Tensor = field(repr=False)   # [d_in, d_in], float32
-    source: str           # "model (sampled, seed 0)" or the corpus file name
+    source: str           # "model (sampled in bfloat16, seed 0)" or the corpus file name
     source_hash: str      # content hash of the corpus, or of the sampled token ids
     layer: int
     n_keys: int
@@ -82,36 +85,65 @@ def shrink(s: torch.Tensor, lam: float) -> torch.Tensor:
     return (1 - lam) * s + lam * mu * torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
 
 
+def sampling_dtype(lm: LoadedModel) -> torch.dtype:
+    """The dtype text is sampled in: bfloat16 where the hardware computes it natively (CUDA with
+    bf16, or a CPU with AVX-512 BF16 / AMX), else the model's own. Only the sampled text depends
+    on it (the key pass that builds C always runs in the model's dtype); the cache key and the
+    statistics' label record it."""
+    if lm.device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if lm.device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return next(lm.model.parameters()).dtype
+
+
+def _cast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of ``model`` with its parameters in ``dtype``; tied parameters stay tied and the
+    original is untouched (the fp32 weights are never duplicated, only the cast ones made)."""
+    if next(model.parameters()).dtype == dtype:
+        return model
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def _row_generators(seed: int, first: int, n: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per sampled row, seeded by (seed, row): a row's text does not depend on
+    which other rows share its batch, so the batch size is free to follow the hardware."""
+    return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + first + i) for i in range(n)]
+
+
 @torch.no_grad()
-def sample_token_ids(lm: LoadedModel, n_tokens: int, seed: int = 0, length: int = 128, batch_size: int = 32,
-                     top_k: int = 50) -> list[list[int]]:
-    """Texts sampled from the model (top-k, seeded), as token ids: at least ``n_tokens`` in all.
-    The rows are drawn ``batch_size`` at a time from one generator, so the batch size is part of
-    the sampling scheme: the default (32) is what the cache key and docs/MODELS.md assume."""
+def sample_token_ids(lm: LoadedModel, n_tokens: int, seed: int = 0, length: int = 128, batch_size: int = 256,
+                     top_k: int = 50, dtype: torch.dtype | None = None) -> list[list[int]]:
+    """Texts sampled from the model (top-k, seeded per row), as token ids: at least ``n_tokens`` in all.
+
+    Every sampled position gives a key, so 20k keys need only ~160 rows of 128 tokens; they are
+    drawn in large batches with a KV cache, in ``dtype`` (default: ``sampling_dtype``) on a cast
+    copy of the model. The output layer runs on the last position only, as one 2-D matrix product
+    (on a 3-D input, oneDNN's bfloat16 path would expand the 151k-row weight per row)."""
     tok = lm.tokenizer
+    cast = dataclasses.replace(lm, model=_cast_copy(lm.model, dtype or sampling_dtype(lm)))
+    base = cast.model.base_model
+    cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     n_rows = -(-n_tokens // length)
-    cache_kw = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
-    generator = torch.Generator().manual_seed(seed)
     rows: list[list[int]] = []
     for start in range(0, n_rows, batch_size):
-        starts = [tok(SAMPLE_STARTS[(start + i) % len(SAMPLE_STARTS)])["input_ids"]
-                  for i in range(min(batch_size, n_rows - start))]
-        ids, mask = pad_right(starts, tok.pad_token_id, lm.device, left=True)
+        n = min(batch_size, n_rows - start)
+        gens = _row_generators(seed, start, n, lm.device)
+        seqs = [tok(SAMPLE_STARTS[(start + i) % len(SAMPLE_STARTS)])["input_ids"] for i in range(n)]
+        ids, mask = pad_right(seqs, tok.pad_token_id, lm.device, left=True)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache, seqs = getattr(out, "cache", None) or out.past_key_values, [list(s) for s in starts]
-        logits = out.logits[:, -1].float()
-        for _ in range(length - min(len(s) for s in starts)):
-            top = logits.topk(top_k, dim=-1)
-            choice = torch.multinomial(torch.softmax(top.values, -1).cpu(), 1, generator=generator).to(lm.device)
-            nxt = top.indices.gather(1, choice)
-            for s, t in zip(seqs, nxt[:, 0].tolist()):
-                s.append(t)
-            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        cache = {}
+        for _ in range(length - min(len(s) for s in seqs)):
+            out = base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache)
+            cache = {cache_kw: getattr(out, "cache", None) or out.past_key_values}
+            top = cast.logits(out.last_hidden_state[:, -1]).topk(top_k, dim=-1)
+            probs = torch.softmax(top.values, -1)
+            choice = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, gens)])
+            ids = top.indices.gather(1, choice)
+            seqs = [s + [t] for s, t in zip(seqs, ids[:, 0].tolist())]
+            mask = torch.cat([mask, torch.ones_like(ids)], 1)
             positions = positions[:, -1:] + 1
-            out = lm.model(input_ids=nxt, attention_mask=mask, position_ids=positions, use_cache=True,
-                           **{cache_kw: cache})
-            cache, logits = getattr(out, "cache", None) or out.past_key_values, out.logits[:, -1].float()
         rows += [s[:length] for s in seqs]
     return rows
 
@@ -132,17 +164,19 @@ def _sources(lm: LoadedModel, corpus: str | Path | None, samples: int, seed: int
                 n += len(out[-1])
             return out
         return path.name, file_digest(path)[:16], rows
-    key = json.dumps([lm.identity, "sampled", seed, samples, max_length, SAMPLE_STARTS])
+    dtype = sampling_dtype(lm)
+    key = json.dumps([lm.identity, SAMPLER, str(dtype), seed, samples, max_length, SAMPLE_STARTS])
     ids_path = cache_dir() / "mom2" / ("sampled-" + hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
 
     def rows():
         if ids_path.exists():
             return json.loads(ids_path.read_text())
-        ids = sample_token_ids(lm, samples, seed=seed, length=max_length)
+        ids = sample_token_ids(lm, samples, seed=seed, length=max_length, dtype=dtype)
         ids_path.parent.mkdir(parents=True, exist_ok=True)
         ids_path.write_text(json.dumps(ids))
         return ids
-    return f"{MODEL_SOURCE} (sampled, seed {seed})", hashlib.sha256(key.encode()).hexdigest()[:16], rows
+    label = f"{MODEL_SOURCE} (sampled in {dtype_name(dtype)}, seed {seed})"
+    return label, hashlib.sha256(key.encode()).hexdigest()[:16], rows
 
 
 @torch.no_grad()
