@@ -29,8 +29,9 @@ from crome.editing.compute_value import ReferenceRunner
 from crome.editing.fast import FastRunner, PerplexityMonitor
 from crome.editing.hparams import defaults_for
 from crome.editing.templates import context_templates
+from crome.evaluation.context import RunContext, RunSettings
 from crome.evaluation.datasets import load_cases
-from crome.evaluation.evaluate import Settings, evaluate_case
+from crome.evaluation.evaluate import evaluate_case
 from crome.evaluation.measure import perplexity
 from crome.evaluation.texts import load_texts
 
@@ -89,7 +90,7 @@ def main():
                                                             runner_cls=runner))
                 times[name].append(s)
             a, b = edits["reference"], edits["fast"]
-            dv = float((a.vectors["v_star"] - b.vectors["v_star"]).norm() / a.vectors["v_star"].norm())
+            dv = float((a.vectors.v_star - b.vectors.v_star).norm() / a.vectors.v_star.norm())
             dw = float((a.delta_w - b.delta_w).norm() / a.delta_w.norm())
             worst_v, worst_w = max(worst_v, dv), max(worst_w, dw)
             print(f"{method:5} {req.text()!r:45} reference {times['reference'][-1]:5.1f} s  fast "
@@ -111,9 +112,10 @@ def main():
         cases = load_cases(args.data).cases[: args.cases]
         secs = []
         for method in ("rome", "crome"):
-            settings = Settings(method=method, model=lm.name, layer=hp.layer, seed=0)
+            ctx = RunContext(RunSettings(method=method, model=lm.name, layer=hp.layer, seed=0), hp, templates,
+                             monitor=monitor)
             for case in cases:
-                _, s = timed(lambda: evaluate_case(lm, case, settings, hp, templates, monitor))
+                _, s = timed(lambda: evaluate_case(lm, case, ctx))
                 secs.append(s)
         print(f"full CounterFact case (edit, metrics with and without prefix, perplexity, restore): "
               f"median {statistics.median(secs):.1f} s over {len(secs)} cases")

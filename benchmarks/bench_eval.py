@@ -49,20 +49,18 @@ def one_run(args) -> dict:
     import transformers
 
     from crome.evaluation.evaluate import run
-    from crome.evaluation.jobs import EvalJob, cases_of, guard_setup, load, prepare
+    from crome.evaluation.jobs import EvalJob, cases_of, load, prepare, with_checks
 
     transformers.utils.logging.set_verbosity_error()
     job = EvalJob(data=args.data, out="", model=args.model, ppl_data=args.ppl_data, n_cases=args.n).absolute()
     cases, _, _ = cases_of(job)
     lm = load(job, progress=False)
-    setup = prepare(lm, job)
-    rule, verifier = guard_setup(lm, setup.hparams.layer, job.guard)
+    ctx = with_checks(lm, prepare(lm, job), job)
     start = time.perf_counter()
-    run(lm, cases, setup.settings, setup.hparams, setup.templates, setup.texts, args.results, stats=setup.stats,
-        rule=rule, verifier=verifier, layer_choice=setup.layer_choice, edits_per_pass=args.one)
+    run(lm, cases, ctx, args.results, edits_per_pass=args.one)
     seconds = time.perf_counter() - start
     return dict(n=len(cases), model=lm.name, device=str(lm.device), threads=torch.get_num_threads(),
-                layer=setup.hparams.layer, key_stats=setup.settings.key_stats_source, seconds=round(seconds, 1),
+                layer=ctx.hparams.layer, key_stats=ctx.settings.key_stats_source, seconds=round(seconds, 1),
                 cases_per_minute=round(60 * len(cases) / seconds, 2),
                 peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
 
@@ -82,7 +80,7 @@ def main() -> None:
         print(json.dumps(one_run(args)))
         return
 
-    from crome.evaluation.evaluate import ResultsFile
+    from crome.evaluation.results import ResultsFile
 
     result, records = dict(runs={}), {}
     with tempfile.TemporaryDirectory() as tmp:

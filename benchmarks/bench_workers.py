@@ -67,8 +67,8 @@ def main() -> None:
 
     from crome.distribution.cluster import connect
     from crome.distribution.workers import run_workers
-    from crome.evaluation.evaluate import ResultsFile, timing_path
     from crome.evaluation.jobs import EvalJob
+    from crome.evaluation.results import ResultsFile, timing_path
 
     cores = os.cpu_count() or 1
     ray = connect(num_cpus=cores)

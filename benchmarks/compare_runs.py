@@ -21,7 +21,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    from crome.evaluation.evaluate import ResultsFile, timing_path
+    from crome.evaluation.results import ResultsFile, timing_path
 
     runs = {p: {r["case_id"]: r for r in ResultsFile(p).read()} for p in (args.a, args.b)}
     a, b = runs[args.a], runs[args.b]

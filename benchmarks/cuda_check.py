@@ -67,9 +67,9 @@ def main():
         handle.restore()
         report["methods"][method] = {
             "seconds": seconds,
-            "v_star_rel_diff_fast_vs_reference": rel(ref.vectors["v_star"], fast.vectors["v_star"]),
+            "v_star_rel_diff_fast_vs_reference": rel(ref.vectors.v_star, fast.vectors.v_star),
             "delta_w_rel_diff_fast_vs_reference": rel(ref.delta_w, fast.delta_w),
-            "v_star_rel_diff_cuda_vs_cpu": rel(on_cpu.vectors["v_star"], fast.vectors["v_star"]),
+            "v_star_rel_diff_cuda_vs_cpu": rel(on_cpu.vectors.v_star, fast.vectors.v_star),
             "delta_w_rel_diff_cuda_vs_cpu": rel(on_cpu.delta_w, fast.delta_w),
             "denominator": {k: e.diagnostics.denominator for k, e in edits.items()},
             "opt_steps": {k: e.diagnostics.opt_steps for k, e in edits.items()},

@@ -49,9 +49,9 @@ def job_for(name: str, args):
 def run_all(args) -> None:
     import transformers
 
-    from crome.editing.memit import edited_layers
-    from crome.evaluation.evaluate import ResultsFile, run
-    from crome.evaluation.jobs import cases_of, job_guard, load, prepare
+    from crome.evaluation.evaluate import run
+    from crome.evaluation.jobs import cases_of, load, prepare, with_checks
+    from crome.evaluation.results import ResultsFile
 
     transformers.utils.logging.set_verbosity_error()
     jobs = {name: job_for(name, args) for name in args.runs}
@@ -59,19 +59,15 @@ def run_all(args) -> None:
     cases, _, _ = cases_of(first)
     cases = cases[:args.n]
     lm = load(first, progress=False)
-    setups = {name: prepare(lm, job) for name, job in jobs.items()}
-    guards = {name: job_guard(lm, edited_layers(job.method, setups[name].hparams, lm.num_layers)[0], job)
-              for name, job in jobs.items()}
+    contexts = {name: with_checks(lm, prepare(lm, job), job) for name, job in jobs.items()}   # on the unedited model
     deadline = time.time() + 3600 * args.hours if args.hours else math.inf
     for upto in range(args.round, len(cases) + args.round, args.round):
         for name, job in jobs.items():
             if time.time() > deadline:
                 print("time is up: rerun the same command to continue", flush=True)
                 return
-            s = setups[name]
             start, before = time.perf_counter(), len(ResultsFile(job.out).read())
-            records = run(lm, cases[:upto], s.settings, s.hparams, s.templates, s.texts, job.out, resume=True,
-                          stats=s.stats, rule=guards[name][0], verifier=guards[name][1])
+            records = run(lm, cases[:upto], contexts[name], job.out, resume=True)
             last = records[-1]
             print(f"{name:>14}: {len(records):5d} edits ({len(records) - before} in {time.perf_counter() - start:.0f} s), "
                   f"perplexity {last.get('ppl_after')}, retained {last.get('retained_efficacy')}", flush=True)
@@ -83,7 +79,7 @@ def report(args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from crome.evaluation.evaluate import ResultsFile
+    from crome.evaluation.results import ResultsFile
 
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)

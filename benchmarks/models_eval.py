@@ -96,14 +96,14 @@ def run(args) -> None:
             prefix = choose_test_prefix("fixed", templates, 0, case.case_id)
             before = score_targets(lm, pairs)
             before_px = score_targets(lm, pairs, prefix=prefix)
-            u_ref = finish_edit(lm, prepared, "crome", stats["wikipedia"]).vectors["u"] if "wikipedia" in stats else None
+            u_ref = finish_edit(lm, prepared, "crome", stats["wikipedia"]).vectors.u if "wikipedia" in stats else None
             cos_by_source = None
             if u_ref is not None:  # the update direction of every source against Wikipedia's, same keys and v*
                 cos_by_source = {name: float(torch.nn.functional.cosine_similarity(
-                    finish_edit(lm, prepared, "crome", st).vectors["u"], u_ref, dim=0)) for name, st in stats.items()}
+                    finish_edit(lm, prepared, "crome", st).vectors.u, u_ref, dim=0)) for name, st in stats.items()}
             for name in todo:
                 edit = finish_edit(lm, prepared, "crome", stats[name])
-                u = edit.vectors["u"]
+                u = edit.vectors.u
                 rec = dict(model=lm.name, case_id=case.case_id, layer_rule=rule, layer=layer, source=name,
                            key_stats=edit.key_stats, stats_seconds=cost.get(name), v_seconds=v_seconds,
                            auto_layer=auto.record(), auto_seconds=auto_seconds,
@@ -158,7 +158,8 @@ def compare(old_path: str, new_path: str, source: str = "model") -> str:
         return by_case
     old, new = rows(old_path), rows(new_path)
     common = sorted(set(old) & set(new))
-    lines = [f"**`{source}` key statistics, {Path(old_path).name} against {Path(new_path).name}: "
+    name = lambda p: "/".join(Path(p).parts[-2:])  # noqa: E731
+    lines = [f"**`{source}` key statistics, {name(old_path)} against {name(new_path)}: "
              f"{len(common)} (layer, case) pairs**", "", "| C | n " + HEADER, "|---|" + "---:|" * 4 + "---|" + "---:|" * 7]
     with_cos = [c for c in common if old[c].get("cos_u_wikipedia") is not None
                 and new[c].get("cos_u_wikipedia") is not None]

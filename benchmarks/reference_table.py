@@ -23,6 +23,8 @@ import torch
 from crome.editing.hparams import defaults_for
 from crome.editing.templates import context_templates
 from crome.evaluation import datasets, evaluate, summary
+from crome.evaluation.context import RunContext, RunSettings
+from crome.evaluation.results import ResultsFile, timing_path
 from crome.evaluation.texts import load_texts
 from crome.models import load_model
 
@@ -92,7 +94,7 @@ def main():
     every = dict(zip(methods, every if len(every) == len(methods) else every * len(methods)))
 
     def settings(method, sequential):
-        return evaluate.Settings(method=method, model=lm.name, layer=hp.layer, seed=args.seed,
+        return RunSettings(method=method, model=lm.name, layer=hp.layer, seed=args.seed,
                                  test_prefix=args.test_prefix, data=Path(args.data).name,
                                  ppl_data=Path(args.ppl_data).name, sequential=sequential,
                                  monitor_every=every[method] if sequential else 1)
@@ -103,9 +105,10 @@ def main():
             path = out / f"{kind}-{method}.jsonl"
             if sequential and path.exists():  # a sequential run can't resume: start it anew
                 path.unlink()
-                evaluate.timing_path(path).unlink(missing_ok=True)
+                timing_path(path).unlink(missing_ok=True)
             t = time.perf_counter()
-            records = evaluate.run(lm, cases[:n], settings(method, sequential), hp, templates, texts, path, resume=True)
+            records = evaluate.run(lm, cases[:n], RunContext(settings(method, sequential), hp, templates, texts), path,
+                                   resume=True)
             runs[(kind, method)] = records
             info["runs"][f"{kind}-{method}"] = {"seconds": time.perf_counter() - t,
                                                 "cases_per_minute": summary.cases_per_minute(path)}
@@ -113,7 +116,7 @@ def main():
 
     # tables and plot from every run in the folder (a method may have run in an earlier invocation)
     for kind, name in (("eval", "reference-table.md"), ("seq", "sequential-table.md")):
-        found = {m: evaluate.ResultsFile(out / f"{kind}-{m}.jsonl").read() for m in ("rome", "crome")}
+        found = {m: ResultsFile(out / f"{kind}-{m}.jsonl").read() for m in ("rome", "crome")}
         found = {m: recs for m, recs in found.items() if recs}
         if not found:
             continue

@@ -34,6 +34,7 @@ from crome.editing.fast import PerplexityMonitor
 from crome.editing.hparams import defaults_for
 from crome.editing.templates import context_templates
 from crome.evaluation import datasets, evaluate
+from crome.evaluation.context import RunContext, RunSettings
 from crome.evaluation.texts import load_texts
 from crome.models import load_model
 
@@ -41,10 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def eval_run(lm, hp, templates, texts, cases, method, out, data_name, test_prefix="fixed"):
-    settings = evaluate.Settings(method=method, model=lm.name, layer=hp.layer, seed=0, test_prefix=test_prefix,
+    settings = RunSettings(method=method, model=lm.name, layer=hp.layer, seed=0, test_prefix=test_prefix,
                                  data=data_name, ppl_data="ME-PPL_50.json",
                                  gen_tokens=0 if test_prefix == "none" else 100)
-    return evaluate.run(lm, cases, settings, hp, templates, texts, out, resume=True)
+    return evaluate.run(lm, cases, RunContext(settings, hp, templates, texts), out, resume=True)
 
 
 def riskiest(lm, hp, templates, cases, k):

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+
+from crome.editing.hparams import Hparams
+from crome.editing.mom2 import KeyStats
+from crome.evaluation.context import RunSettings
 
 DATA = Path(os.environ.get("CROME_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 ME_PPL_50 = DATA / "me-ppl" / "ME-PPL_50.json"
@@ -93,3 +98,80 @@ def me_ppl_50():
     if not ME_PPL_50.exists():
         pytest.skip(f"shared data not found at {ME_PPL_50}")
     return load_texts(ME_PPL_50)
+
+
+# ------------------------------------------------------------------ data and helpers shared by the test files
+
+FLAT = [
+    {"case_id": 1, "prompt": "Paris is the capital of", "subject": "Paris", "target_new": "Germany",
+     "ground_truth": "France", "rephrase_prompt": "The city of Paris is the capital of",
+     "locality_prompt": "Berlin is the capital of", "locality_ground_truth": "Germany"},
+    {"case_id": 2, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+     "target_new": "English", "ground_truth": "French", "rephrase_prompt": "Danielle Darrieux speaks",
+     "locality_prompt": "The mother tongue of Jean Gabin is", "locality_ground_truth": "French"},
+    {"case_id": 3, "prompt": "Toko Yasuda plays the", "subject": "Toko Yasuda", "target_new": "piano",
+     "ground_truth": "guitar", "rephrase_prompt": "Toko Yasuda is known for playing the",
+     "locality_prompt": "Jimi Hendrix plays the", "locality_ground_truth": "guitar"},
+]
+FULL = {"case_id": 18, "requested_rewrite": {"prompt": "{}, created by", "subject": "Porsche 911",
+        "target_new": {"str": "Honda"}, "target_true": {"str": "Porsche"}},
+        "paraphrase_prompts": ["Porsche 911 is developed by", "Porsche 911, developed by"],
+        "neighborhood_prompts": ["Porsche 550, developed by"], "attribute_prompts": ["Honda 70, produced by"],
+        "generation_prompts": ["Porsche 911 is sold by"]}
+ZSRE = {"subject": "UniFirst", "src": "What is the product made by UniFirst?", "pred": "uniform",
+        "rephrase": "What will be the product of UniFirst?", "alt": "unmanned aircraft", "answers": ["uniform"],
+        "loc": "nq question: who wrote hamlet", "loc_ans": "Shakespeare"}
+HP = Hparams(mom2_adjustment=False, layer=1, v_steps=3)
+TEXTS = ["The cat sat on the mat.", "Rivers run to the sea and the sea is wide.", "A short one."]
+
+
+def write(tmp_path, records, name="data.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(records))
+    return path
+
+
+def settings(**kw):
+    base = dict(method="rome", model="tiny-llama", layer=1, seed=0, test_prefix="fixed", data="data.json",
+                ppl_data="texts", gen_tokens=5)
+    return RunSettings(**{**base, **kw})
+
+
+def approx_equal(a, b, rel=1e-4, path="record"):
+    """Records equal but for float rounding: every number within ``rel``, everything else exactly."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, rel=rel, abs=1e-9), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            approx_equal(a[k], b[k], rel, f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            approx_equal(x, y, rel, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def assert_same(a, b, tol=1e-4):
+    for name in ("v_star", "k_cur", "v_cur"):
+        va, vb = getattr(a.vectors, name), getattr(b.vectors, name)
+        assert float((va - vb).norm() / va.norm()) < tol, name
+    assert float((a.delta_w - b.delta_w).norm() / a.delta_w.norm()) < tol
+    assert a.diagnostics.denominator == pytest.approx(b.diagnostics.denominator, rel=tol)
+    assert a.diagnostics.numerator_norm == pytest.approx(b.diagnostics.numerator_norm, rel=tol)
+    assert a.diagnostics.p_target_opt == pytest.approx(b.diagnostics.p_target_opt, rel=tol)
+    assert a.diagnostics.opt_steps == b.diagnostics.opt_steps
+
+
+def stats_for(lm, layers, seed=0):
+    """A random well-conditioned second moment per layer (C is data to the solve)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer in layers:
+        w = lm.mlp_out(layer).weight
+        d_in = w.shape[0] if lm.arch.transposed else w.shape[1]
+        x = torch.randn(4 * d_in, d_in, generator=g)
+        out[layer] = KeyStats(mom2=x.T @ x / len(x), source="test", source_hash="", layer=layer, n_keys=len(x),
+                              shrinkage=0.0, hash=f"test{layer}")
+    return out

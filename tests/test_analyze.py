@@ -21,14 +21,16 @@ from crome.analysis.analyze import (
     prefix_effect,
     update_anatomy,
 )
+from crome.analysis.calibrate import calibrate, precision_recall
 from crome.analysis.html_report import SECTIONS, build_report
 from crome.analysis.trace import GROUPS, trace_fact
 from crome.cli import main
 from crome.editing.fast import PerplexityMonitor
-from crome.editing.guard import GuardRefused, GuardRule, Verifier, calibrate, guarded_apply, precision_recall
+from crome.editing.guard import GuardRefused, GuardRule, Verifier, guarded_apply
 from crome.editing.hparams import Hparams
+from crome.evaluation.context import RunContext, RunSettings
 from crome.evaluation.datasets import Case, KnownFact
-from crome.evaluation.evaluate import Settings, run
+from crome.evaluation.evaluate import run
 
 HP = Hparams(mom2_adjustment=False, layer=1, v_steps=3)
 TEXTS = ["The cat sat on the mat.", "Rivers run to the sea and the sea is wide."]
@@ -53,8 +55,8 @@ def runs(lm, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
     out = {}
     for method in ("rome", "crome"):
-        s = Settings(method=method, model="tiny", layer=1, seed=0, gen_tokens=0)
-        out[method] = run(lm, CASES, s, HP, TEMPLATES, TEXTS, tmp / f"{method}.jsonl")
+        s = RunSettings(method=method, model="tiny", layer=1, seed=0, gen_tokens=0)
+        out[method] = run(lm, CASES, RunContext(s, HP, TEMPLATES, TEXTS), tmp / f"{method}.jsonl")
     return out
 
 
@@ -187,10 +189,10 @@ def test_guard_refuse_and_fallback(lm):
     verifier = Verifier(lm, 1, ["A short text.", "Another short text here."], threshold=1e9, efficacy=False)
     edit, handle, decision = guarded_apply(lm, req, "rome", "fallback", rule=never, verifier=verifier, hparams=HP,
                                            templates=TEMPLATES)
-    assert edit.method == "rome" and decision["guard_predicted_collapse"] is False and handle is not None
+    assert edit.method == "rome" and decision.guard_predicted_collapse is False and handle is not None
     handle.restore()
     edit, handle, decision = guarded_apply(lm, req, "rome", "refuse", rule=never, hparams=HP, templates=TEMPLATES)
-    assert edit.method == "rome" and decision["guard_predicted_collapse"] is False
+    assert edit.method == "rome" and decision.guard_predicted_collapse is False
     handle.restore()
     assert torch.equal(lm.mlp_out(1).weight, before)
 

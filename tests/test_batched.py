@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import TEMPLATES, tiny_model
-from test_fast import assert_same
+from conftest import TEMPLATES, approx_equal, assert_same, tiny_model
 
 from crome import EditRequest, compute_edit, compute_edits
 from crome.editing.compute_value import Batch, ReferenceRunner, build_batch
@@ -68,38 +67,26 @@ def test_batched_edits_on_the_default_model(default_lm):
 
 # ---------------------------------------------------------------- crome eval --edits-per-pass
 
-def approx_equal(a, b, rel=1e-4, path="record"):
-    """Records equal but for float rounding: every number within ``rel``, everything else exactly."""
-    if isinstance(a, float) or isinstance(b, float):
-        assert a == pytest.approx(b, rel=rel, abs=1e-9), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            approx_equal(a[k], b[k], rel, f"{path}.{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            approx_equal(x, y, rel, f"{path}[{i}]")
-    else:
-        assert a == b, path
 
 
 def test_edits_per_pass_gives_the_records_of_one_edit_per_pass(tokenizer, tmp_path):
     import json
 
-    from test_eval import FLAT, FULL, HP, TEXTS, settings, write
+    from conftest import FLAT, FULL, HP, TEXTS, settings, write
 
     from crome import CromeError
+    from crome.evaluation.context import RunContext
     from crome.evaluation.datasets import load_cases
-    from crome.evaluation.evaluate import ResultsFile, run, timing_path
+    from crome.evaluation.evaluate import run
+    from crome.evaluation.results import ResultsFile, timing_path
 
     lm = tiny_model("llama", tokenizer)
     cases = load_cases(write(tmp_path, [*FLAT, FULL])).cases
     one, three, resumed = tmp_path / "one.jsonl", tmp_path / "three.jsonl", tmp_path / "resumed.jsonl"
-    run(lm, cases, settings(), HP, TEMPLATES, TEXTS, one)
-    run(lm, cases, settings(), HP, TEMPLATES, TEXTS, three, edits_per_pass=3)
-    run(lm, cases[:1], settings(), HP, TEMPLATES, TEXTS, resumed, edits_per_pass=2)   # interrupted, then
-    run(lm, cases, settings(), HP, TEMPLATES, TEXTS, resumed, resume=True, edits_per_pass=3)  # resumed with another K
+    run(lm, cases, RunContext(settings(), HP, TEMPLATES, TEXTS), one)
+    run(lm, cases, RunContext(settings(), HP, TEMPLATES, TEXTS), three, edits_per_pass=3)
+    run(lm, cases[:1], RunContext(settings(), HP, TEMPLATES, TEXTS), resumed, edits_per_pass=2)   # interrupted, then
+    run(lm, cases, RunContext(settings(), HP, TEMPLATES, TEXTS), resumed, resume=True, edits_per_pass=3)  # resumed with another K
     reference = ResultsFile(one).read()
     for out in (three, resumed):
         records = ResultsFile(out).read()
@@ -109,7 +96,7 @@ def test_edits_per_pass_gives_the_records_of_one_edit_per_pass(tokenizer, tmp_pa
     assert [t["edits_per_pass"] for t in ResultsFile(timing_path(three)).read()] == [3] * 4
     assert json.loads(three.read_text().splitlines()[0])["applied"]
     with pytest.raises(CromeError, match="sequential"):
-        run(lm, cases, settings(sequential=True), HP, TEMPLATES, TEXTS, tmp_path / "s.jsonl", edits_per_pass=2)
+        run(lm, cases, RunContext(settings(sequential=True), HP, TEMPLATES, TEXTS), tmp_path / "s.jsonl", edits_per_pass=2)
 
 
 # ---------------------------------------------------------------- measuring K edited models in one pass
@@ -119,7 +106,7 @@ def test_overlay_scores_equal_edits_written_into_the_weights(tokenizer, model_ty
     """Each edit as an activation hook on its own rows (one forward for K edited models) gives the
     numbers of writing its ΔW into W; rows owned by no edit are the unedited model; W is untouched."""
     import torch
-    from test_eval import TEXTS
+    from conftest import TEXTS
 
     from crome.editing.edit import Overlay, apply_edit
     from crome.editing.fast import PerplexityMonitor
@@ -161,32 +148,32 @@ def test_overlay_scores_equal_edits_written_into_the_weights(tokenizer, model_ty
 def test_a_case_measured_with_hooks_equals_it_measured_in_the_weights(tokenizer, tmp_path):
     """evaluate_cases: K cases measured together under an overlay give the records of each case
     with its edit written into W (keep=True, the sequential path)."""
-    from test_eval import FLAT, FULL, HP, TEXTS, settings, write
+    from conftest import FLAT, FULL, HP, TEXTS, settings, write
 
     from crome.editing.fast import PerplexityMonitor
+    from crome.evaluation.context import RunContext
     from crome.evaluation.datasets import load_cases
     from crome.evaluation.evaluate import evaluate_cases, prepare_together
 
     lm = tiny_model("gpt2", tokenizer)
     cases = load_cases(write(tmp_path, [*FLAT, FULL])).cases
-    monitor = PerplexityMonitor(lm, TEXTS, HP.layer)
-    s = settings(test_prefix="random")
-    prepared = prepare_together(lm, cases, HP, TEMPLATES, 0)
-    hooked = evaluate_cases(lm, cases, s, HP, TEMPLATES, monitor, prepared=prepared)
+    ctx = RunContext(settings(test_prefix="random"), HP, TEMPLATES, monitor=PerplexityMonitor(lm, TEXTS, HP.layer))
+    prepared = prepare_together(lm, cases, ctx)
+    hooked = evaluate_cases(lm, cases, ctx, prepared_by_id=prepared)
     assert all(h is None for _, h in hooked)
     for case, (rec, _) in zip(cases, hooked):
-        [(written, handle)] = evaluate_cases(lm, [case], s, HP, TEMPLATES, monitor, keep=True,
-                                             prepared={case.case_id: prepared[case.case_id]})
+        [(written, handle)] = evaluate_cases(lm, [case], ctx, keep=True,
+                                             prepared_by_id={case.case_id: prepared[case.case_id]})
         handle.restore()
-        assert rec["applied"] and rec["ppl_after"] is not None
-        approx_equal(written, rec)
-    assert any(rec["fluency"] for rec, _ in hooked)
+        assert rec.applied and rec.ppl_after is not None
+        approx_equal(written.to_dict(), rec.to_dict())
+    assert any(rec.fluency for rec, _ in hooked)
 
 
 def test_overlay_of_edits_at_two_layers_scores_each_as_written_into_w(tokenizer):
     """A guard fallback may move one case's edit to a neighbouring layer: the overlay then hooks both
     layers (zero factors where an edit is not), and the monitor measures from the lowest one."""
-    from test_eval import TEXTS
+    from conftest import TEXTS
 
     from crome.editing.edit import Overlay, apply_edit
     from crome.editing.fast import PerplexityMonitor

@@ -14,8 +14,8 @@ from conftest import TEMPLATES, save_tiny, tiny_model
 
 from crome import CromeError
 from crome.cli import main
-from crome.evaluation.evaluate import ResultsFile, timing_path
 from crome.evaluation.jobs import EvalJob, run_job
+from crome.evaluation.results import ResultsFile, timing_path
 
 ray = pytest.importorskip("ray")
 
@@ -150,7 +150,7 @@ def test_a_killed_worker_loses_no_case(files, one_worker, tmp_path):
 
 
 def test_workers_take_several_cases_per_pass(files, one_worker, tmp_path):
-    from test_batched import approx_equal
+    from conftest import approx_equal
 
     from crome.distribution.workers import run_workers
 
@@ -287,7 +287,7 @@ def test_bfloat16_edit_points_where_float32_does(tokenizer):
         full = compute_edit(lm, req, "crome", hparams=hp, templates=TEMPLATES)
         lm.model.to(torch.bfloat16)
         half = compute_edit(lm, req, "crome", hparams=hp, templates=TEMPLATES)
-        assert half.delta_w.dtype == torch.bfloat16 and half.vectors["v_star"].dtype == torch.float32
+        assert half.delta_w.dtype == torch.bfloat16 and half.vectors.v_star.dtype == torch.float32
         cos = torch.nn.functional.cosine_similarity(full.delta_w.flatten(), half.delta_w.float().flatten(), dim=0)
         assert cos > 0.99, (model_type, float(cos))
 

@@ -38,9 +38,9 @@ def test_update_equals_formula(tiny, request_):
     bare = request_.text()
     k_bare, v_bare = mlp_io(tiny, 1, bare, subject_last(tiny, bare, request_.subject))
     k_mean = keys.mean(0)
-    torch.testing.assert_close(edit.vectors["k_mean"], k_mean, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(edit.vectors["k_bare"], k_bare, rtol=1e-4, atol=1e-5)
-    v_star = edit.vectors["v_star"]
+    torch.testing.assert_close(edit.vectors.k_mean, k_mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(edit.vectors.k_bare, k_bare, rtol=1e-4, atol=1e-5)
+    v_star = edit.vectors.v_star
     u = k_mean / k_mean.norm()
     expected = torch.outer((v_star - v_bare) / (k_bare @ u), u)
     torch.testing.assert_close(edit.delta_w, expected, rtol=1e-4, atol=1e-5)
@@ -56,19 +56,19 @@ def test_edited_layer_maps_current_key_to_v_star(tiny):
         with apply_edit(tiny, edit):
             keys = compute_keys(tiny, REQ, 1, TEMPLATES)
         produced = keys.v_bare if method == "rome" else keys.v_mean
-        torch.testing.assert_close(produced, edit.vectors["v_star"], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(produced, edit.vectors.v_star, rtol=1e-3, atol=1e-4)
 
 
 def test_methods_differ_only_in_current_key_and_value(tiny):
     rome = compute_edit(tiny, REQ, "rome", hparams=HP, templates=TEMPLATES)
     crome = compute_edit(tiny, REQ, "crome", hparams=HP, templates=TEMPLATES)
     for name in ("k_bare", "k_mean", "v_star", "u"):
-        assert torch.equal(rome.vectors[name], crome.vectors[name]), name
-    assert torch.equal(rome.vectors["k_cur"], rome.vectors["k_bare"])
-    assert torch.equal(crome.vectors["k_cur"], crome.vectors["k_mean"])
+        assert torch.equal(getattr(rome.vectors, name), getattr(crome.vectors, name)), name
+    assert torch.equal(rome.vectors.k_cur, rome.vectors.k_bare)
+    assert torch.equal(crome.vectors.k_cur, crome.vectors.k_mean)
     keys = compute_keys(tiny, REQ, 1, TEMPLATES)
-    torch.testing.assert_close(rome.vectors["v_cur"], keys.v_bare)
-    torch.testing.assert_close(crome.vectors["v_cur"], keys.v_mean)
+    torch.testing.assert_close(rome.vectors.v_cur, keys.v_bare)
+    torch.testing.assert_close(crome.vectors.v_cur, keys.v_mean)
     assert not torch.equal(rome.delta_w, crome.delta_w)
 
 
@@ -95,8 +95,8 @@ def test_mom2_adjustment_uses_c_inverse_k_mean(tiny):
     a = torch.randn(d, d)
     c = a @ a.T / d + torch.eye(d)
     edit = compute_edit(tiny, REQ, "crome", hparams=HP.with_(mom2_adjustment=True), templates=TEMPLATES, mom2=c)
-    c_inv_k = torch.linalg.solve(c, edit.vectors["k_mean"])
-    torch.testing.assert_close(edit.vectors["u"], c_inv_k / c_inv_k.norm(), rtol=1e-4, atol=1e-6)
+    c_inv_k = torch.linalg.solve(c, edit.vectors.k_mean)
+    torch.testing.assert_close(edit.vectors.u, c_inv_k / c_inv_k.norm(), rtol=1e-4, atol=1e-6)
     assert edit.hparams.mom2_adjustment
 
 

@@ -8,42 +8,15 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import DATA, ME_PPL_50, TEMPLATES, tiny_model
+from conftest import DATA, FLAT, FULL, HP, ME_PPL_50, TEMPLATES, TEXTS, ZSRE, settings, tiny_model, write
 
 from crome import CromeError
 from crome.cli import main
-from crome.editing.hparams import Hparams
+from crome.evaluation.context import RunContext
 from crome.evaluation.datasets import load_cases, select
-from crome.evaluation.evaluate import ResultsFile, Settings, choose_test_prefix, run, timing_path
+from crome.evaluation.evaluate import choose_test_prefix, run
+from crome.evaluation.results import ResultsFile, timing_path
 from crome.evaluation.summary import side_by_side, summarize, to_csv, to_markdown
-
-FLAT = [
-    {"case_id": 1, "prompt": "Paris is the capital of", "subject": "Paris", "target_new": "Germany",
-     "ground_truth": "France", "rephrase_prompt": "The city of Paris is the capital of",
-     "locality_prompt": "Berlin is the capital of", "locality_ground_truth": "Germany"},
-    {"case_id": 2, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
-     "target_new": "English", "ground_truth": "French", "rephrase_prompt": "Danielle Darrieux speaks",
-     "locality_prompt": "The mother tongue of Jean Gabin is", "locality_ground_truth": "French"},
-    {"case_id": 3, "prompt": "Toko Yasuda plays the", "subject": "Toko Yasuda", "target_new": "piano",
-     "ground_truth": "guitar", "rephrase_prompt": "Toko Yasuda is known for playing the",
-     "locality_prompt": "Jimi Hendrix plays the", "locality_ground_truth": "guitar"},
-]
-FULL = {"case_id": 18, "requested_rewrite": {"prompt": "{}, created by", "subject": "Porsche 911",
-        "target_new": {"str": "Honda"}, "target_true": {"str": "Porsche"}},
-        "paraphrase_prompts": ["Porsche 911 is developed by", "Porsche 911, developed by"],
-        "neighborhood_prompts": ["Porsche 550, developed by"], "attribute_prompts": ["Honda 70, produced by"],
-        "generation_prompts": ["Porsche 911 is sold by"]}
-ZSRE = {"subject": "UniFirst", "src": "What is the product made by UniFirst?", "pred": "uniform",
-        "rephrase": "What will be the product of UniFirst?", "alt": "unmanned aircraft", "answers": ["uniform"],
-        "loc": "nq question: who wrote hamlet", "loc_ans": "Shakespeare"}
-HP = Hparams(mom2_adjustment=False, layer=1, v_steps=3)
-TEXTS = ["The cat sat on the mat.", "Rivers run to the sea and the sea is wide.", "A short one."]
-
-
-def write(tmp_path, records, name="data.json"):
-    path = tmp_path / name
-    path.write_text(json.dumps(records))
-    return path
 
 
 def test_the_three_formats_load(tmp_path):
@@ -116,17 +89,11 @@ def lm(tokenizer):
     return tiny_model("llama", tokenizer)
 
 
-def settings(**kw):
-    base = dict(method="rome", model="tiny-llama", layer=1, seed=0, test_prefix="fixed", data="data.json",
-                ppl_data="texts", gen_tokens=5)
-    return Settings(**{**base, **kw})
-
-
 def test_run_writes_one_record_per_case_and_restores(lm, tmp_path):
     cases = load_cases(write(tmp_path, [*FLAT, FULL])).cases
     w0 = {k: v.clone() for k, v in lm.model.state_dict().items()}
     out = tmp_path / "r.jsonl"
-    records = run(lm, cases, settings(), HP, TEMPLATES, TEXTS, out)
+    records = run(lm, cases, RunContext(settings(), HP, TEMPLATES, TEXTS), out)
     assert all(torch.equal(v, w0[k]) for k, v in lm.model.state_dict().items())
     lines = out.read_text().splitlines()
     assert len(lines) == 4 and [json.loads(x)["case_id"] for x in lines] == ["1", "2", "3", "18"]
@@ -144,15 +111,15 @@ def test_run_writes_one_record_per_case_and_restores(lm, tmp_path):
 def test_interrupted_then_resumed_run_gives_the_same_file(lm, tmp_path):
     cases = load_cases(write(tmp_path, FLAT)).cases
     whole, part = tmp_path / "whole.jsonl", tmp_path / "part.jsonl"
-    run(lm, cases, settings(), HP, TEMPLATES, TEXTS, whole)
-    run(lm, cases[:2], settings(), HP, TEMPLATES, TEXTS, part)        # "killed" after 2 cases ...
+    run(lm, cases, RunContext(settings(), HP, TEMPLATES, TEXTS), whole)
+    run(lm, cases[:2], RunContext(settings(), HP, TEMPLATES, TEXTS), part)        # "killed" after 2 cases ...
     with open(part, "ab") as f:
         f.write(b'{"case_id": "3", "meth')                              # ... in the middle of a write
     with pytest.raises(CromeError, match="--resume"):
-        run(lm, cases, settings(), HP, TEMPLATES, TEXTS, part)
+        run(lm, cases, RunContext(settings(), HP, TEMPLATES, TEXTS), part)
     with pytest.raises(CromeError, match="method"):
-        run(lm, cases, settings(method="crome"), HP, TEMPLATES, TEXTS, part, resume=True)
-    records = run(lm, cases, settings(), HP, TEMPLATES, TEXTS, part, resume=True)
+        run(lm, cases, RunContext(settings(method="crome"), HP, TEMPLATES, TEXTS), part, resume=True)
+    records = run(lm, cases, RunContext(settings(), HP, TEMPLATES, TEXTS), part, resume=True)
     assert len(records) == 3
     assert part.read_bytes() == whole.read_bytes()
 
@@ -161,17 +128,17 @@ def test_sequential_run_accumulates_and_restores(lm, tmp_path):
     cases = load_cases(write(tmp_path, FLAT)).cases
     w0 = lm.mlp_out(1).weight.detach().clone()
     out = tmp_path / "seq.jsonl"
-    records = run(lm, cases, settings(sequential=True, monitor_every=2), HP, TEMPLATES, TEXTS, out)
+    records = run(lm, cases, RunContext(settings(sequential=True, monitor_every=2), HP, TEMPLATES, TEXTS), out)
     assert torch.equal(lm.mlp_out(1).weight, w0)
     assert [r["step"] for r in records] == [1, 2, 3] and [r["n_applied"] for r in records] == [1, 2, 3]
     assert records[0]["ppl_after"] is None and records[0]["retained_efficacy"] is None   # not a monitor step
     assert records[1]["ppl_after"] is not None and 0 <= records[1]["retained_efficacy"] <= 1
     assert records[2]["ppl_after"] is not None  # the last step is always measured
     # the second edit was computed on the model that already held the first (same keys, other W)
-    single = run(lm, cases[1:2], settings(), HP, TEMPLATES, TEXTS, tmp_path / "single.jsonl")[0]
+    single = run(lm, cases[1:2], RunContext(settings(), HP, TEMPLATES, TEXTS), tmp_path / "single.jsonl")[0]
     assert single["denominator"] == pytest.approx(records[1]["denominator"], rel=1e-5)
     assert single["numerator_norm"] != pytest.approx(records[1]["numerator_norm"], rel=1e-4)
-    again = run(lm, cases, settings(sequential=True, monitor_every=2), HP, TEMPLATES, TEXTS, out, resume=True)
+    again = run(lm, cases, RunContext(settings(sequential=True, monitor_every=2), HP, TEMPLATES, TEXTS), out, resume=True)
     assert [r["case_id"] for r in again] == [r["case_id"] for r in records] and torch.equal(lm.mlp_out(1).weight, w0)   # finished: replayed, nothing to add
     assert "first collapsed at edit" in summarize(records)["all"]
 

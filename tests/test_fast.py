@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TEMPLATES, tiny_model
+from conftest import TEMPLATES, assert_same, tiny_model
 
 from crome import EditRequest, compute_edit
 from crome.editing.compute_value import ReferenceRunner
@@ -17,17 +17,6 @@ REQUESTS = [
     EditRequest.create("{} is the capital of", "Paris", "Germany"),                      # first-token subject
     EditRequest.create("The mother tongue of {} is", "Danielle Darrieux", "English French"),  # multi-token target
 ]
-
-
-def assert_same(a, b, tol=1e-4):
-    for name in ("v_star", "k_cur", "v_cur"):
-        va, vb = a.vectors[name], b.vectors[name]
-        assert float((va - vb).norm() / va.norm()) < tol, name
-    assert float((a.delta_w - b.delta_w).norm() / a.delta_w.norm()) < tol
-    assert a.diagnostics.denominator == pytest.approx(b.diagnostics.denominator, rel=tol)
-    assert a.diagnostics.numerator_norm == pytest.approx(b.diagnostics.numerator_norm, rel=tol)
-    assert a.diagnostics.p_target_opt == pytest.approx(b.diagnostics.p_target_opt, rel=tol)
-    assert a.diagnostics.opt_steps == b.diagnostics.opt_steps
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "gptj", "gpt_neox", "qwen2", "mistral", "gemma3_text"])

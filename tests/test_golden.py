@@ -3,7 +3,7 @@
 Each scenario runs a real path end to end on a tiny random llama (independent ROME/C-ROME edits
 with one or two per pass, the guard's actions, a sequential run, MEMIT batches, ``crome edit``)
 and compares every field of every record with ``tests/golden/<scenario>.json``: strings, flags and
-counts exactly, floats to 1e-5 relative. Timings are left out. A change of behaviour fails here;
+counts exactly, floats to 1e-5 relative. Timings and weight hashes are left out. A change of behaviour fails here;
 a deliberate one regenerates the files with ``CROME_GOLDEN_UPDATE=1 pytest tests/test_golden.py``
 and says why in its commit.
 """
@@ -17,25 +17,14 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import save_tiny, tiny_model
+from conftest import FLAT, FULL, save_tiny, tiny_model
 
 GOLDEN = Path(__file__).parent / "golden"
-VOLATILE = {"edit_seconds", "seconds", "v_seconds", "stats_seconds"}
-CASES = [
-    {"case_id": 1, "prompt": "Paris is the capital of", "subject": "Paris", "target_new": "Germany",
-     "ground_truth": "France", "rephrase_prompt": "The city of Paris is the capital of",
-     "locality_prompt": "Berlin is the capital of", "locality_ground_truth": "Germany"},
-    {"case_id": 2, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
-     "target_new": "English", "ground_truth": "French", "rephrase_prompt": "Danielle Darrieux speaks",
-     "locality_prompt": "The mother tongue of Jean Gabin is", "locality_ground_truth": "French"},
-    {"case_id": 3, "prompt": "Toko Yasuda plays the", "subject": "Toko Yasuda", "target_new": "piano",
-     "ground_truth": "guitar", "rephrase_prompt": "Toko Yasuda is known for playing the",
-     "locality_prompt": "Jimi Hendrix plays the", "locality_ground_truth": "guitar"},
-    {"case_id": 18, "requested_rewrite": {"prompt": "{}, created by", "subject": "Porsche 911",
-     "target_new": {"str": "Honda"}, "target_true": {"str": "Porsche"}},
-     "paraphrase_prompts": ["Porsche 911 is developed by"], "neighborhood_prompts": ["Porsche 550, developed by"],
-     "attribute_prompts": [], "generation_prompts": ["Porsche 911 is sold by"]},
-]
+# left out: timings, and the hash of the edited weights' bits, which moves with the summation order of the
+# thread count (a resumed run checks it against its own weights: test_sequential.py)
+VOLATILE = {"edit_seconds", "seconds", "v_seconds", "stats_seconds", "weights_sha"}
+# CounterFact's three flat records and a full-schema one (one paraphrase, no attribute prompts)
+CASES = [*FLAT, dict(FULL, paraphrase_prompts=FULL["paraphrase_prompts"][:1], attribute_prompts=[])]
 TEXTS = "The cat sat on the mat.\nRivers run to the sea and the sea is wide.\nA short one about the weather.\n"
 CORPUS = " ".join(["Some ordinary text about cities, rivers, people and the things they make."] * 40)
 
@@ -85,7 +74,7 @@ def check_golden(name: str, got, tmp) -> None:
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
     assert path.exists(), f"no golden file {path}: run with CROME_GOLDEN_UPDATE=1 once"
-    _same(json.loads(path.read_text()), got, name)
+    _same(_strip(json.loads(path.read_text()), "<tmp>"), got, name)
 
 
 @pytest.fixture

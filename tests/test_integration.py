@@ -12,6 +12,7 @@ from crome import EditRequest, apply_edit, compute_edit, save_model, target_prob
 from crome.cli import main
 from crome.editing.fast import PerplexityMonitor
 from crome.editing.hparams import defaults_for
+from crome.evaluation.context import RunContext
 from crome.evaluation.measure import template_prefix
 from crome.evaluation.report import measure_edit
 
@@ -28,7 +29,8 @@ def monitor(default_lm, me_ppl_50):
 
 @pytest.fixture(scope="module")
 def paris(default_lm, monitor):
-    return {m: measure_edit(default_lm, PARIS, m, monitor=monitor, hparams=PAPER)[0] for m in ("rome", "crome")}
+    return {m: measure_edit(default_lm, PARIS, RunContext.of(default_lm, m, PAPER, monitor=monitor))[0]
+            for m in ("rome", "crome")}
 
 
 def test_rome_collapses_on_first_token_subject(paris):
@@ -54,7 +56,8 @@ def test_no_mom2_gives_the_reference_denominators(paris):
 def test_crome_with_default_key_statistics_does_not_collapse_rome_still_does(default_lm, monitor):
     """crome's default (C from text sampled from the model) keeps C-ROME healthy, and ROME's
     first-token edit still collapses: the demo's point holds in the default setting."""
-    reports = {m: measure_edit(default_lm, PARIS, m, monitor=monitor)[0] for m in ("rome", "crome")}
+    reports = {m: measure_edit(default_lm, PARIS, RunContext.of(default_lm, m, monitor=monitor))[0]
+               for m in ("rome", "crome")}
     assert reports["crome"].key_stats["source"].startswith("model")
     assert reports["crome"].ppl_ratio < 1.1 and reports["rome"].collapsed
 
@@ -69,7 +72,7 @@ def test_test_time_prefix_makes_crome_edit_effective(paris):
 def test_normal_edit_works_for_both_methods(default_lm, monitor, prompt):
     req = EditRequest.create(prompt, "Danielle Darrieux", "English")
     for method in ("rome", "crome"):
-        r, _ = measure_edit(default_lm, req, method, monitor=monitor, hparams=PAPER)
+        r, _ = measure_edit(default_lm, req, RunContext.of(default_lm, method, PAPER, monitor=monitor))
         assert not r.collapsed and r.ppl_ratio < 1.5, method
         assert r.p_target_after > 0.5 and r.p_target_after > 2 * r.p_target_before, method
 
@@ -125,16 +128,16 @@ def test_guard_on_the_collapsing_rome_edit(default_lm):
     verifier = Verifier(default_lm, 6)
     with pytest.raises(GuardRefused, match="rolled back") as refused:
         guarded_apply(default_lm, PARIS, "rome", "verify", verifier=verifier, hparams=PAPER)
-    assert refused.value.decision["guard_ppl_ratio"] > 2 and untouched()
+    assert refused.value.decision.guard_ppl_ratio > 2 and untouched()
     edit, handle, decision = guarded_apply(default_lm, PARIS, "rome", "fallback", verifier=verifier, hparams=PAPER)
-    assert edit.method == "crome" and decision["guard_action"].startswith("fallback")
-    assert decision["guard_ppl_ratio"] < 1.1
+    assert edit.method == "crome" and decision.guard_action.startswith("fallback")
+    assert decision.guard_ppl_ratio < 1.1
     handle.restore()
     assert untouched()
     assert torch.equal(edit.delta_w, compute_edit(default_lm, PARIS, "crome", hparams=PAPER).delta_w)
     normal = EditRequest.create("The mother tongue of {} is", "Danielle Darrieux", "English")
     edit, handle, decision = guarded_apply(default_lm, normal, "rome", "verify", verifier=verifier, hparams=PAPER)
-    assert edit.method == "rome" and decision["guard_action"] == "applied" and decision["guard_ppl_ratio"] < 1.1
+    assert edit.method == "rome" and decision.guard_action == "applied" and decision.guard_ppl_ratio < 1.1
     handle.restore()
     assert untouched()
 
@@ -161,13 +164,13 @@ def test_verify_rolls_back_an_edit_that_does_not_take_and_keeps_one_that_does(de
     with pytest.raises(GuardRefused, match="did not take") as refused:
         guarded_apply(default_lm, sink, "crome", "verify", verifier=Verifier(default_lm, 2), layer=2)
     d, diag = refused.value.decision, refused.value.edit.diagnostics
-    assert d["guard_reason"] == "did not take" and d["guard_ppl_ratio"] < d["guard_threshold"]
+    assert d.guard_reason == "did not take" and d.guard_ppl_ratio < d.guard_threshold
     assert diag.first_token_subject and diag.key_outlier_ratio > 10 and diag.unlikely_to_take()
     after = default_lm.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
     normal = EditRequest.create("The mother tongue of {} is", "Danielle Darrieux", "English", "French")
     edit, handle, decision = guarded_apply(default_lm, normal, "crome", "verify", verifier=Verifier(default_lm, 6))
-    eff = decision["guard_efficacy"]
-    assert decision["guard_action"] == "applied" and decision["guard_took"] and eff["prefix"]
+    eff = decision.guard_efficacy
+    assert decision.guard_action == "applied" and decision.guard_took and eff["prefix"]
     assert eff["p_new_after"] > 0.5 > eff["p_old_after"] and edit.diagnostics.unlikely_to_take() is None
     handle.restore()

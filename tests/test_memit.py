@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TEMPLATES, save_tiny, tiny_model
+from conftest import TEMPLATES, save_tiny, stats_for, tiny_model
 
 from crome import CromeError, EditRequest
 from crome.editing.compute_key import key_and_output
@@ -12,7 +12,6 @@ from crome.editing.compute_value import ReferenceRunner, compute_v_stars
 from crome.editing.fast import FastRunner
 from crome.editing.hparams import Hparams
 from crome.editing.memit import add_factors, apply_memit, factor_update
-from crome.editing.mom2 import KeyStats
 from crome.editing.request import SLOT
 from crome.editing.update import rank_one_update
 
@@ -21,19 +20,6 @@ REQUESTS = [
     EditRequest.create("The mother tongue of {} is", "Danielle Darrieux", "English"),
     EditRequest.create("{}, developed by", "Porsche 911", "Honda Motor Company"),        # multi-token target
 ]
-
-
-def stats_for(lm, layers, seed=0):
-    """A random well-conditioned second moment per layer (C is data to the solve)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for layer in layers:
-        w = lm.mlp_out(layer).weight
-        d_in = w.shape[0] if lm.arch.transposed else w.shape[1]
-        x = torch.randn(4 * d_in, d_in, generator=g)
-        out[layer] = KeyStats(mom2=x.T @ x / len(x), source="test", source_hash="", layer=layer, n_keys=len(x),
-                              shrinkage=0.0, hash=f"test{layer}")
-    return out
 
 
 def direct(keys, resid, c, weight):
@@ -140,7 +126,7 @@ def test_memit_needs_key_statistics_and_a_known_method(tokenizer):
 def folder(tmp_path_factory, tokenizer):
     import json
 
-    from test_eval import FLAT
+    from conftest import FLAT
 
     root = tmp_path_factory.mktemp("memit")
     save_tiny(root / "tiny", tokenizer)
@@ -176,11 +162,39 @@ def test_cli_edit_with_memit_takes_a_file_of_requests(folder):
     assert r.exit_code != 0 and "needs --prompt" in r.output
 
 
+def test_cli_edit_with_memit_honours_the_guard_rule(folder, tmp_path):
+    """--guard-rule on the MEMIT path is a pre-check of the batch (it used to be dropped): a rule that
+    predicts a collapse refuses the batch (exit 3, nothing saved), one that does not lets it through."""
+    import json
+
+    from click.testing import CliRunner
+
+    from crome.cli import main
+
+    args = ["edit", "--method", "cmemit", "--requests", str(folder / "requests.json"), "--memit-layers", "0-1",
+            "--model", str(folder / "tiny"), "--layer", "1", "--mom2-samples", "300", "--no-ppl", "--guard", "verify",
+            "--guard-probe", str(folder / "texts.txt"), "--guard-threshold", "1e9"]
+    strict, lenient = tmp_path / "strict.json", tmp_path / "lenient.json"
+    strict.write_text(json.dumps({"feature": "update_ratio", "threshold": 1e-9, "above": True}))
+    lenient.write_text(json.dumps({"feature": "update_ratio", "threshold": 1e9, "above": True}))
+    r = CliRunner().invoke(main, [*args, "--guard-rule", str(strict), "--save", str(tmp_path / "saved")])
+    assert r.exit_code == 3 and "guard refused the cmemit batch: update_ratio" in r.output, r.output
+    assert not (tmp_path / "saved").exists()
+    r = CliRunner().invoke(main, [*args, "--guard-rule", str(lenient), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output[r.output.index("{"):])
+    assert report["guard_rule"]["threshold"] == 1e9 and report["guard_predicted_collapse"] is False
+    denominator = tmp_path / "denominator.json"
+    denominator.write_text(json.dumps({"feature": "denominator", "threshold": 0.1, "above": False}))
+    r = CliRunner().invoke(main, [*args, "--guard-rule", str(denominator)])
+    assert r.exit_code == 2 and "ROME's" in r.output
+
+
 def test_cli_eval_memit_batches_sequentially_and_resumes(folder, tmp_path):
     from click.testing import CliRunner
 
     from crome.cli import main
-    from crome.evaluation.evaluate import ResultsFile
+    from crome.evaluation.results import ResultsFile
 
     out = tmp_path / "memit.jsonl"
     args = ["eval", "--data", str(folder / "data.json"), "--model", str(folder / "tiny"), "--layer", "1",
@@ -200,8 +214,9 @@ def test_cli_eval_memit_batches_sequentially_and_resumes(folder, tmp_path):
 def test_an_eval_records_the_perplexity_of_the_model_memit_edited(tokenizer, tmp_path):
     """The monitor starts at MEMIT's lowest layer (0 here), not at --layer (1): the record's
     perplexity is the plain perplexity of the edited model; every case of the batch shares it."""
-    from test_eval import FLAT, TEXTS, settings, write
+    from conftest import FLAT, TEXTS, settings, write
 
+    from crome.evaluation.context import RunContext
     from crome.evaluation.datasets import load_cases
     from crome.evaluation.evaluate import run
     from crome.evaluation.measure import perplexity
@@ -210,8 +225,7 @@ def test_an_eval_records_the_perplexity_of_the_model_memit_edited(tokenizer, tmp
     hp = Hparams(layer=1, v_steps=3, memit_layers=(0, 1), mom2_update_weight=3.0)
     stats = stats_for(lm, (0, 1))
     cases = load_cases(write(tmp_path, FLAT[:2])).cases
-    records = run(lm, cases, settings(method="cmemit", batch_size=2), hp, TEMPLATES, TEXTS, tmp_path / "m.jsonl",
-                  stats=stats)
+    records = run(lm, cases, RunContext(settings(method="cmemit", batch_size=2), hp, TEMPLATES, TEXTS, stats=stats), tmp_path / "m.jsonl")
     _, handle = apply_memit(lm, [c.request for c in cases], "cmemit", hparams=hp, stats=stats, templates=TEMPLATES)
     edited = perplexity(lm, TEXTS)
     handle.restore()

@@ -167,8 +167,8 @@ def test_key_stats_direction_equals_a_direct_solve(tiny, tmp_path):
     torch.testing.assert_close(stats.mom2.double(), c, rtol=1e-5, atol=1e-6)
 
     edit = compute_edit(tiny, REQ, "crome", hparams=HP.with_(mom2_adjustment=True), templates=TEMPLATES, mom2=stats)
-    direct = torch.linalg.solve(c, edit.vectors["k_mean"].double())
-    torch.testing.assert_close(edit.vectors["u"].double(), direct / direct.norm(), rtol=1e-4, atol=1e-5)
+    direct = torch.linalg.solve(c, edit.vectors.k_mean.double())
+    torch.testing.assert_close(edit.vectors.u.double(), direct / direct.norm(), rtol=1e-4, atol=1e-5)
     assert edit.key_stats == stats.record() and edit.key_stats["n_keys"] == stats.n_keys
     assert torch.isfinite(edit.delta_w).all()
 
@@ -354,19 +354,19 @@ def test_guard_verify_rolls_back_bit_exactly_or_keeps_the_edit(tiny, factor):
     verifier = Verifier(tiny, 1, TEXTS, threshold=1e9, efficacy=False)  # the probe alone (tiny edits don't take)
     edit, handle, decision = guarded_apply(tiny, REQ, "rome", "verify", verifier=verifier, hparams=HP, templates=TEMPLATES)
     handle.restore()
-    ratio = decision["guard_ppl_ratio"]
+    ratio = decision.guard_ppl_ratio
     assert ratio != 1.0
     verifier.threshold = ratio * factor
     if factor < 1:
         with pytest.raises(GuardRefused, match="rolled back") as refused:
             guarded_apply(tiny, REQ, "rome", "verify", verifier=verifier, hparams=HP, templates=TEMPLATES)
         assert torch.equal(tiny.mlp_out(1).weight, w)
-        assert refused.value.decision["guard_action"] == "rolled back"
-        assert refused.value.decision["guard_ppl_ratio"] == pytest.approx(ratio)
+        assert refused.value.decision.guard_action == "rolled back"
+        assert refused.value.decision.guard_ppl_ratio == pytest.approx(ratio)
     else:
         edit, handle, decision = guarded_apply(tiny, REQ, "rome", "verify", verifier=verifier, hparams=HP,
                                                templates=TEMPLATES)
-        assert decision["guard_action"] == "applied" and decision["guard_ppl_ratio"] == pytest.approx(ratio)
+        assert decision.guard_action == "applied" and decision.guard_ppl_ratio == pytest.approx(ratio)
         delta = edit.delta_w.T if tiny.arch.transposed else edit.delta_w
         torch.testing.assert_close(tiny.mlp_out(1).weight, w + delta)
         handle.restore()
@@ -381,7 +381,7 @@ def test_guard_fallback_with_a_rule_that_rejects_both_refuses_untouched(tiny):
     verifier = Verifier(tiny, 1, TEXTS, threshold=1e9)
     with pytest.raises(GuardRefused, match="guard refused the rome edit: rome at layer 1: .*; crome at layer 1: ") as refused:
         guarded_apply(tiny, REQ, "rome", "fallback", rule=always, verifier=verifier, hparams=HP, templates=TEMPLATES)
-    assert refused.value.decision["guard_action"] == "refused" and refused.value.edit.method == "crome"
+    assert refused.value.decision.guard_action == "refused" and refused.value.edit.method == "crome"
     assert torch.equal(tiny.mlp_out(1).weight, w)
 
 
@@ -394,8 +394,8 @@ def test_guard_fallback_applies_crome_when_rome_fails_the_probe(tiny, monkeypatc
     monkeypatch.setattr(Verifier, "ratio", lambda self, layer=None: seen.append(1) or (5.0 if len(seen) == 1 else 1.01))
     edit, handle, decision = guarded_apply(tiny, REQ, "rome", "fallback", verifier=verifier, hparams=HP,
                                            templates=TEMPLATES)
-    assert edit.method == "crome" and decision["guard_action"] == "fallback: crome instead of rome"
-    assert decision["guard_ppl_ratio"] == 1.01 and len(seen) == 2
+    assert edit.method == "crome" and decision.guard_action == "fallback: crome instead of rome"
+    assert decision.guard_ppl_ratio == 1.01 and len(seen) == 2
     handle.restore()
     assert torch.equal(tiny.mlp_out(1).weight, w)
     monkeypatch.setattr(Verifier, "ratio", lambda self, layer=None: 3.0)
@@ -426,16 +426,16 @@ def test_guard_verify_rolls_back_an_edit_that_did_not_take(tokenizer):
     with pytest.raises(GuardRefused, match=r"crome at layer 1: did not take: P\(Germany\)") as refused:
         guarded_apply(lm, req, "crome", "verify", verifier=verifier, hparams=HP, templates=TEMPLATES)
     d = refused.value.decision
-    assert d["guard_action"] == "rolled back" and d["guard_reason"] == "did not take" and d["guard_took"] is False
-    eff = d["guard_efficacy"]
+    assert d.guard_action == "rolled back" and d.guard_reason == "did not take" and d.guard_took is False
+    eff = d.guard_efficacy
     assert eff["target_old"] == "France" and eff["prefix"] == "The day was long."   # C-ROME: the test prefix
     assert not (eff["p_new_after"] > eff["p_new_before"] and eff["p_new_after"] > eff["p_old_after"])
     assert torch.equal(lm.mlp_out(1).weight, w)
     # without a known old target, the model's own answer is the one to beat
     with pytest.raises(GuardRefused, match="did not take") as refused:
         guarded_apply(lm, REQ, "rome", "verify", verifier=verifier, hparams=HP, templates=TEMPLATES)
-    assert refused.value.decision["guard_efficacy"]["prefix"] is None                # ROME: the bare prompt
-    assert refused.value.decision["guard_efficacy"]["target_old"]
+    assert refused.value.decision.guard_efficacy["prefix"] is None                # ROME: the bare prompt
+    assert refused.value.decision.guard_efficacy["target_old"]
     assert torch.equal(lm.mlp_out(1).weight, w)
 
 
@@ -451,7 +451,7 @@ def test_guard_fallback_moves_to_a_neighbouring_layer(tokenizer, monkeypatch):
     edit, handle, decision = guarded_apply(lm, REQ, "rome", "fallback", verifier=verifier, hparams=HP,
                                            templates=TEMPLATES)
     assert seen == [1, 1, 2] and edit.layer == 2 and edit.method == "crome"
-    assert decision["guard_action"] == "fallback: crome at layer 2 instead of rome"
+    assert decision.guard_action == "fallback: crome at layer 2 instead of rome"
     assert edit.layer_choice["rule"] == "fallback" and edit.layer_choice["detail"] == {"from_layer": 1}
     assert torch.equal(lm.mlp_out(1).weight, w1) and not torch.equal(lm.mlp_out(2).weight, w2)
     handle.restore()
@@ -475,8 +475,8 @@ def test_verifier_measures_an_edit_below_its_layer_against_the_unedited_model(to
     edit, handle, decision = guarded_apply(lm, REQ, "rome", "verify", verifier=verifier, hparams=HP,
                                            templates=TEMPLATES)
     assert edit.layer == 1
-    assert decision["guard_ppl_ratio"] == pytest.approx(perplexity(lm, TEXTS) / unedited, rel=1e-4)
-    assert decision["guard_ppl_ratio"] != pytest.approx(1.0, abs=1e-6)
+    assert decision.guard_ppl_ratio == pytest.approx(perplexity(lm, TEXTS) / unedited, rel=1e-4)
+    assert decision.guard_ppl_ratio != pytest.approx(1.0, abs=1e-6)
     handle.restore()
 
 
@@ -505,7 +505,7 @@ def test_diagnostics_report_the_outlier_ratio_and_value_shift(tiny):
     d = edit.diagnostics
     assert d.key_outlier_ratio == pytest.approx(float(keys.k_bare.norm() / prefixed.norm(dim=1).median()), rel=1e-5)
     _, v_cur = current(keys, "crome")
-    shift = float((edit.vectors["v_star"] - v_cur).norm() / v_cur.norm())
+    shift = float((edit.vectors.v_star - v_cur).norm() / v_cur.norm())
     assert d.value_shift == pytest.approx(shift, rel=1e-5) and d.value_shift > 0
     huge = dataclasses.replace(d, value_shift=1e3, key_outlier_ratio=1.0)
     assert "‖v*−v_cur‖/‖v_cur‖ = 1e+03" in huge.unlikely_to_take()
@@ -533,8 +533,9 @@ def test_guard_refuse_needs_a_rule_for_the_model(tiny, tmp_path):
 
 def test_eval_with_guard_verify_records_ratio_and_decision(tiny, tmp_path):
     from crome.editing.guard import Verifier
+    from crome.evaluation.context import RunContext, RunSettings
     from crome.evaluation.datasets import load_cases
-    from crome.evaluation.evaluate import Settings, run
+    from crome.evaluation.evaluate import run
 
     data = tmp_path / "cf.json"
     data.write_text(json.dumps([dict(case_id=i, prompt=f"{s} is the capital of", subject=s, target_new="Germany",
@@ -542,11 +543,10 @@ def test_eval_with_guard_verify_records_ratio_and_decision(tiny, tmp_path):
                                      locality_prompt="Rome is the capital of", locality_ground_truth="Italy")
                                 for i, s in enumerate(["Paris", "Lyon"])]))
     cases = load_cases(data).cases
-    settings = Settings(method="rome", model=tiny.name, layer=1, seed=0, gen_tokens=0, guard="verify",
+    settings = RunSettings(method="rome", model=tiny.name, layer=1, seed=0, gen_tokens=0, guard="verify",
                         guard_threshold=1e-6)
     w = tiny.mlp_out(1).weight.detach().clone()
-    records = run(tiny, cases, settings, HP, TEMPLATES, TEXTS, tmp_path / "out.jsonl",
-                  verifier=Verifier(tiny, 1, TEXTS, threshold=1e-6))  # any edit fails: every case rolled back
+    records = run(tiny, cases, RunContext(settings, HP, TEMPLATES, TEXTS, verifier=Verifier(tiny, 1, TEXTS, threshold=1e-6)), tmp_path / "out.jsonl")  # any edit fails: every case rolled back
     assert len(records) == 2 and torch.equal(tiny.mlp_out(1).weight, w)
     for r in records:
         assert r["guard_action"] == "rolled back" and r["guard_ppl_ratio"] > 1e-6 and not r["applied"]
@@ -557,19 +557,19 @@ def test_eval_records_an_edit_that_did_not_take(tokenizer, tmp_path):
     """`crome eval --guard verify` records the efficacy check with every case: the action, the reason
     and the probabilities it compared; a case that did not take is rolled back, not measured."""
     from crome.editing.guard import Verifier
+    from crome.evaluation.context import RunContext, RunSettings
     from crome.evaluation.datasets import load_cases
-    from crome.evaluation.evaluate import Settings, run
+    from crome.evaluation.evaluate import run
 
     lm = tiny_model("llama", tokenizer)
     data = tmp_path / "cf.json"
     data.write_text(json.dumps([dict(case_id=0, prompt="Paris is the capital of", subject="Paris", target_new="Germany",
                                      ground_truth="France", rephrase_prompt="The capital Paris is in",
                                      locality_prompt="Rome is the capital of", locality_ground_truth="Italy")]))
-    settings = Settings(method="crome", model=lm.name, layer=1, seed=0, gen_tokens=0, guard="verify",
+    settings = RunSettings(method="crome", model=lm.name, layer=1, seed=0, gen_tokens=0, guard="verify",
                         guard_threshold=1e9)
     w = lm.mlp_out(1).weight.detach().clone()
-    [r] = run(lm, load_cases(data).cases, settings, HP, TEMPLATES, TEXTS, tmp_path / "out.jsonl",
-              verifier=Verifier(lm, 1, TEXTS, threshold=1e9))
+    [r] = run(lm, load_cases(data).cases, RunContext(settings, HP, TEMPLATES, TEXTS, verifier=Verifier(lm, 1, TEXTS, threshold=1e9)), tmp_path / "out.jsonl")
     assert r["guard_action"] == "rolled back" and r["guard_reason"] == "did not take" and r["guard_took"] is False
     assert r["guard_efficacy"]["target_old"] == "France" and not r["applied"] and "did not take" in r["error"]
     assert r["key_outlier_ratio"] > 0 and r["value_shift"] > 0 and torch.equal(lm.mlp_out(1).weight, w)
@@ -581,7 +581,7 @@ def test_cli_out_in_a_missing_folder_is_created_before_work(tmp_path, monkeypatc
     from crome import cli
 
     loaded = []
-    monkeypatch.setattr(cli, "_load", lambda model: loaded.append(model) or (_ for _ in ()).throw(CromeError("stop")))
+    monkeypatch.setattr(cli, "_load", lambda model, options: loaded.append(model) or (_ for _ in ()).throw(CromeError("stop")))
     out = tmp_path / "missing" / "dir" / "x.json"
     res = CliRunner().invoke(cli.main, ["edit", "--prompt", "{} is in", "--subject", "Paris", "--target", "France",
                                         "--out", str(out)])

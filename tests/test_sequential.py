@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TEMPLATES, tiny_model
-from test_eval import FLAT, HP, TEXTS, settings, write
-from test_memit import stats_for
+from conftest import FLAT, HP, TEMPLATES, TEXTS, settings, stats_for, tiny_model, write
 
 from crome import CromeError
 from crome.editing.guard import Verifier
 from crome.editing.hparams import Hparams
 from crome.evaluation.checkpoint import FactorStore, weights_sha
+from crome.evaluation.context import RunContext
 from crome.evaluation.datasets import load_cases
-from crome.evaluation.evaluate import ResultsFile, run
+from crome.evaluation.evaluate import run
+from crome.evaluation.results import ResultsFile
 
 MORE = [dict(FLAT[i % len(FLAT)], case_id=10 + i) for i in range(6)]
 MEMIT_HP = Hparams(layer=1, v_steps=3, memit_layers=(0, 1), mom2_update_weight=3.0)
@@ -59,12 +59,12 @@ def test_a_killed_sequential_run_resumes_to_the_same_weights_and_records(tokeniz
     cases = load_cases(write(tmp_path, MORE)).cases
     w0 = {x: lm.mlp_out(x).weight.detach().clone() for x in layers}
     whole, part = tmp_path / "whole.jsonl", tmp_path / "part.jsonl"
-    reference = run(lm, cases, s, hp, TEMPLATES, TEXTS, whole, stats=stats)
+    reference = run(lm, cases, RunContext(s, hp, TEMPLATES, TEXTS, stats=stats), whole)
     with pytest.raises(Killed):
-        run(lm, cases, s, hp, TEMPLATES, TEXTS, part, stats=stats, progress=killing_after(kill_at))
+        run(lm, cases, RunContext(s, hp, TEMPLATES, TEXTS, stats=stats), part, progress=killing_after(kill_at))
     assert all(torch.equal(lm.mlp_out(x).weight, w0[x]) for x in layers)     # the kill left W as it was
     assert 0 < len(ResultsFile(part).read()) < len(cases)
-    run(lm, cases, s, hp, TEMPLATES, TEXTS, part, stats=stats, resume=True)
+    run(lm, cases, RunContext(s, hp, TEMPLATES, TEXTS, stats=stats), part, resume=True)
     assert part.read_bytes() == whole.read_bytes()                             # every record, every field, exactly
     a, b = final_weights(lm, whole, layers), final_weights(lm, part, layers)
     assert all(torch.equal(a[x], b[x]) and not torch.equal(a[x], w0[x]) for x in layers)
@@ -79,7 +79,7 @@ def test_an_update_cut_off_before_its_records_runs_again(tokenizer, tmp_path, mo
     s = settings(sequential=True)
     cases = load_cases(write(tmp_path, MORE)).cases
     whole, part = tmp_path / "whole.jsonl", tmp_path / "part.jsonl"
-    reference = run(lm, cases, s, HP, TEMPLATES, TEXTS, whole)
+    reference = run(lm, cases, RunContext(s, HP, TEMPLATES, TEXTS), whole)
     real_append, calls = ResultsFile.append, []
 
     def append(self, record):
@@ -91,10 +91,10 @@ def test_an_update_cut_off_before_its_records_runs_again(tokenizer, tmp_path, mo
 
     monkeypatch.setattr(ResultsFile, "append", append)
     with pytest.raises(Killed):
-        run(lm, cases, s, HP, TEMPLATES, TEXTS, part)
+        run(lm, cases, RunContext(s, HP, TEMPLATES, TEXTS), part)
     assert FactorStore(part).updates() == [1, 2, 3] and len(ResultsFile(part).read()) == 2
     monkeypatch.setattr(ResultsFile, "append", real_append)
-    run(lm, cases, s, HP, TEMPLATES, TEXTS, part, resume=True)
+    run(lm, cases, RunContext(s, HP, TEMPLATES, TEXTS), part, resume=True)
     assert part.read_bytes() == whole.read_bytes() and len(reference) == len(cases)
 
 
@@ -104,14 +104,14 @@ def test_a_checkpoint_that_does_not_give_the_recorded_weights_is_refused(tokeniz
     cases = load_cases(write(tmp_path, MORE)).cases
     out = tmp_path / "seq.jsonl"
     with pytest.raises(Killed):
-        run(lm, cases, s, HP, TEMPLATES, TEXTS, out, progress=killing_after(3))
+        run(lm, cases, RunContext(s, HP, TEMPLATES, TEXTS), out, progress=killing_after(3))
     store = FactorStore(out)
     saved = store.read(2)
     a, b = saved["layers"][1]
     store.write(2, saved["case_ids"], {1: (a * 1.001, b)})
     w0 = lm.mlp_out(1).weight.detach().clone()
     with pytest.raises(CromeError, match="checkpoint does not give the weights"):
-        run(lm, cases, s, HP, TEMPLATES, TEXTS, out, resume=True)
+        run(lm, cases, RunContext(s, HP, TEMPLATES, TEXTS), out, resume=True)
     assert torch.equal(lm.mlp_out(1).weight, w0)
 
 
@@ -121,13 +121,12 @@ def test_the_guard_keeps_a_sequential_run_under_its_threshold(tokenizer, tmp_pat
     lm = tiny_model("llama", tokenizer)
     hp = Hparams(mom2_adjustment=False, layer=1, v_steps=6, v_lr=2.0, clamp_norm_factor=40.0)
     cases = load_cases(write(tmp_path, MORE)).cases
-    free = run(lm, cases, settings(sequential=True), hp, TEMPLATES, TEXTS, tmp_path / "free.jsonl")
+    free = run(lm, cases, RunContext(settings(sequential=True), hp, TEMPLATES, TEXTS), tmp_path / "free.jsonl")
     worst = max(r["ppl_ratio"] for r in free)
     threshold = 1 + (worst - 1) / 3          # a threshold the unguarded run crosses
     assert worst > threshold
     verifier = Verifier(lm, 1, TEXTS, threshold)
-    guarded = run(lm, cases, settings(sequential=True, guard="verify", guard_threshold=threshold), hp, TEMPLATES,
-                  TEXTS, tmp_path / "guarded.jsonl", verifier=verifier)
+    guarded = run(lm, cases, RunContext(settings(sequential=True, guard="verify", guard_threshold=threshold), hp, TEMPLATES, TEXTS, verifier=verifier), tmp_path / "guarded.jsonl")
     refused = [r for r in guarded if not r["applied"]]
     assert refused and all(r["guard_action"] == "rolled back" and "rolled back" in r["error"] for r in refused)
     assert all(r["guard_ppl_ratio"] <= threshold for r in guarded if r["applied"])
@@ -147,14 +146,13 @@ def test_retained_efficacy_has_its_own_cadence_which_a_resume_may_change(tokeniz
     cases = load_cases(write(tmp_path, MORE)).cases
     out = tmp_path / "seq.jsonl"
     with pytest.raises(Killed):
-        run(lm, cases, settings(sequential=True, retained_every=3), HP, TEMPLATES, TEXTS, out,
-            progress=killing_after(4))
+        run(lm, cases, RunContext(settings(sequential=True, retained_every=3), HP, TEMPLATES, TEXTS), out, progress=killing_after(4))
     first = ResultsFile(out).read()
     assert [r["ppl_after"] is not None for r in first] == [True] * 4
     assert [r["retained_efficacy"] is not None for r in first] == [False, False, True, False]
     with pytest.raises(CromeError, match="holds a run with method='rome'"):
-        run(lm, cases, settings(method="crome", sequential=True), HP, TEMPLATES, TEXTS, out, resume=True)
-    records = run(lm, cases, settings(sequential=True, monitor_every=2), HP, TEMPLATES, TEXTS, out, resume=True)
+        run(lm, cases, RunContext(settings(method="crome", sequential=True), HP, TEMPLATES, TEXTS), out, resume=True)
+    records = run(lm, cases, RunContext(settings(sequential=True, monitor_every=2), HP, TEMPLATES, TEXTS), out, resume=True)
     assert records[:4] == first
     assert [r["ppl_after"] is not None for r in records[4:]] == [False, True]   # edit 6: every 2nd and the last
     assert [r["retained_efficacy"] is not None for r in records[4:]] == [False, True]
@@ -166,7 +164,7 @@ def test_memit_needs_batch_methods_for_batch_size(tokenizer, tmp_path):
     lm = tiny_model("llama", tokenizer)
     cases = load_cases(write(tmp_path, MORE)).cases
     with pytest.raises(CromeError, match="batch-size is MEMIT's"):
-        run(lm, cases, settings(batch_size=2), HP, TEMPLATES, TEXTS, tmp_path / "x.jsonl")
+        run(lm, cases, RunContext(settings(batch_size=2), HP, TEMPLATES, TEXTS), tmp_path / "x.jsonl")
     with pytest.raises(CromeError, match="edits-per-pass"):
-        run(lm, cases, settings(method="memit"), MEMIT_HP, TEMPLATES, TEXTS, tmp_path / "y.jsonl", edits_per_pass=2)
+        run(lm, cases, RunContext(settings(method="memit"), MEMIT_HP, TEMPLATES, TEXTS), tmp_path / "y.jsonl", edits_per_pass=2)
     assert weights_sha(lm, (0, 1)) == weights_sha(lm, (1, 0))

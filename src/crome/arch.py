@@ -8,9 +8,7 @@ Architecture differences are data, not branches. Each entry names, with a
   output the value v);
 * ``attn_out``: the attention's output projection (causal tracing restores its output);
 * ``transposed``: True where W is stored as [in, out] (GPT-2's Conv1D) instead
-  of torch.nn.Linear's [out, in];
-* ``fast``: whether the fast runner (``fast.py``) applies; every family here
-  supports it, the flag is for a future layout that doesn't.
+  of torch.nn.Linear's [out, in].
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ class Arch:
     mlp_out: str
     attn_out: str
     transposed: bool = False
-    fast: bool = True
 
     def layer_name(self, layer: int) -> str:
         return self.layer.format(layer)
@@ -43,7 +40,8 @@ _LLAMA_LIKE = Arch("model.layers.{}", "model.layers.{}.mlp.down_proj", "model.la
 ARCHITECTURES: dict[str, Arch] = {
     "gpt2": Arch("transformer.h.{}", "transformer.h.{}.mlp.c_proj", "transformer.h.{}.attn.c_proj", transposed=True),
     "gptj": Arch("transformer.h.{}", "transformer.h.{}.mlp.fc_out", "transformer.h.{}.attn.out_proj"),
-    "gpt_neox": Arch("gpt_neox.layers.{}", "gpt_neox.layers.{}.mlp.dense_4h_to_h", "gpt_neox.layers.{}.attention.dense"),
+    "gpt_neox": Arch("gpt_neox.layers.{}", "gpt_neox.layers.{}.mlp.dense_4h_to_h",
+                     "gpt_neox.layers.{}.attention.dense"),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,

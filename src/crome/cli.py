@@ -1,6 +1,9 @@
-"""The ``crome`` command: ``crome edit`` and ``crome demo``.
+"""The ``crome`` command, a thin layer over the library: ``edit``, ``demo``, ``eval``, ``summarize``,
+``analyze``, ``trace``, ``sweep`` and ``report``. Each command turns its flags into the library's
+records (``EvalJob``, ``LoadOptions``), calls one library function and prints what it returns.
 
-Errors print one line and exit with code 2 (no traceback unless ``--debug``).
+Errors print one line and exit with code 2 (no traceback unless ``--debug``); a guard that
+refuses or rolls back an edit exits with code 3.
 """
 
 from __future__ import annotations
@@ -36,30 +39,23 @@ def _quiet_transformers() -> None:
     huggingface_hub.utils.disable_progress_bars()
 
 
-def _load(model: str | None):
+LOAD_OPTIONS = ("dtype", "device_map", "trust_remote_code", "allow_pickle")
+
+
+def _load(model: str | None, options):
+    """The model, loaded with ``options`` (a ``LoadOptions``), behind a spinner."""
     from .models import load_model
 
     _quiet_transformers()
     with err.status(f"loading {model or 'the default model'}"):
-        return load_model(model, **_load_flags())
+        return load_model(model, **options.kwargs())
 
 
-def _load_flags() -> dict:
-    """--dtype, --device-map, --trust-remote-code, --allow-pickle of the running command."""
-    meta = click.get_current_context().meta
-    return {k: meta[k] for k in ("dtype", "device_map", "trust_remote_code", "allow_pickle") if k in meta}
+def _load_options(o: dict):
+    """The model-loading flags of a command, taken out of its options, as a ``LoadOptions``."""
+    from .models import LoadOptions
 
-
-def _to_meta(ctx, param, value):
-    ctx.meta[param.name] = value
-    return value
-
-
-def _texts(ppl_data: str | None):
-    from .evaluation.texts import load_texts, perplexity_source
-
-    source = perplexity_source(ppl_data)
-    return load_texts(source), str(source)
+    return LoadOptions(**{k: o.pop(k) for k in LOAD_OPTIONS})
 
 
 def _say(message: str) -> None:
@@ -136,21 +132,25 @@ def _options(f, options):
 def _model_opts(f):
     """The flags every command that loads a model shares: model, layer, seed, key statistics."""
     return _options(f, [
-        click.option("--model", default=None, help="HF id, local folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."),
-        click.option("--layer", default=None, help="Layer to edit: an index, 'auto' (causal trace), or 'depth' (20%); default: the model's table entry, else auto."),
+        click.option("--model", default=None,
+                     help="HF id, local folder or .gguf file (default: embedded SmolLM2-135M-Instruct)."),
+        click.option("--layer", default=None,
+                     help="Layer to edit: an index, 'auto' (causal trace), or 'depth' (20%); default: the model's "
+                          "table entry, else auto."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for the context templates."),
         click.option("--no-mom2", is_flag=True, help="No key statistics (C = I): the 'Fall of ROME' paper's setting."),
-        click.option("--mom2-corpus", default=None, help="Text for the key statistics C (default: text sampled from the model itself)."),
+        click.option("--mom2-corpus", default=None,
+                     help="Text for the key statistics C (default: text sampled from the model itself)."),
         click.option("--mom2-samples", type=int, default=None, help="Keys in the statistics (default 20000)."),
         click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-                     show_default=True, expose_value=False, callback=_to_meta,
+                     show_default=True,
                      help="Weights' dtype; auto: float32 on CPU, bfloat16 on a GPU for models over 1B parameters. "
                           "v* and the update are computed in float32 either way."),
-        click.option("--device-map", type=click.Choice(["auto"]), default=None, expose_value=False, callback=_to_meta,
+        click.option("--device-map", type=click.Choice(["auto"]), default=None,
                      help="auto: spread a model too large for one GPU over all of them (accelerate)."),
-        click.option("--trust-remote-code", is_flag=True, expose_value=False, callback=_to_meta,
+        click.option("--trust-remote-code", is_flag=True,
                      help="Run Python code shipped with the model (off: only built-in architectures)."),
-        click.option("--allow-pickle", is_flag=True, expose_value=False, callback=_to_meta,
+        click.option("--allow-pickle", is_flag=True,
                      help="Load pickle (.bin) weights; off: safetensors only."),
     ])
 
@@ -159,7 +159,9 @@ ALL_METHODS = (*METHODS, *BATCH_METHODS)
 
 
 def _common(f):
-    f = click.option("--ppl-data", default=None, help="Texts for perplexity (ME-PPL JSON or one passage a line); default: the bundled corpus, or $CROME_PPL_DATA.")(f)
+    f = click.option("--ppl-data", default=None,
+                     help="Texts for perplexity (ME-PPL JSON or one passage a line); default: the bundled corpus, "
+                          "or $CROME_PPL_DATA.")(f)
     return _model_opts(f)
 
 
@@ -169,8 +171,10 @@ def _guard_opts(f, default="off"):
         click.option("--guard", type=click.Choice(GUARD_ACTIONS), default=default, show_default=True,
                      help="verify: apply, measure probe perplexity, roll back above the threshold (exit 3); fallback: "
                           "the same, then C-ROME; refuse: the calibrated rule's prediction, weights untouched."),
-        click.option("--guard-threshold", type=float, default=VERIFY_THRESHOLD, show_default=True, help="Largest probe perplexity ratio verify accepts."),
-        click.option("--guard-rule", default=None, type=click.Path(dir_okay=False), help="Rule file from `crome analyze guard` (a cheap pre-check)."),
+        click.option("--guard-threshold", type=float, default=VERIFY_THRESHOLD, show_default=True,
+                     help="Largest probe perplexity ratio verify accepts."),
+        click.option("--guard-rule", default=None, type=click.Path(dir_okay=False),
+                     help="Rule file from `crome analyze guard` (a cheap pre-check)."),
         click.option("--guard-probe", default=None, help="Probe texts for verify (default: the bundled passages)."),
         click.option("--guard-efficacy/--no-guard-efficacy", default=True, show_default=True,
                      help="verify/fallback also roll back an edit that did not take: P(new target) on its prompt "
@@ -197,21 +201,42 @@ def _writable(path: str | None) -> None:
         raise CromeError(f"cannot write to {p.parent}")
 
 
-def _setup(model, layer, seed, no_mom2, mom2_corpus, mom2_samples):
-    """Load the model, choose the layer, get the key statistics: (lm, hparams, choice, stats)."""
-    from .evaluation.jobs import check_mom2_flags, model_setup
+def _job(o: dict, **fixed):
+    """The command's options as an ``EvalJob`` (``crome edit`` and ``demo`` name no data or results
+    file): the one place flags become a run's options, and ``check_options`` runs on them."""
+    from .evaluation.jobs import EvalJob
 
-    check_mom2_flags(not no_mom2, mom2_corpus)   # before the model loads
-    lm = _load(model)
-    hp, choice, stats = model_setup(lm, layer, seed, not no_mom2, mom2_corpus, mom2_samples, status=err.status, say=_say)
-    return lm, hp, choice, stats
+    o = dict(o)
+    memit = o.pop("memit_layers", None)
+    fields = dict(model=o.pop("model", None), layer=o.pop("layer", None), seed=o.pop("seed", 0),
+                  mom2=not o.pop("no_mom2", False), mom2_corpus=o.pop("mom2_corpus", None),
+                  mom2_samples=o.pop("mom2_samples", None), ppl_data=o.pop("ppl_data", None),
+                  hparams={"memit_layers": _layers(memit)} if memit else {}, **_load_options(o).kwargs())
+    for name in ("method", "guard", "guard_threshold", "guard_rule", "guard_probe", "guard_efficacy"):
+        if name in o:
+            fields[name] = o[name]
+    return EvalJob(**{**dict(data="", out=""), **fields, **fixed})
 
 
-def _guard_setup(lm, hp, guard, guard_threshold, guard_rule, guard_probe, guard_efficacy=True):
-    from .evaluation.jobs import guard_setup
+def _context(job, checks: bool = True, ppl: bool = True):
+    """Load the job's model and prepare its run: (lm, ``RunContext``); with ``checks``, its guard
+    and perplexity monitor too (``ppl=False``: no perplexity)."""
+    from dataclasses import replace
 
-    return guard_setup(lm, hp.layer, guard, guard_threshold, guard_rule, guard_probe, status=err.status,
-                       efficacy=guard_efficacy)
+    from .evaluation.jobs import prepare, with_checks
+    from .evaluation.texts import load_texts, perplexity_source
+
+    if ppl:
+        load_texts(perplexity_source(job.ppl_data))   # a bad --ppl-data fails before the model loads
+    lm = _load(job.model, job.load_options)
+    ctx = prepare(lm, job, status=err.status, say=_say)
+    ctx = ctx if ppl else replace(ctx, texts=None)
+    return lm, with_checks(lm, ctx, job, status=err.status) if checks else ctx
+
+
+def _writable_folder(path: str | None, flag: str) -> None:
+    if path and Path(path).is_file():
+        raise CromeError(f"{flag} names a file, not a folder: {path}")
 
 
 @main.command()
@@ -229,61 +254,74 @@ def _guard_setup(lm, hp, guard, guard_threshold, guard_rule, guard_probe, guard_
 @click.option("--out", "out_path", default=None, help="Also write the JSON result to this file.")
 @click.option("--save", "save_dir", default=None, help="Save the edited model (Hugging Face format) here.")
 @_guard_opts_verify
-def edit(prompt, subject, target_new, target_true, requests_file, method, memit_layers, model, layer, seed, no_mom2,
-         mom2_corpus, mom2_samples, ppl_data, no_ppl, as_json, out_path, save_dir, guard, guard_threshold, guard_rule,
-         guard_probe, guard_efficacy):
+def edit(**o):
     """Edit one fact (or, with MEMIT, a file of them), check it (the guard), and report what it did to the model."""
-    from .editing.fast import PerplexityMonitor
-    from .editing.request import EditRequest, load_requests
-    from .evaluation.report import measure_edit
-    from .models import save_model
+    from .evaluation.report import edit_and_report
+    from .evaluation.texts import perplexity_source
 
-    if requests_file and method not in BATCH_METHODS:
+    requests = _edit_requests(o)
+    job = _job(o)
+    _writable(o["out_path"])
+    _writable_folder(o["save_dir"], "--save")
+    lm, ctx = _context(job, ppl=not o["no_ppl"])
+    ppl_name = None if o["no_ppl"] else str(perplexity_source(job.ppl_data))
+    doing = (f"{job.method}: {len(requests)} facts over layers {', '.join(map(str, ctx.layers(lm.num_layers)))}"
+             if len(requests) > 1 or job.method in BATCH_METHODS else
+             f"{job.method}: computing the edit at layer {ctx.hparams.layer} and measuring it")
+    with err.status(doing):
+        try:
+            report, computed = edit_and_report(lm, requests, ctx, ppl_data=ppl_name, keep=bool(o["save_dir"]))
+        except GuardRefused as refused:   # still one line: what the diagnostics said joins the error
+            why = refused.edit.diagnostics.unlikely_to_take() if hasattr(refused.edit, "diagnostics") else None
+            if why:
+                raise GuardRefused(f"{refused}; the diagnostics said it was unlikely to take: {why}",
+                                   refused.edit, refused.decision) from None
+            raise
+    _warn_unlikely(computed)
+    _edit_output(lm, requests, report, o)
+
+
+def _edit_requests(o: dict) -> list:
+    """The facts ``crome edit`` was given: --prompt/--subject/--target, or a --requests file (MEMIT)."""
+    from .editing.request import EditRequest, load_requests
+
+    prompt, subject, target_new, requests_file = o["prompt"], o["subject"], o["target_new"], o["requests_file"]
+    if requests_file and o["method"] not in BATCH_METHODS:
         raise CromeError("--requests edits several facts as one update: use --method memit or cmemit")
     given = [x for x in (prompt, subject, target_new) if x is not None]
     if requests_file and given:
         raise CromeError("give either --requests or --prompt/--subject/--target, not both")
     if not requests_file and len(given) < 3:
         raise CromeError("an edit needs --prompt, --subject and --target (or --requests with MEMIT)")
-    if method in BATCH_METHODS:
-        requests = load_requests(requests_file) if requests_file else [EditRequest.create(prompt, subject, target_new,
-                                                                                          target_true)]
-        return _edit_batch(requests, method, memit_layers, model, layer, seed, no_mom2, mom2_corpus, mom2_samples,
-                           ppl_data, no_ppl, as_json, out_path, save_dir, guard, guard_threshold, guard_probe)
-    request = EditRequest.create(prompt, subject, target_new, target_true)
-    _writable(out_path)
-    if save_dir and Path(save_dir).is_file():
-        raise CromeError(f"--save names a file, not a folder: {save_dir}")
-    texts, ppl_name = (None, None) if no_ppl else _texts(ppl_data)
-    lm, hp, choice, stats = _setup(model, layer, seed, no_mom2, mom2_corpus, mom2_samples)
-    rule, verifier = _guard_setup(lm, hp, guard, guard_threshold, guard_rule, guard_probe, guard_efficacy)
-    with err.status(f"{method}: computing the edit at layer {hp.layer} and measuring it"):
-        monitor = PerplexityMonitor(lm, texts, hp.layer) if texts else None
-        try:
-            report, computed = measure_edit(lm, request, method, monitor=monitor, ppl_data=ppl_name, seed=seed,
-                                            guard=guard, rule=rule, verifier=verifier, hparams=hp, mom2=stats,
-                                            keep=bool(save_dir), layer_choice=choice)
-        except GuardRefused as refused:   # still one line: what the diagnostics said joins the error
-            why = refused.edit.diagnostics.unlikely_to_take() if refused.edit is not None else None
-            if why:
-                raise GuardRefused(f"{refused}; the diagnostics said it was unlikely to take: {why}",
-                                   refused.edit, refused.decision) from None
-            raise
-    _warn_unlikely(computed)
+    if requests_file:
+        return load_requests(requests_file)
+    return [EditRequest.create(prompt, subject, target_new, o["target_true"])]
+
+
+def _edit_output(lm, requests, report, o: dict) -> None:
+    """Write, save and print what ``crome edit`` did."""
+    from .evaluation.report import BatchReport
+    from .models import save_model
+
     result = report.to_dict()
-    if out_path:
-        Path(out_path).write_text(json.dumps(result, indent=2))
-    if save_dir:
+    if o["out_path"]:
+        Path(o["out_path"]).write_text(json.dumps(result, indent=2))
+    if o["save_dir"]:
         if not report.applied:
             raise CromeError("non-finite update: nothing to save")
-        save_model(lm, save_dir)
-    if as_json:
+        save_model(lm, o["save_dir"])
+    if o["as_json"]:
         click.echo(json.dumps(result, indent=2))
+        return
+    if isinstance(report, BatchReport):
+        _print_batch(lm, requests, report)
     else:
-        out.print(report_table([result], [method], title=f"{request.text()} → {request.target_new}  ({lm.name}, layer {report.layer})"))
+        request = requests[0]
+        out.print(report_table([result], [report.method],
+                               title=f"{request.text()} → {request.target_new}  ({lm.name}, layer {report.layer})"))
         out.print(f"[dim]{_settings_line(result)}[/]")
-        if save_dir:
-            out.print(f"edited model saved to {save_dir}")
+    if o["save_dir"]:
+        out.print(f"edited model saved to {o['save_dir']}")
 
 
 def _warn_unlikely(edit) -> None:
@@ -294,47 +332,16 @@ def _warn_unlikely(edit) -> None:
                   soft_wrap=True)
 
 
-def _edit_batch(requests, method, memit_layers, model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data,
-                no_ppl, as_json, out_path, save_dir, guard, guard_threshold, guard_probe):
-    """``crome edit --method memit|cmemit``: one update for every request."""
-    from .editing.fast import PerplexityMonitor
-    from .evaluation.jobs import memit_stats
-    from .evaluation.report import measure_batch_edit
-    from .models import save_model
-
-    if no_mom2:
-        raise CromeError("MEMIT's solve needs key statistics (C): drop --no-mom2")
-    _writable(out_path)
-    texts, ppl_name = (None, None) if no_ppl else _texts(ppl_data)
-    lm, hp, choice, stats = _setup(model, layer, seed, no_mom2, mom2_corpus, mom2_samples)
-    if memit_layers:
-        hp = hp.with_(memit_layers=_layers(memit_layers))
-    stats = memit_stats(lm, hp, stats, seed, mom2_corpus, mom2_samples, None, err.status, _say)
-    first = min(stats)   # perplexity and the guard's probe: from the lowest edited layer up
-    _, verifier = _guard_setup(lm, hp.with_(layer=first), guard, guard_threshold, None, guard_probe)
-    with err.status(f"{method}: {len(requests)} facts over layers {', '.join(map(str, stats))}"):
-        monitor = PerplexityMonitor(lm, texts, first) if texts else None
-        report = measure_batch_edit(lm, requests, method, hparams=hp, stats=stats, monitor=monitor, ppl_data=ppl_name,
-                                    keep=bool(save_dir), guard=guard, verifier=verifier, seed=seed)
-    result = report.to_dict()
-    if out_path:
-        Path(out_path).write_text(json.dumps(result, indent=2))
-    if save_dir:
-        save_model(lm, save_dir)
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
+def _print_batch(lm, requests, report) -> None:
     rows = [[r["prompt"].replace("{}", r["subject"]), r["target_new"], f"{r['p_target_before']:.3g}",
              f"{r['p_target_after']:.3g}"] for r in report.requests]
     _print_table(["prompt", "target", "P before", "P after"], rows,
-                 title=f"{method}: {len(requests)} facts, layers {report.layers} ({lm.name})")
+                 title=f"{report.method}: {len(requests)} facts, layers {report.layers} ({lm.name})")
     ppl = (f"perplexity {report.ppl_before:.4g} → {report.ppl_after:.4g} (×{report.ppl_ratio:.3g})"
            if report.ppl_ratio is not None else "perplexity not measured")
     conds = ", ".join(f"{k}: {v['condition']:.3g}" for k, v in report.layer_stats.items())
     out.print(f"[dim]{ppl}; ‖ΔW‖/‖W‖ at most {report.update_ratio:.3g}; condition numbers {conds}; "
-              f"guard {guard} ({report.guard_action})[/]")
-    if save_dir:
-        out.print(f"edited model saved to {save_dir}")
+              f"guard {report.guard} ({report.guard_action})[/]")
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -374,25 +381,28 @@ DEMO_CASES = [
 @_common
 @click.option("--tokens", default=20, show_default=True, help="Tokens generated after each edit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def demo(model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data, tokens, as_json):
+def demo(**o):
     """ROME vs C-ROME on a first-token subject and a normal one: the collapse and its fix.
 
     crome's default settings (key statistics on); --no-mom2 gives the "Fall of ROME" paper's
     setting (C = I). ROME's first-token edit collapses the model in both."""
-    from .editing.fast import PerplexityMonitor
+    from dataclasses import replace
+
     from .editing.request import EditRequest
     from .evaluation.measure import generate
-    from .evaluation.report import measure_edit
+    from .evaluation.report import edit_and_report
+    from .evaluation.texts import perplexity_source
 
-    texts, ppl_name = _texts(ppl_data)
-    lm, hp, choice, stats = _setup(model, layer, seed, no_mom2, mom2_corpus, mom2_samples)
+    tokens, as_json = o.pop("tokens"), o.pop("as_json")
+    lm, ctx = _context(_job(o, guard="off"), checks=False)
+    stats, ppl_name = ctx.stats, str(perplexity_source(o["ppl_data"]))
     if not as_json:
         setting = (f"key statistics C from {stats.source} ({stats.n_keys} keys): crome's default" if stats else
                    "no key statistics (C = I): the \"Fall of ROME\" paper's setting")
-        out.print(f"[bold]Setting:[/] {lm.name}, layer {hp.layer} ({choice.rule}); {setting}; guard off "
-                  f"(the demo shows what an unguarded edit does)", highlight=False)
+        out.print(f"[bold]Setting:[/] {lm.name}, layer {ctx.hparams.layer} ({ctx.layer_choice.rule}); {setting}; "
+                  f"guard off (the demo shows what an unguarded edit does)", highlight=False)
     with err.status("perplexity of the unedited model"):
-        monitor = PerplexityMonitor(lm, texts, hp.layer)
+        ctx = ctx.with_monitor(lm)
     results = []
     for label, prompt, subject, target in DEMO_CASES:
         request = EditRequest.create(prompt, subject, target)
@@ -400,41 +410,47 @@ def demo(model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data, token
         unedited = generate(lm, request.text(), tokens)
         for method in METHODS:
             with err.status(f"{label}: {method} edit of {request.text()!r} → {target}"):
-                report, _ = measure_edit(lm, request, method, monitor=monitor, ppl_data=ppl_name, generate_tokens=tokens,
-                                         hparams=hp, mom2=stats, seed=seed, layer_choice=choice)
+                report, _ = edit_and_report(lm, [request], replace(ctx, settings=replace(ctx.settings, method=method)),
+                                            ppl_data=ppl_name, generate_tokens=tokens)
             reports.append(report.to_dict())
         results.append({"case": label, "unedited_generation": unedited, "reports": reports})
         if not as_json:
             out.print(report_table(reports, list(METHODS), title=f"{label}: {request.text()} → {target}"))
             out.print(f"  [dim]unedited:[/] {request.text()}[bold]{unedited!r}[/]", highlight=False)
             for r in reports:
-                out.print(f"  [dim]{r['method']:>8}:[/] {request.text()}[bold]{r['generation_after']!r}[/]", highlight=False)
+                out.print(f"  [dim]{r['method']:>8}:[/] {request.text()}[bold]{r['generation_after']!r}[/]",
+                          highlight=False)
             out.print()
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:
-        out.print(f"[dim]model {lm.name}, perplexity on {ppl_name}, seed {seed}; collapsed = perplexity ratio > 2; "
+        out.print(f"[dim]model {lm.name}, perplexity on {ppl_name}, seed {o['seed']}; "
+                  f"collapsed = perplexity ratio > 2; "
                   f"{'C = I (paper setting)' if stats is None else 'C from ' + stats.source}[/]")
 
 
 @main.command("eval")
-@click.option("--data", required=True, help="CounterFact (flat or full schema) or zsRE JSON; a relative name is also looked up under $CROME_DATA.")
+@click.option("--data", required=True, help="CounterFact (flat or full schema) or zsRE JSON; a relative name is also "
+                                            "looked up under $CROME_DATA.")
 @click.option("--method", type=click.Choice(ALL_METHODS), default="crome", show_default=True,
               help="rome/crome: one fact per update; memit/cmemit: --batch-size facts per update over several layers.")
 @_common
 @click.option("--n", "n_cases", type=int, default=None, help="The first N cases.")
 @click.option("--cases", "case_ids", default=None, help="Comma-separated case ids instead of --n.")
 @click.option("--test-prefix", type=click.Choice(["none", "fixed", "random"]), default="fixed", show_default=True,
-              help="Also measure every metric with a context prefix at test time: the first context template, or one drawn per case.")
+              help="Also measure every metric with a context prefix at test time: the first context template, or "
+                   "one drawn per case.")
 @click.option("--out", "out_path", required=True, help="Results, one JSON line per case (appended).")
 @click.option("--resume", is_flag=True, help="Continue the run already in --out, skipping finished cases.")
 @click.option("--skip-invalid", is_flag=True, help="Skip (and count) malformed records instead of stopping.")
 @click.option("--sequential", is_flag=True, help="Let edits accumulate in one model.")
-@click.option("--monitor-every", type=int, default=1, show_default=True, help="With --sequential: perplexity and retained efficacy every k-th edit.")
+@click.option("--monitor-every", type=int, default=1, show_default=True,
+              help="With --sequential: perplexity and retained efficacy every k-th edit.")
 @click.option("--retained-every", type=int, default=0, show_default=True,
               help="With --sequential: retained efficacy (which re-scores every edit so far) every k-th edit instead; "
                    "0: with the perplexity. --resume may change both.")
-@click.option("--gen-tokens", type=int, default=100, show_default=True, help="Tokens sampled per generation prompt for fluency (0: skip).")
+@click.option("--gen-tokens", type=int, default=100, show_default=True,
+              help="Tokens sampled per generation prompt for fluency (0: skip).")
 @click.option("--markdown", "md_path", default=None, help="Also write the summary table as Markdown.")
 @_guard_opts
 @click.option("--edits-per-pass", type=int, default=None,
@@ -442,47 +458,45 @@ def demo(model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data, token
                    "float rounding. Default: measured per device (2 on CPU, 1 on GPU until measured).")
 @click.option("--batch-size", type=int, default=1, show_default=True,
               help="MEMIT: edit B cases as one update (measured together; with --sequential, B per update).")
-@click.option("--memit-layers", default=None, help="MEMIT's layers, e.g. 4-8 or 4,6,8 (default: five centred on --layer).")
-@click.option("--workers", type=int, default=None, help="Run the cases on N Ray workers (each loads the model once); needs crome[ray].")
-@click.option("--ray-address", default=None, help="Join a Ray cluster: 'auto' or HOST:PORT (default: start a local Ray).")
-@click.option("--threads", type=int, default=None, help="Torch threads per worker on CPU (default: the CPUs split evenly).")
-def eval_(data, method, model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data, n_cases, case_ids, test_prefix,
-          out_path, resume, skip_invalid, sequential, monitor_every, retained_every, gen_tokens, md_path, guard,
-          guard_threshold, guard_rule, guard_probe, guard_efficacy, edits_per_pass, batch_size, memit_layers, workers,
-          ray_address, threads):
+@click.option("--memit-layers", default=None,
+              help="MEMIT's layers, e.g. 4-8 or 4,6,8 (default: five centred on --layer).")
+@click.option("--workers", type=int, default=None,
+              help="Run the cases on N Ray workers (each loads the model once); needs crome[ray].")
+@click.option("--ray-address", default=None,
+              help="Join a Ray cluster: 'auto' or HOST:PORT (default: start a local Ray).")
+@click.option("--threads", type=int, default=None,
+              help="Torch threads per worker on CPU (default: the CPUs split evenly).")
+def eval_(**o):
     """Edit, measure and restore each case of a dataset; one JSON line per case, then a summary."""
     from .evaluation import summary
-    from .evaluation.jobs import EvalJob, cases_of, run_job
+    from .evaluation.jobs import cases_of, run_job
+    from .evaluation.results import ResultsFile
 
+    out_path, md_path, workers = o["out_path"], o.pop("md_path"), o.pop("workers")
+    ray_address, threads, case_ids = o.pop("ray_address"), o.pop("threads"), o.pop("case_ids")
     _writable(out_path)
     _writable(md_path)
-    job = EvalJob(data=data, out=out_path, method=method, model=model, layer=layer, seed=seed, mom2=not no_mom2,
-                  mom2_corpus=mom2_corpus, mom2_samples=mom2_samples, ppl_data=ppl_data, n_cases=n_cases,
-                  case_ids=tuple(case_ids.split(",")) if case_ids else None, test_prefix=test_prefix, resume=resume,
-                  skip_invalid=skip_invalid, sequential=sequential, monitor_every=monitor_every,
-                  retained_every=retained_every, gen_tokens=gen_tokens,
-                  guard=guard, guard_threshold=guard_threshold, guard_rule=guard_rule, guard_probe=guard_probe,
-                  guard_efficacy=guard_efficacy, edits_per_pass=edits_per_pass, batch_size=batch_size,
-                  hparams={"memit_layers": _layers(memit_layers)} if memit_layers else {}, **_load_flags())
+    run_opts = ("data", "n_cases", "test_prefix", "resume", "skip_invalid", "sequential", "monitor_every",
+                "retained_every", "gen_tokens", "edits_per_pass", "batch_size")
+    job = _job(o, out=out_path, case_ids=tuple(case_ids.split(",")) if case_ids else None,
+               **{k: o[k] for k in run_opts})
     cases, skipped, dataset_path = cases_of(job)
     if skipped:
         err.print(f"skipped {len(skipped)} invalid records of {dataset_path} (first: {skipped[0]})")
     if workers is None and (ray_address or threads):
         raise CromeError("--ray-address and --threads go with --workers N")
-    from .evaluation.evaluate import ResultsFile
-
     before, start = len(ResultsFile(out_path).read()), time.perf_counter()
     if workers is None:
         _quiet_transformers()
-        records, setup, _ = run_job(job, progress=_progress, status=err.status, say=_say, cases=cases)
+        records, ctx, _ = run_job(job, progress=_progress, status=err.status, say=_say, cases=cases)
     else:
         from .distribution.workers import run_workers
 
-        records, setup = run_workers(job.absolute(), workers, address=ray_address, threads=threads,
-                                     progress=_progress, say=_say, cases=cases)
-    s = setup.settings
+        records, ctx = run_workers(job.absolute(), workers, address=ray_address, threads=threads,
+                                   progress=_progress, say=_say, cases=cases)
+    s = ctx.settings
     header, rows = summary.side_by_side([(summary.label(records, out_path), records)])
-    _print_table(header, rows, title=f"{method} on {s.data}, {s.model}, layer {s.layer} ({setup.layer_choice.rule}), "
+    _print_table(header, rows, title=f"{s.method} on {s.data}, {s.model}, layer {s.layer} ({ctx.layer_choice.rule}), "
                                      f"key statistics {s.key_stats_source}, {s.dtype}")
     done, seconds = len(records) - before, time.perf_counter() - start
     rate = f"; {done} cases in {seconds:.0f} s, {60 * done / seconds:.1f} cases per minute" if done else ""
@@ -546,7 +560,7 @@ def analyze():
 def _runs(paths):
     """(label, records) per eval results file; one-line errors for empty or foreign files."""
     from .evaluation import summary
-    from .evaluation.evaluate import ResultsFile
+    from .evaluation.results import ResultsFile
 
     runs = []
     for path in paths:
@@ -580,43 +594,40 @@ def analyze_update(results, out_dir):
 @click.option("--n", "n_cases", type=int, default=50, show_default=True)
 @click.option("--out-dir", required=True)
 @_model_opts
-def analyze_keys(data, n_cases, out_dir, model, layer, seed, no_mom2, mom2_corpus, mom2_samples):
+def analyze_keys(data, n_cases, out_dir, **o):
     """k^u, k̄, C⁻¹k̄ and prefixed keys per case: PCA and t-SNE, cosine and norm summaries."""
     from .analysis.analyze import key_geometry
-    from .editing.templates import context_templates
     from .evaluation import datasets
 
     cases = datasets.load_cases(data, skip_invalid=True).cases[:n_cases]
-    lm, hp, choice, stats = _setup(model, layer, seed, no_mom2, mom2_corpus, mom2_samples)
-    mom2 = stats.mom2 if stats is not None else None
-    templates = context_templates(lm, seed, hp.template_lengths, hp.template_starts)
+    lm, ctx = _context(_job(o), checks=False, ppl=False)
+    mom2 = ctx.stats.mom2 if ctx.stats is not None else None
     with err.status(f"keys of {len(cases)} cases"):
-        key_geometry(lm, cases, hp.layer, templates, Path(out_dir), mom2=mom2, seed=seed)
+        key_geometry(lm, cases, ctx.hparams.layer, ctx.templates, Path(out_dir), mom2=mom2, seed=ctx.settings.seed)
     _done(out_dir, "key_geometry")
 
 
 @analyze.command("first-token")
 @click.argument("results", type=click.Path(exists=True, dir_okay=False))
 @click.option("--data", required=True, help="The dataset the eval run used.")
-@click.option("--k", type=int, default=5, show_default=True, help="Cases: the collapsed ones, topped up with the smallest denominators.")
+@click.option("--k", type=int, default=5, show_default=True,
+              help="Cases: the collapsed ones, topped up with the smallest denominators.")
 @click.option("--out-dir", required=True)
 @_common
-def analyze_first_token(results, data, k, out_dir, model, layer, seed, no_mom2, mom2_corpus, mom2_samples, ppl_data):
+def analyze_first_token(results, data, k, out_dir, **o):
     """Edit ROME collapse cases again with random text before the subject."""
     from .analysis.analyze import first_token_experiment
-    from .editing.fast import PerplexityMonitor
-    from .editing.templates import context_templates
     from .evaluation import datasets
 
     (_, records), = _runs([results])
     cases = {c.case_id: c for c in datasets.load_cases(data, skip_invalid=True).cases}
-    texts, _ = _texts(ppl_data)
-    lm, hp, choice, stats = _setup(model, layer if layer is not None else str(records[0].get("layer")), seed,
-                                   no_mom2, mom2_corpus, mom2_samples)
-    templates = context_templates(lm, seed, hp.template_lengths, hp.template_starts)
+    if o["layer"] is None:
+        o["layer"] = str(records[0].get("layer"))
+    lm, ctx = _context(_job(o, method="rome"), checks=False)
+    ctx = ctx.with_monitor(lm)
     with err.status("ROME edits with the subject first and not first"):
-        first_token_experiment(lm, records, cases, hp, templates, PerplexityMonitor(lm, texts, hp.layer),
-                               Path(out_dir), k=k, seed=seed, stats=stats)
+        first_token_experiment(lm, records, cases, ctx.hparams, ctx.templates, ctx.monitor, Path(out_dir), k=k,
+                               seed=ctx.settings.seed, stats=ctx.stats)
     _done(out_dir, "first_token")
 
 
@@ -653,7 +664,7 @@ def analyze_guard(calib, test, out_dir):
 @click.option("--window", type=int, default=10, show_default=True)
 @click.option("--out-dir", required=True)
 @_model_opts
-def trace(data, n_facts, window, out_dir, model, layer, seed, no_mom2, mom2_corpus, mom2_samples):
+def trace(data, n_facts, window, out_dir, **o):
     """Causal tracing on known facts: where in the model the fact is recalled.
 
     --seed seeds the corrupting noise. The layer and key-statistics flags are those of the
@@ -662,9 +673,9 @@ def trace(data, n_facts, window, out_dir, model, layer, seed, no_mom2, mom2_corp
     from .editing.layer_choice import choose_layer
     from .evaluation.datasets import load_knowns
 
-    facts = load_knowns(data)
-    lm = _load(model)
-    chosen = choose_layer(lm, layer, seed)
+    facts, seed = load_knowns(data), o["seed"]
+    lm = _load(o["model"], _load_options(o))
+    chosen = choose_layer(lm, o["layer"], seed)
     with err.status(f"tracing {n_facts} facts"):
         causal_trace(lm, facts, Path(out_dir), n=n_facts, seed=seed, window=window, chosen_layer=chosen.record())
     _done(out_dir, "trace")
@@ -674,8 +685,10 @@ def trace(data, n_facts, window, out_dir, model, layer, seed, no_mom2, mom2_corp
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, help="The folder for the cells' results files (created).")
 @click.option("--workers", type=int, default=None, help="Cells run at once (default: one per GPU, else one per CPU).")
-@click.option("--ray-address", default=None, help="Join a Ray cluster: 'auto' or HOST:PORT (default: start a local Ray).")
-@click.option("--threads", type=int, default=None, help="Torch threads per cell on CPU (default: the CPUs split evenly).")
+@click.option("--ray-address", default=None,
+              help="Join a Ray cluster: 'auto' or HOST:PORT (default: start a local Ray).")
+@click.option("--threads", type=int, default=None,
+              help="Torch threads per cell on CPU (default: the CPUs split evenly).")
 def sweep(spec, out_dir, workers, ray_address, threads):
     """A grid of eval runs from a TOML spec, one Ray task per cell; a rerun finishes what is left."""
     from .distribution.sweep import run_sweep

@@ -10,12 +10,14 @@ Activations are addressed by module (layer) and token position:
   per row, without touching ``W`` (a zero row leaves that row unedited);
 * ``run_until(model, module)`` ends the forward pass once the module has run, for
   passes that only need activations up to the edited layer.
+
+Each is a ``forward_hook``: registered on entry, removed on exit, however the block ends.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -24,11 +26,21 @@ class StopForward(Exception):
     """Raised inside a hook to end a forward pass early."""
 
 
+@contextmanager
+def forward_hook(module: torch.nn.Module, hook):
+    """``hook(module, args, output)`` runs after every forward of ``module`` inside the block
+    (its return value, when not None, replaces the output)."""
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @dataclass
 class Recording:
     input: torch.Tensor | None = None
     output: torch.Tensor | None = None
-    calls: int = field(default=0)
 
 
 @contextmanager
@@ -37,17 +49,12 @@ def record(module: torch.nn.Module, stop: bool = False):
     rec = Recording()
 
     def hook(_mod, args, output):
-        rec.input = args[0]
-        rec.output = output
-        rec.calls += 1
+        rec.input, rec.output = args[0], output
         if stop:
             raise StopForward
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with forward_hook(module, hook):
         yield rec
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -60,11 +67,8 @@ def add_at(module: torch.nn.Module, rows: torch.Tensor, positions: torch.Tensor,
         output[rows, positions] = (output[rows, positions] + delta).to(output.dtype)
         return output
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with forward_hook(module, hook):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -77,11 +81,8 @@ def rank_one(module: torch.nn.Module, u: torch.Tensor, lam: torch.Tensor):
         scale = torch.einsum("btd,bd->bt", x.float(), u)
         return (output.float() + scale[..., None] * lam[:, None, :]).to(output.dtype)
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with forward_hook(module, hook):
         yield
-    finally:
-        handle.remove()
 
 
 def run_until(model: torch.nn.Module, module: torch.nn.Module, **inputs) -> Recording:

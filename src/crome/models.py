@@ -212,6 +212,37 @@ def _has_safetensors(path: str | Path) -> bool | None:
     return any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").exists()
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model is loaded, as the CLI's --dtype, --device-map, --trust-remote-code and
+    --allow-pickle give it (``load_model(name, **options.kwargs())``)."""
+
+    dtype: str = "auto"
+    device_map: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    def kwargs(self) -> dict:
+        return dict(dtype=self.dtype, device_map=self.device_map, trust_remote_code=self.trust_remote_code,
+                    allow_pickle=self.allow_pickle)
+
+
+def _source(name: str | None, progress: bool) -> tuple[str, str | Path]:
+    """(the model's name, what transformers loads): the embedded default model and GGUF files are
+    converted once (cached); anything else is a Hugging Face id or a local folder."""
+    if name in (None, DEFAULT_MODEL):
+        return DEFAULT_MODEL, _converted_gguf(default_gguf_path(), DEFAULT_MODEL, progress)
+    if name.lower().endswith(".gguf"):
+        gguf = Path(name).expanduser()
+        if not gguf.is_file():
+            raise CromeError(f"cannot load model '{name}': no such GGUF file")
+        return gguf.stem, _converted_gguf(gguf.resolve(), gguf.stem, progress)
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_like_path and not Path(name).expanduser().exists():
+        raise CromeError(f"cannot load model '{name}': no such folder")
+    return name, name
+
+
 def load_model(
     name: str | None = None,
     device: torch.device | str | None = None,
@@ -235,20 +266,7 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device) if device is not None else default_device()
-    label = name or DEFAULT_MODEL
-    if name in (None, DEFAULT_MODEL):
-        path: str | Path = _converted_gguf(default_gguf_path(), DEFAULT_MODEL, progress)
-    elif name.lower().endswith(".gguf"):
-        gguf = Path(name).expanduser()
-        if not gguf.is_file():
-            raise CromeError(f"cannot load model '{label}': no such GGUF file")
-        label = gguf.stem
-        path = _converted_gguf(gguf.resolve(), label, progress)
-    else:
-        path = name
-        looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
-        if looks_like_path and not Path(name).expanduser().exists():
-            raise CromeError(f"cannot load model '{label}': no such folder")
+    label, path = _source(name, progress)
     if device_map not in (None, "auto"):
         raise CromeError(f"--device-map must be 'auto', not {device_map!r}")
     if _has_safetensors(path) is False and not allow_pickle:

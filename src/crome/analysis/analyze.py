@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..evaluation.evaluate import json_safe
+from ..evaluation.results import json_safe
 from ..evaluation.summary import to_markdown
 
 KIND_COLOURS = {"k^u, first-token subject": "tab:red", "k^u, other subject": "tab:orange",
@@ -115,6 +115,22 @@ def _number(x) -> bool:
 
 # ------------------------------------------------------------------ 2. key geometry
 
+def _plot_keys(p, kinds: list[str], title: str, path: Path) -> None:
+    """A 2-D projection of the keys, coloured by kind."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for kind, colour in KIND_COLOURS.items():
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        if idx:
+            ax.scatter(p[idx, 0], p[idx, 1], s=9 if kind == "prefixed key" else 22, c=colour, label=kind,
+                       alpha=0.5 if kind == "prefixed key" else 0.9)
+    ax.set(title=title, xticks=[], yticks=[])
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def key_geometry(lm, cases, layer: int, templates: list[str], out_dir: Path, mom2: torch.Tensor | None = None,
                  seed: int = 0) -> dict:
     from sklearn.decomposition import PCA
@@ -122,7 +138,6 @@ def key_geometry(lm, cases, layer: int, templates: list[str], out_dir: Path, mom
 
     from ..editing.compute_key import compute_keys
 
-    plt = _plt()
     vectors, kinds, owners, per_case = [], [], [], []
     for case in cases:
         keys = compute_keys(lm, case.request, layer, templates)
@@ -139,7 +154,8 @@ def key_geometry(lm, cases, layer: int, templates: list[str], out_dir: Path, mom
             kinds.append(kind)
             owners.append(case.case_id)
         cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731
-        per_case.append(dict(case_id=case.case_id, first_token_subject=first, cos_bare_mean=cos(keys.k_bare, keys.k_mean),
+        per_case.append(dict(case_id=case.case_id, first_token_subject=first,
+                             cos_bare_mean=cos(keys.k_bare, keys.k_mean),
                              cos_bare_prefixed=float(np.mean([cos(keys.k_bare, k) for k in sampled])),
                              norm_bare=float(keys.k_bare.norm()), norm_mean=float(keys.k_mean.norm()),
                              norm_prefixed=float(sampled.norm(dim=1).mean()),
@@ -153,22 +169,13 @@ def key_geometry(lm, cases, layer: int, templates: list[str], out_dir: Path, mom
                             perplexity=min(30.0, (len(x) - 1) / 3)).fit_transform(xs)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, p in proj.items():
-        fig, ax = plt.subplots(figsize=(6, 5))
-        for kind, colour in KIND_COLOURS.items():
-            idx = [i for i, k in enumerate(kinds) if k == kind]
-            if idx:
-                ax.scatter(p[idx, 0], p[idx, 1], s=9 if kind == "prefixed key" else 22, c=colour, label=kind,
-                           alpha=0.5 if kind == "prefixed key" else 0.9)
-        ax.set(title=f"Keys at layer {layer}, {name.upper()}", xticks=[], yticks=[])
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / f"keys_{name}.png", dpi=110)
-        plt.close(fig)
+        _plot_keys(p, kinds, f"Keys at layer {layer}, {name.upper()}", out_dir / f"keys_{name}.png")
     np.savez_compressed(out_dir / "keys.npz", vectors=x, kinds=np.array(kinds), owners=np.array(owners))
 
     groups = {"first-token subject": [c for c in per_case if c["first_token_subject"]],
               "other subject": [c for c in per_case if not c["first_token_subject"]]}
-    stats = ("cos_bare_mean", "cos_bare_prefixed", "norm_bare", "norm_prefixed", "denominator_rome", "denominator_crome")
+    stats = ("cos_bare_mean", "cos_bare_prefixed", "norm_bare", "norm_prefixed", "denominator_rome",
+             "denominator_crome")
     summary, rows = {}, []
     for g, cs in groups.items():
         summary[g] = {s: statistics.mean([c[s] for c in cs]) if cs else None for s in stats} | {"n": len(cs)}
@@ -204,7 +211,8 @@ def first_token_experiment(lm, records: list[dict], cases_by_id: dict, hp, templ
         variants = {"bare prompt": case.request,
                     "random text first": EditRequest.create(f"{prefix} {case.request.prompt}", case.request.subject,
                                                             case.request.target_new, case.request.target_true)}
-        row = dict(case_id=r["case_id"], prompt=case.request.text(), prefix=prefix, was_collapsed=bool(r.get("collapsed")))
+        row = dict(case_id=r["case_id"], prompt=case.request.text(), prefix=prefix,
+                   was_collapsed=bool(r.get("collapsed")))
         for name, req in variants.items():
             edit = compute_edit(lm, req, "rome", hparams=hp, templates=templates, seed=seed, mom2=stats)
             d = edit.diagnostics
@@ -213,7 +221,8 @@ def first_token_experiment(lm, records: list[dict], cases_by_id: dict, hp, templ
                 with apply_edit(lm, edit):
                     ppl = monitor()
             row[name] = dict(first_token_subject=d.first_token_subject, denominator=d.denominator,
-                             update_ratio=d.update_ratio, ppl_after=ppl, ppl_ratio=ppl / monitor.baseline if ppl else None,
+                             update_ratio=d.update_ratio, ppl_after=ppl,
+                             ppl_ratio=ppl / monitor.baseline if ppl else None,
                              collapsed=collapsed(monitor.baseline, ppl) if ppl else True)
         results.append(row)
     plt = _plt()
@@ -256,7 +265,8 @@ def prefix_effect(records: list[dict], out_dir: Path) -> dict:
         for label, key in PREFIX_METRICS:
             vals = [(r["metrics"][key], r["metrics_prefixed"][key]) for r in recs
                     if _number(r["metrics"].get(key)) and _number(r["metrics_prefixed"].get(key))]
-            no, yes = (statistics.mean(v[0] for v in vals), statistics.mean(v[1] for v in vals)) if vals else (None, None)
+            no, yes = ((statistics.mean(v[0] for v in vals), statistics.mean(v[1] for v in vals)) if vals
+                       else (None, None))
             table.setdefault(g, {})[key] = dict(n=len(vals), without=no, with_prefix=yes)
             rows.append([g, label, str(len(vals)), _g(no), _g(yes)])
     plt = _plt()
@@ -338,7 +348,8 @@ def causal_trace(lm, facts, out_dir: Path, n: int = 20, seed: int = 0, window: i
 
 def guard_analysis(calibration: list[dict], test: list[dict], out_dir: Path) -> dict:
     """Calibrate the guard on ``calibration`` records, report it on ``test`` records (disjoint cases)."""
-    from ..editing.guard import DEFAULT_RULES, calibrate, precision_recall
+    from ..editing.guard import DEFAULT_RULES
+    from .calibrate import calibrate, precision_recall
 
     overlap = {r["case_id"] for r in calibration} & {r["case_id"] for r in test}
     if overlap and calibration[0].get("data") == test[0].get("data"):
@@ -361,7 +372,8 @@ def guard_analysis(calibration: list[dict], test: list[dict], out_dir: Path) -> 
             pts = [r for r in judged if bool(r["collapsed"]) is flag]
             ax.scatter([r[rule.feature] for r in pts], [r["ppl_ratio"] or 1e9 for r in pts], marker=marker, s=18,
                        c=colour, alpha=0.7, label=f"{name}, {'collapsed' if flag else 'normal'}")
-    ax.axvline(rule.threshold, color="k", ls="--", lw=1, label=f"rule: {rule.feature} {'>' if rule.above else '<'} {rule.threshold:.3g}")
+    sign = ">" if rule.above else "<"
+    ax.axvline(rule.threshold, color="k", ls="--", lw=1, label=f"rule: {rule.feature} {sign} {rule.threshold:.3g}")
     ax.set(xscale="log" if rule.feature != "cos_bare_mean" else "linear", yscale="log", xlabel=rule.feature,
            ylabel="perplexity ratio after the edit", title="Collapse guard")
     ax.legend(fontsize=7)

@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 
 SECTIONS = [
-    ("update_anatomy", "1. Update anatomy", "Numerator against denominator of every edit: collapse comes from a near-zero denominator."),
+    ("update_anatomy", "1. Update anatomy",
+     "Numerator against denominator of every edit: collapse comes from a near-zero denominator."),
     ("key_geometry", "2. Key geometry", "k^u, k̄, C⁻¹k̄ and prefixed keys: do first-token bare keys sit apart?"),
     ("first_token", "3. First-token experiment", "ROME edits again with random text before the subject."),
     ("prefix_effect", "4. Test-time prefix", "Efficacy with and without a test-time prefix, by subject position."),
@@ -47,7 +48,8 @@ def _settings(data: dict) -> str:
 
 def _image(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
-    return f"<figure><img alt='{html.escape(path.name)}' src='data:image/png;base64,{data}'><figcaption>{html.escape(path.name)}</figcaption></figure>"
+    name = html.escape(path.name)
+    return f"<figure><img alt='{name}' src='data:image/png;base64,{data}'><figcaption>{name}</figcaption></figure>"
 
 
 def _shown(run_dir: Path) -> str:
@@ -60,7 +62,7 @@ def _shown(run_dir: Path) -> str:
 
 def _eval_runs(run_dir: Path) -> str:
     """The folder's eval results (a sweep's cells) side by side, with the sweep's spec."""
-    from ..evaluation.evaluate import ResultsFile
+    from ..evaluation.results import ResultsFile
     from ..evaluation.summary import MANIFEST, label, result_files, side_by_side, to_markdown
 
     runs = [(label(recs, p), recs) for p in result_files(run_dir) if (recs := ResultsFile(p).read())]

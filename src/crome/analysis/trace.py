@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..editing.request import EditRequest, locate
-from ..hooks import record
+from ..hooks import forward_hook, record
 from ..models import LoadedModel
 
 KINDS = ("hidden", "mlp", "attn")
@@ -60,11 +60,8 @@ def _replace(module: torch.nn.Module, rows: torch.Tensor, positions: torch.Tenso
         out[rows, positions] = clean[positions].to(out.dtype)
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with forward_hook(module, hook):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -75,11 +72,8 @@ def _noise(lm: LoadedModel, first: int, last: int, noise: torch.Tensor):
         out[:, first:last + 1] += noise.to(out.dtype)
         return out
 
-    handle = lm.model.get_input_embeddings().register_forward_hook(hook)
-    try:
+    with forward_hook(lm.model.get_input_embeddings(), hook):
         yield
-    finally:
-        handle.remove()
 
 
 def position_groups(n_tokens: int, first: int, last: int) -> list[str]:

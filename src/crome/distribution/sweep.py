@@ -32,8 +32,8 @@ from pathlib import Path
 
 from ..errors import CromeError
 from ..evaluation.datasets import load_cases
-from ..evaluation.evaluate import ResultsFile, timing_path
 from ..evaluation.jobs import EvalJob, cases_of
+from ..evaluation.results import ResultsFile, timing_path
 from ..evaluation.summary import MANIFEST
 from .cluster import connect, placement
 

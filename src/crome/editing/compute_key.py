@@ -31,7 +31,8 @@ class Keys:
 
 
 @torch.no_grad()
-def keys_at(lm: LoadedModel, request: EditRequest, layer: int, templates: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def keys_at(lm: LoadedModel, request: EditRequest, layer: int,
+            templates: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Key and value of W at the subject's last token, one row per template."""
     located = [locate(lm.tokenizer, request, t) for t in templates]
     ids, mask = pad_right([x.ids for x in located], lm.tokenizer.pad_token_id, lm.device)

@@ -199,8 +199,3 @@ def compute_v_stars(lm: LoadedModel, requests: list[EditRequest], layer: int, te
     MEMIT adds it to the layer's output, the residual stream)."""
     batch = Batch.stack([build_batch(lm, r, templates, hp.kl_prompts) for r in requests])
     return optimise_delta(runner_cls(lm, batch, layer, site), batch, torch.stack([v.detach() for v in v0]), hp)
-
-
-def compute_v_star(lm: LoadedModel, request: EditRequest, layer: int, templates: list[str],
-                   v0: torch.Tensor, hp: Hparams, runner_cls=ReferenceRunner) -> ValueResult:
-    return compute_v_stars(lm, [request], layer, templates, [v0], hp, runner_cls)[0]

@@ -17,7 +17,7 @@ import torch
 from ..errors import CromeError
 from ..models import LoadedModel
 from .compute_key import Keys, compute_keys
-from .compute_value import ReferenceRunner, ValueResult, compute_v_stars
+from .compute_value import ValueResult, compute_v_stars
 from .hparams import Hparams
 from .mom2 import KeyStats
 from .request import EditRequest
@@ -63,6 +63,19 @@ class Diagnostics:
 
 
 @dataclass
+class EditVectors:
+    """The vectors of one edit, named after the paper: ΔW = lam uᵀ."""
+
+    k_bare: torch.Tensor    # k^u: the key of the bare prompt
+    k_mean: torch.Tensor    # k̄: the key averaged over the prefixed templates
+    k_cur: torch.Tensor     # the key the update uses (ROME: k_bare; C-ROME: k_mean)
+    v_cur: torch.Tensor     # W k_cur, the value now
+    v_star: torch.Tensor    # v*: the value that makes the model say the new target
+    u: torch.Tensor         # C⁻¹k̄ / ‖C⁻¹k̄‖
+    lam: torch.Tensor       # Λ = (v* − v_cur) / (k_cur · u)
+
+
+@dataclass
 class Edit:
     """A computed rank-one edit (ΔW is [d_out, d_in]) and everything needed to reproduce it."""
 
@@ -71,7 +84,7 @@ class Edit:
     layer: int
     delta_w: torch.Tensor = field(repr=False)
     diagnostics: Diagnostics
-    vectors: dict[str, torch.Tensor] = field(repr=False)  # k_bare, k_mean, k_cur, v_cur, v_star, u, lam (ΔW = lam uᵀ)
+    vectors: EditVectors = field(repr=False)
     context_templates: list[str]
     seed: int
     hparams: Hparams
@@ -121,7 +134,7 @@ def prepare_edits(lm: LoadedModel, requests: list[EditRequest], *, hparams: Hpar
     if runner_cls is None:
         from .fast import FastRunner
 
-        runner_cls = FastRunner if lm.arch.fast else ReferenceRunner
+        runner_cls = FastRunner
     start = time.perf_counter()
     if templates is None:
         templates = context_templates(lm, seed, hp.template_lengths, hp.template_starts)
@@ -169,8 +182,9 @@ def finish_edit(lm: LoadedModel, prepared: Prepared, method: str, stats: KeyStat
     )
     return Edit(request=prepared.request, method=method, layer=hp.layer, delta_w=delta_w.to(w.dtype),
                 diagnostics=diagnostics,
-                vectors=dict(k_bare=keys.k_bare, k_mean=keys.k_mean, k_cur=k_cur, v_cur=v_cur,
-                             v_star=value.v_star, u=u, lam=lam), context_templates=prepared.templates, seed=prepared.seed,
+                vectors=EditVectors(k_bare=keys.k_bare, k_mean=keys.k_mean, k_cur=k_cur, v_cur=v_cur,
+                                    v_star=value.v_star, u=u, lam=lam), context_templates=prepared.templates,
+                seed=prepared.seed,
                 hparams=hp, seconds=prepared.seconds + time.perf_counter() - start,
                 key_stats=stats.record() if stats is not None else None, layer_choice=prepared.layer_choice)
 
@@ -261,7 +275,7 @@ class EditHandle(WeightsHandle):
     def __init__(self, lm: LoadedModel, edit: Edit):
         super().__init__(lm, [edit.layer])
         self.lm, self.edit = lm, edit
-        self.factors = {edit.layer: (edit.vectors["lam"][:, None], edit.vectors["u"][:, None])}
+        self.factors = {edit.layer: (edit.vectors.lam[:, None], edit.vectors.u[:, None])}
 
 
 class Overlay:
@@ -275,8 +289,8 @@ class Overlay:
         self.layer = self.layers[0]
         self.u, self.lam = {}, {}
         for layer in self.layers:
-            self.u[layer] = torch.stack([e.vectors["u"].float() * (e.layer == layer) for e in edits])
-            self.lam[layer] = torch.stack([e.vectors["lam"].float() * (e.layer == layer) for e in edits])
+            self.u[layer] = torch.stack([e.vectors.u.float() * (e.layer == layer) for e in edits])
+            self.lam[layer] = torch.stack([e.vectors.lam.float() * (e.layer == layer) for e in edits])
 
     def __len__(self) -> int:
         return len(self.u[self.layer])

@@ -183,7 +183,8 @@ class PerplexityMonitor:
                 group = list(range(first, min(first + step, k)))
                 n = len(group)
                 skip = self.layers[: self.layer] if below is not None else []
-                with _short_circuit(skip, _repeat(below, n)), overlay.rows(self.lm, [e for e in group for _ in range(b)]):
+                owners = [e for e in group for _ in range(b)]
+                with _short_circuit(skip, _repeat(below, n)), overlay.rows(self.lm, owners):
                     hidden = self.lm.model.base_model(input_ids=ids.repeat(n, 1),
                                                       attention_mask=mask.repeat(n, 1)).last_hidden_state
                 m = mask[:, 1:].bool()

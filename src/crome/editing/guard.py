@@ -41,7 +41,6 @@ PREFIXED_TEST = {"rome": False, "crome": True}
 # ``crome edit`` warns that an edit is unlikely to take beyond these (docs/MODELS.md, "Layer choice")
 WARN_VALUE_SHIFT = 8.0
 WARN_OUTLIER = 4.0
-FEATURES = ("update_ratio", "denominator", "cos_bare_mean")
 
 
 @dataclass(frozen=True)
@@ -76,14 +75,14 @@ class GuardRule:
                              f"calibrate one for this model (crome analyze guard --calibrate)")
 
     def predicts_collapse(self, diagnostics) -> bool:
-        value = diagnostics[self.feature] if isinstance(diagnostics, dict) else getattr(diagnostics, self.feature)
-        finite = diagnostics["finite"] if isinstance(diagnostics, dict) else diagnostics.finite
-        if value is None or not finite or not math.isfinite(value):
+        """``diagnostics``: an edit's ``Diagnostics``."""
+        value = getattr(diagnostics, self.feature)
+        if value is None or not diagnostics.finite or not math.isfinite(value):
             return True
         return value > self.threshold if self.above else value < self.threshold
 
     def reason(self, diagnostics) -> str:
-        value = diagnostics[self.feature] if isinstance(diagnostics, dict) else getattr(diagnostics, self.feature)
+        value = getattr(diagnostics, self.feature)
         sign = ">" if self.above else "<"
         return f"{self.feature} = {value:.4g} {sign} {self.threshold:.4g}: this edit is predicted to collapse the model"
 
@@ -91,7 +90,7 @@ class GuardRule:
         return asdict(self)
 
 
-# Calibrated (guard.calibrate) on 82 ROME edits of counterfact-train, 8 of them collapsed (default model,
+# Calibrated (analysis.calibrate) on 82 ROME edits of counterfact-train, 8 of them collapsed (default model,
 # layer 6, seed 0, mom2 off; benchmarks/reproduce.py): the split fell at 0.891. It is a rule for that
 # model only; any other model needs its own (crome analyze guard --calibrate).
 DEFAULT_RULE = GuardRule(feature="update_ratio", threshold=0.89, above=True, model="smollm2-135m-instruct",
@@ -108,69 +107,15 @@ def rule_for(model: str, path=None) -> GuardRule | None:
     return DEFAULT_RULES.get(model)
 
 
-def _f1(tp: int, fp: int, fn: int) -> float:
-    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
-
-
-def precision_recall(rule: GuardRule, records: list[dict]) -> dict:
-    """Precision, recall and counts of ``rule`` on eval records with a collapse verdict."""
-    judged = [r for r in records if r.get("collapsed") is not None]
-    pred = [rule.predicts_collapse(r) for r in judged]
-    truth = [bool(r["collapsed"]) for r in judged]
-    tp = sum(p and t for p, t in zip(pred, truth))
-    fp = sum(p and not t for p, t in zip(pred, truth))
-    fn = sum(t and not p for p, t in zip(pred, truth))
-    return dict(n=len(judged), collapsed=sum(truth), predicted=sum(pred), tp=tp, fp=fp, fn=fn,
-                precision=tp / (tp + fp) if tp + fp else math.nan,
-                recall=tp / (tp + fn) if tp + fn else math.nan, f1=_f1(tp, fp, fn))
-
-
-def calibrate(records: list[dict]) -> GuardRule:
-    """See ``calibrate_split``; the rule records the model and settings of ``records``."""
-    rule = calibrate_split(records)
-    r0 = records[0]
-    judged = [r for r in records if r.get("collapsed") is not None]
-    stats = (r0.get("key_stats") or {}).get("source", "off")
-    return GuardRule(rule.feature, rule.threshold, rule.above, model=r0.get("model"),
-                     calibration=f"{r0.get('data')}, {r0.get('method')}, layer {r0.get('layer')}, key statistics "
-                                 f"{stats}, {len(judged)} edits ({sum(bool(r['collapsed']) for r in judged)} collapsed)")
-
-
-def calibrate_split(records: list[dict]) -> GuardRule:
-    """The single-feature threshold with the best F1 on ``records``; thresholds sit midway
-    between neighbouring values (in log space for the positive features)."""
-    judged = [r for r in records if r.get("collapsed") is not None and r.get("finite", True)]
-    if not any(r["collapsed"] for r in judged):
-        raise ValueError("calibration needs at least one collapsed edit")
-    best, best_key = [], None
-    for order, feature in enumerate(FEATURES):
-        values = sorted({r[feature] for r in judged if r.get(feature) is not None})
-        log = feature != "cos_bare_mean" and values[0] > 0
-        cuts = [math.sqrt(a * b) if log else (a + b) / 2 for a, b in zip(values, values[1:])]
-        for above in (True, False):
-            for cut in cuts:
-                rule = GuardRule(feature, cut, above)
-                pr = precision_recall(rule, judged)
-                key = (pr["f1"], pr["recall"], -order, above)
-                if best_key is None or key > best_key:
-                    best, best_key = [rule], key
-                elif key == best_key:
-                    best.append(rule)
-    # equally good thresholds span a gap between two values: take the one in its middle
-    lo, hi = best[0].threshold, best[-1].threshold
-    log = best[0].feature != "cos_bare_mean" and lo > 0
-    return GuardRule(best[0].feature, math.sqrt(lo * hi) if log else (lo + hi) / 2, best[0].above)
-
-
 class GuardRefused(CromeError):
     """The guard refused or rolled back an edit (``crome edit`` exits with code 3).
     ``edit`` is the last edit tried, ``decision`` what the guard did."""
 
     exit_code = 3
 
-    def __init__(self, message: str, edit=None, decision: dict | None = None):
+    def __init__(self, message: str, edit=None, decision: "GuardDecision | None" = None):
         super().__init__(message)
-        self.edit, self.decision = edit, decision or {}
+        self.edit, self.decision = edit, decision
 
 
 class Verifier:
@@ -281,38 +226,68 @@ def _at_layer(lm, prepared, stats, offset: int):
     return moved, resolve_stats(lm, hp, corpus=stats.corpus if stats is not None else None)
 
 
-def _decision(action: str, method: str, rule: GuardRule | None, verifier: Verifier | None) -> dict:
-    verifying = action in ("verify", "fallback")
-    return dict(guard=action, guard_rule=rule.to_dict() if rule else None, guard_predicted_collapse=None,
-                guard_ppl_ratio=None, guard_threshold=verifier.threshold if verifying else None,
-                guard_took=None, guard_efficacy=None, guard_reason=None, guard_action="applied", edited_with=method)
+@dataclass
+class GuardDecision:
+    """What the guard did with an edit (every edit path records these fields, ``record``)."""
+
+    guard: str                                   # the action asked for: off, refuse, verify, fallback
+    edited_with: str                             # the method of the edit kept (fallback may change it)
+    guard_rule: dict | None = None
+    guard_predicted_collapse: bool | None = None
+    guard_ppl_ratio: float | None = None
+    guard_threshold: float | None = None
+    guard_took: bool | None = None
+    guard_efficacy: dict | None = None
+    guard_reason: str | None = None              # why the last edit tried was stopped
+    guard_action: str = "applied"                # applied, rolled back, refused, "fallback: ..."
+
+    @classmethod
+    def start(cls, action: str, method: str, rule: GuardRule | None, verifier: Verifier | None) -> "GuardDecision":
+        verifying = action in ("verify", "fallback")
+        return cls(guard=action, edited_with=method, guard_rule=rule.to_dict() if rule else None,
+                   guard_threshold=verifier.threshold if verifying else None)
+
+    def record(self) -> dict:
+        """The fields an eval record carries (the action asked for is the run's setting)."""
+        out = asdict(self)
+        del out["guard"]
+        return out
 
 
-def _check_guard(lm, action: str, rule, verifier) -> None:
+def check_guard(model: str, method: str, action: str, rule=..., verifier=...) -> None:
+    """The guard's option rules, in one place: the action exists, MEMIT takes off or verify, refuse
+    needs a rule, verify and fallback need a verifier (``...``: not built yet, not checked)."""
+    from .memit import BATCH_METHODS
+
     if action not in GUARD_ACTIONS:
         raise CromeError(f"unknown guard action '{action}': choose one of {', '.join(GUARD_ACTIONS)}")
-    if action == "refuse" and rule is None:
-        raise CromeError(f"--guard refuse needs a rule calibrated for {lm.name} (crome analyze guard --calibrate, "
+    if method in BATCH_METHODS and action not in ("off", "verify"):
+        raise CromeError(f"--guard {action} is for ROME and C-ROME; MEMIT takes off or verify")
+    if action == "refuse" and rule is None:   # a GuardRule, or ... (not built yet)
+        raise CromeError(f"--guard refuse needs a rule calibrated for {model} (crome analyze guard --calibrate, "
                          f"then --guard-rule FILE); --guard verify needs none")
     if action in ("verify", "fallback") and verifier is None:
         raise CromeError(f"--guard {action} needs a verifier (probe perplexity)")
 
 
-def _verify(lm, edit, handle, verifier: Verifier, check: EfficacyCheck | None, decision: dict) -> str | None:
-    """Measure the applied edit; roll it back and say why when it damaged the model or did not take."""
-    ratio = decision["guard_ppl_ratio"] = verifier.ratio(edit.layer)
-    efficacy = check.after(edit.method) if check is not None else None
-    decision["guard_efficacy"] = efficacy.record() if efficacy else None
-    decision["guard_took"] = efficacy.took if efficacy else None
+def verify_or_roll_back(handle, verifier: Verifier, decision: GuardDecision, layer: int,
+                        check: EfficacyCheck | None = None, method: str | None = None) -> str | None:
+    """The verify step of every edit path: measure the applied edit (probe perplexity seen from
+    ``layer``; with ``check``, whether ``method``'s edit took) into ``decision``. When it damaged
+    the model or did not take, roll it back bit for bit and say why; else None."""
+    ratio = decision.guard_ppl_ratio = verifier.ratio(layer)
+    efficacy = check.after(method) if check is not None else None
+    decision.guard_efficacy = efficacy.record() if efficacy else None
+    decision.guard_took = efficacy.took if efficacy else None
     if not ratio <= verifier.threshold:  # NaN fails too
         problem = f"damaged the model: probe perplexity grew {ratio:.3g}x > {verifier.threshold:g}"
     elif efficacy is not None and not efficacy.took:
-        problem = efficacy.reason(edit.request.target_new)
+        problem = efficacy.reason(check.target_new)
     else:
         return None
     handle.restore()
-    decision["guard_reason"] = problem.split(":")[0]
-    return f"{edit.method} at layer {edit.layer}: {problem}, rolled back"
+    decision.guard_reason = problem.split(":")[0]
+    return problem
 
 
 def guarded_apply(lm, request, method: str, action: str = "off", *, rule: GuardRule | None = None,
@@ -321,16 +296,16 @@ def guarded_apply(lm, request, method: str, action: str = "off", *, rule: GuardR
     keys and v* when already computed (``prepare_edits``), else they are computed here.
     ``neighbours``: ``fallback`` may move to a neighbouring layer (off in sequential runs).
 
-    Returns (edit, handle, decision): ``handle`` is the applied edit (None when the update
-    is not finite, which is never applied). Raises ``GuardRefused`` (weights untouched or
+    Returns (edit, handle, ``GuardDecision``): ``handle`` is the applied edit (None when the
+    update is not finite, which is never applied). Raises ``GuardRefused`` (weights untouched or
     restored bit for bit) when the guard stops every edit it tried."""
     from .edit import apply_edit, check_method, finish_edit, prepare_edit, resolve_stats
 
     check_method(method)
-    _check_guard(lm, action, rule, verifier)
+    check_guard(lm.name, method, action, rule, verifier)
     verifying = action in ("verify", "fallback")
     rule = rule if action != "off" else None
-    decision = _decision(action, method, rule, verifier)
+    decision = GuardDecision.start(action, method, rule, verifier)
     mom2 = edit_kwargs.pop("mom2", None)
     if prepared is None:
         prepared = prepare_edit(lm, request, **edit_kwargs)  # keys and v* are the same for every method
@@ -344,13 +319,12 @@ def guarded_apply(lm, request, method: str, action: str = "off", *, rule: GuardR
         if here is None:
             continue
         edit = finish_edit(lm, here, m, here_stats)
-        decision["edited_with"] = m
+        decision.edited_with = m
         if rule is not None:
-            predicted = rule.predicts_collapse(edit.diagnostics)
-            decision["guard_predicted_collapse"] = predicted
+            predicted = decision.guard_predicted_collapse = rule.predicts_collapse(edit.diagnostics)
             if predicted:
                 problems.append(f"{m} at layer {edit.layer}: {rule.reason(edit.diagnostics)}")
-                decision["guard_reason"] = "predicted collapse"
+                decision.guard_reason = "predicted collapse"
                 if action == "refuse":
                     break
                 continue
@@ -363,14 +337,53 @@ def guarded_apply(lm, request, method: str, action: str = "off", *, rule: GuardR
             verifier.monitor.at(edit.layer)  # a monitor below the run's layer takes its baseline now, unedited
         handle = apply_edit(lm, edit)
         if verifying:
-            problem = _verify(lm, edit, handle, verifier, check, decision)
+            problem = verify_or_roll_back(handle, verifier, decision, edit.layer, check, edit.method)
             if problem:
-                problems.append(problem)
+                problems.append(f"{edit.method} at layer {edit.layer}: {problem}, rolled back")
                 continue
         if (m, offset) != (method, 0):
             where = f" at layer {edit.layer}" if offset else ""
-            decision["guard_action"] = f"fallback: crome{where} instead of {method}"
-        decision["guard_reason"] = None
+            decision.guard_action = f"fallback: crome{where} instead of {method}"
+        decision.guard_reason = None
         return edit, handle, decision
-    decision["guard_action"] = "rolled back" if decision["guard_ppl_ratio"] is not None and action == "verify" else "refused"
-    raise GuardRefused(f"guard {decision['guard_action']} the {method} edit: " + "; ".join(problems), edit, decision)
+    decision.guard_action = "rolled back" if decision.guard_ppl_ratio is not None and action == "verify" else "refused"
+    raise GuardRefused(f"guard {decision.guard_action} the {method} edit: " + "; ".join(problems), edit, decision)
+
+
+def guarded_memit(lm, requests, method: str, action: str = "off", *, rule: GuardRule | None = None,
+                  verifier: Verifier | None = None, **memit_kwargs):
+    """``guarded_apply`` for MEMIT and C-MEMIT: compute and apply the batch's update (computing is
+    applying), then let the guard judge it: a ``rule`` (``--guard-rule``) on the batch's diagnostics
+    (``batch_diagnostics``), then, with ``verify``, probe perplexity. Returns (edit, handle,
+    decision); raises ``GuardRefused`` with the weights restored."""
+    from .memit import apply_memit
+
+    check_guard(lm.name, method, action, rule, verifier)
+    rule = rule if action != "off" else None
+    if rule is not None and rule.feature == "denominator":
+        raise CromeError("the guard rule reads the denominator, which is ROME's: a MEMIT batch has none")
+    decision = GuardDecision.start(action, method, rule, verifier)
+    edit, handle = apply_memit(lm, requests, method, **memit_kwargs)
+    if rule is not None:
+        diagnostics = batch_diagnostics(edit)
+        predicted = decision.guard_predicted_collapse = rule.predicts_collapse(diagnostics)
+        if predicted:
+            handle.restore()
+            decision.guard_reason, decision.guard_action = "predicted collapse", "refused"
+            raise GuardRefused(f"guard refused the {method} batch: {rule.reason(diagnostics)}", edit, decision)
+    if action == "verify":
+        problem = verify_or_roll_back(handle, verifier, decision, verifier.layer)
+        if problem:
+            decision.guard_action = "rolled back"
+            raise GuardRefused(f"guard rolled back the {method} batch: {problem}", edit, decision)
+    return edit, handle, decision
+
+
+def batch_diagnostics(edit):
+    """A MEMIT batch's diagnostics in the fields a ``GuardRule`` reads: the largest update ratio
+    over its layers and the smallest cos(k^u, k̄) over its requests (MEMIT has no single denominator)."""
+    from types import SimpleNamespace
+
+    cos = [r["cos_bare_mean"] for r in edit.per_request if r.get("cos_bare_mean") is not None]
+    return SimpleNamespace(update_ratio=edit.record()["update_ratio"], cos_bare_mean=min(cos) if cos else None,
+                           finite=edit.finite)

@@ -11,8 +11,8 @@ Layer choice
   uses layer 5 of 28 (18% depth), and 6 of 30 is the same relative depth. At
   layer 6 a normal edit reaches P(target) > 0.98 without moving perplexity
   (``crome demo``), and the first-token collapse the "Fall of ROME" paper
-  describes reproduces there. Causal-tracing evidence per layer is not yet
-  measured (planned: ``crome trace``); ``--layer`` edits any layer.
+  describes reproduces there. ``crome trace`` and docs/MODELS.md give the traced
+  evidence per layer (its peak is layer 5, next to 6); ``--layer`` edits any layer.
 * gpt2-xl: layer 17, gpt-j: layer 5 (the ROME paper's causal-tracing choices).
 * anything else: ``--layer auto`` (``layer_choice.py``): the peak of the MLP's causal
   effect at the subject's last token, traced on facts the model knows; the relative

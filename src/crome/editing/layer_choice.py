@@ -201,7 +201,8 @@ def auto_layer(lm: LoadedModel, seed: int = 0, n_facts: int = 20, window: int | 
         ranked = sorted(range(1, L), key=lambda i: -effects[i])[:MAX_CANDIDATES] if L > 1 else [0]
         requests, candidates = trial_requests(lm, facts, known_all), []
         for layer in ranked:
-            candidates.append(dict(_try_editability(lm, layer, requests, seed, samples), effect=round(effects[layer], 6)))
+            trial = _try_editability(lm, layer, requests, seed, samples)
+            candidates.append(dict(trial, effect=round(effects[layer], 6)))
             if candidates[-1]["editable"]:
                 break
         best = _pick(candidates)

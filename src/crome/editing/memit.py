@@ -31,7 +31,7 @@ import torch
 from ..errors import CromeError
 from ..models import LoadedModel
 from .compute_key import key_and_output
-from .compute_value import ReferenceRunner, compute_v_stars
+from .compute_value import compute_v_stars
 from .edit import WeightsHandle
 from .hparams import Hparams
 from .mom2 import KeyStats
@@ -114,6 +114,43 @@ class BatchEdit:
                     key_stats={str(k): v for k, v in self.key_stats.items()})
 
 
+def _read(lm: LoadedModel, requests, layer: int, last: int, rows, consistent: bool):
+    """Per request: the mean key at ``layer``, h after layer ``last`` (mean over the templates, or
+    the bare prompt's), and cos(k^u, k̄)."""
+    ks, hs, cos = [], [], []
+    for r in requests:
+        k, h = key_and_output(lm, r, layer, last, rows)
+        ks.append(k[1:].mean(0))
+        hs.append(h[1:].mean(0) if consistent else h[0])
+        cos.append(float(torch.nn.functional.cosine_similarity(k[0], k[1:].mean(0), dim=0)))
+    return torch.stack(ks), torch.stack(hs), cos
+
+
+def _insert(lm: LoadedModel, layers, z: torch.Tensor, read, stats, weight: float):
+    """Spread the residual z − h over ``layers``, one solve and update per layer, the layers below
+    already edited: (handle, factors, per-layer statistics, cos of the last read). A non-finite
+    update restores every layer and raises."""
+    handle = WeightsHandle(lm, layers)
+    factors, layer_stats = {}, {}
+    try:
+        for i, layer in enumerate(layers):
+            keys, h, cos = read(layer)
+            resid = (z - h) / (len(layers) - i)
+            a, b, condition = memit_solve(keys, resid, stats[layer].mom2, weight)
+            w_norm = float(lm.mlp_out(layer).weight.float().norm())
+            update_norm = float(factor_update(a, b).norm())
+            layer_stats[layer] = dict(update_norm=update_norm, weight_norm=w_norm, update_ratio=update_norm / w_norm,
+                                      condition=condition, residual_norm=float((z - h).norm(dim=1).mean()))
+            if not math.isfinite(update_norm):
+                raise CromeError(f"non-finite MEMIT update (NaN or inf) at layer {layer}: edit not applied")
+            add_factors(lm, layer, a, b)
+            factors[layer] = handle.factors[layer] = (a.cpu(), b.cpu())
+    except BaseException:
+        handle.restore()
+        raise
+    return handle, factors, layer_stats, cos
+
+
 def apply_memit(lm: LoadedModel, requests: list[EditRequest], method: str = "cmemit", *,
                 hparams: Hparams | None = None, stats: dict[int, KeyStats] | None = None,
                 templates: list[str] | None = None, seed: int = 0, runner_cls=None) -> tuple[BatchEdit, WeightsHandle]:
@@ -146,7 +183,7 @@ def apply_memit(lm: LoadedModel, requests: list[EditRequest], method: str = "cme
     if runner_cls is None:
         from .fast import FastRunner
 
-        runner_cls = FastRunner if lm.arch.fast else ReferenceRunner
+        runner_cls = FastRunner
     start = time.perf_counter()
     if templates is None:
         templates = context_templates(lm, seed, hp.template_lengths, hp.template_starts)
@@ -156,40 +193,14 @@ def apply_memit(lm: LoadedModel, requests: list[EditRequest], method: str = "cme
     weight = hp.mom2_update_weight if hp.mom2_update_weight is not None else float(stats[last].mom2.shape[0])
 
     def read(layer):
-        """Per request: the mean key at ``layer`` and h after layer ``last`` (mean or bare)."""
-        ks, hs, cos = [], [], []
-        for r in requests:
-            k, h = key_and_output(lm, r, layer, last, rows)
-            ks.append(k[1:].mean(0))
-            hs.append(h[1:].mean(0) if consistent else h[0])
-            cos.append(float(torch.nn.functional.cosine_similarity(k[0], k[1:].mean(0), dim=0)))
-        return torch.stack(ks), torch.stack(hs), cos
+        return _read(lm, requests, layer, last, rows, consistent)
 
     _, h0, _ = read(layers[0])
     value_hp = replace(hp, clamp_norm_factor=hp.memit_clamp_norm_factor)
     site = lm.module(lm.arch.layer_name(last))
     values = compute_v_stars(lm, requests, last, templates, list(h0), value_hp, runner_cls, site=site)
     z = torch.stack([h + v.delta for h, v in zip(h0, values)])
-
-    handle = WeightsHandle(lm, layers)
-    factors, layer_stats = {}, {}
-    try:
-        for i, layer in enumerate(layers):
-            keys, h, cos = read(layer)
-            resid = (z - h) / (len(layers) - i)
-            a, b, condition = memit_solve(keys, resid, stats[layer].mom2, weight)
-            w = lm.mlp_out(layer).weight
-            update_norm = float(factor_update(a, b).norm())
-            layer_stats[layer] = dict(update_norm=update_norm, weight_norm=float(w.float().norm()),
-                                      update_ratio=update_norm / float(w.float().norm()), condition=condition,
-                                      residual_norm=float((z - h).norm(dim=1).mean()))
-            if not math.isfinite(update_norm):
-                raise CromeError(f"non-finite MEMIT update (NaN or inf) at layer {layer}: edit not applied")
-            add_factors(lm, layer, a, b)
-            factors[layer] = handle.factors[layer] = (a.cpu(), b.cpu())
-    except BaseException:
-        handle.restore()
-        raise
+    handle, factors, layer_stats, cos = _insert(lm, layers, z, read, stats, weight)
     per_request = [dict(p_target_opt=v.p_target, opt_steps=v.steps, cos_bare_mean=c,
                         first_token_subject=locate(lm.tokenizer, r).subject_is_first)
                    for r, v, c in zip(requests, values, cos)]

@@ -64,7 +64,10 @@ def load_requests(path) -> list[EditRequest]:
         raise CromeError(f"requests file not found: {path}")
     text = path.read_text(encoding="utf-8")
     try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
+        if text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = [json.loads(x) for x in text.splitlines() if x.strip()]
     except json.JSONDecodeError as exc:
         raise CromeError(f"{path}: not JSON or JSON lines ({exc.msg} at line {exc.lineno})") from None
     requests = []

@@ -20,7 +20,8 @@ BARE = "{}"
 
 
 @torch.no_grad()
-def sample_texts(lm: LoadedModel, start: str, n: int, length: int, generator: torch.Generator, top_k: int = 5) -> list[str]:
+def sample_texts(lm: LoadedModel, start: str, n: int, length: int, generator: torch.Generator,
+                 top_k: int = 5) -> list[str]:
     """``n`` continuations of ``start``, ``length`` tokens in all, top-k sampled."""
     tok = lm.tokenizer
     ids = torch.tensor([tok(start)["input_ids"]] * n, device=lm.device)

@@ -77,7 +77,8 @@ def _strs(rec: dict, key: str, required: bool = False) -> list[str]:
         return []
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value) or (required and not value):
+    strings = isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value)
+    if not strings or (required and not value):
         raise _Bad(f"field '{key}' must be a list of non-empty strings")
     return value
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..editing.edit import Edit, apply_edit
-from ..editing.fast import PerplexityMonitor
-from ..editing.guard import GuardRule, Verifier, guarded_apply
+from ..editing.guard import guarded_apply, guarded_memit
+from ..editing.memit import BATCH_METHODS
 from ..editing.request import EditRequest
 from ..errors import CromeError
 from ..models import LoadedModel
+from .context import RunContext
 from .measure import generate, ppl_fields, target_probability, template_prefix
 
 
@@ -43,7 +44,9 @@ class EditReport:
     p_target_after_prefixed: float | None
     test_prefix: str
     generation_after: str | None
-    guard: str
+    guard: str                  # these ten: what the guard did (``GuardDecision``)
+    edited_with: str
+    guard_rule: dict | None
     guard_predicted_collapse: bool | None
     guard_ppl_ratio: float | None
     guard_threshold: float | None
@@ -51,7 +54,6 @@ class EditReport:
     guard_efficacy: dict | None
     guard_reason: str | None
     guard_action: str
-    edited_with: str
     edit_seconds: float
     seed: int
     device: str
@@ -65,25 +67,26 @@ class EditReport:
         return asdict(self)
 
 
-def measure_edit(lm: LoadedModel, request: EditRequest, method: str, *, monitor: PerplexityMonitor | None,
-                 ppl_data: str | None = None, generate_tokens: int = 0, keep: bool = False, guard: str = "off",
-                 rule: GuardRule | None = None, verifier: Verifier | None = None,
-                 **edit_kwargs) -> tuple[EditReport, Edit]:
-    """Compute, apply, measure and (unless ``keep``) restore one edit.
+def measure_edit(lm: LoadedModel, request: EditRequest, ctx: RunContext, *, ppl_data: str | None = None,
+                 generate_tokens: int = 0, keep: bool = False) -> tuple[EditReport, Edit]:
+    """Compute, apply, measure and (unless ``keep``) restore one edit: ``ctx.settings.method``.
 
     A non-finite update is reported (``applied=False``) and never applied.
-    ``monitor`` (built for the edited layer) gives perplexity before and after.
-    ``guard`` (off, refuse, verify, fallback; guard.py) judges the edit and may roll it back
-    (``GuardRefused``, weights restored)."""
-    prompt = request.text()
+    ``ctx.monitor`` (built for the edited layer) gives perplexity before and after.
+    ``ctx.settings.guard`` (off, refuse, verify, fallback; guard.py) judges the edit and may roll
+    it back (``GuardRefused``, weights restored)."""
+    s, prompt = ctx.settings, request.text()
+    method, guard = s.method, s.guard
     p_before = target_probability(lm, prompt, request.target_new)
-    edit, handle, decision = guarded_apply(lm, request, method, guard, rule=rule, verifier=verifier, **edit_kwargs)
+    edit, handle, decision = guarded_apply(lm, request, method, guard, rule=ctx.rule, verifier=ctx.verifier,
+                                           hparams=ctx.hparams, mom2=ctx.stats, seed=s.seed, templates=ctx.templates,
+                                           layer_choice=ctx.layer_choice)
     prefix = template_prefix(edit.context_templates[1] if len(edit.context_templates) > 1 else "")
     after: dict = dict(ppl_after=None, ppl_ratio=None, collapsed=None, p_target_after=None,
                        p_target_after_prefixed=None, generation_after=None)
     if handle is not None:
         handle.restore()  # the prefixed "before" (and a new monitor's baseline) need the unedited model
-    monitor = monitor.at(edit.layer) if monitor is not None else None   # a fallback may move the layer down
+    monitor = ctx.monitor.at(edit.layer) if ctx.monitor is not None else None   # a fallback may move the layer
     ppl_before = monitor.baseline if monitor is not None else None
     p_before_prefixed = target_probability(lm, prompt, request.target_new, prefix=prefix)
     if handle is not None:
@@ -103,16 +106,13 @@ def measure_edit(lm: LoadedModel, request: EditRequest, method: str, *, monitor:
         method=method, model=lm.name, layer=edit.layer, prompt=request.prompt, subject=request.subject,
         target_new=request.target_new, denominator=d.denominator, numerator_norm=d.numerator_norm,
         update_norm=d.update_norm, update_ratio=d.update_ratio, cos_bare_mean=d.cos_bare_mean,
-        key_outlier_ratio=d.key_outlier_ratio, value_shift=d.value_shift, first_token_subject=d.first_token_subject, p_target_opt=d.p_target_opt, finite=d.finite,
+        key_outlier_ratio=d.key_outlier_ratio, value_shift=d.value_shift, first_token_subject=d.first_token_subject,
+        p_target_opt=d.p_target_opt, finite=d.finite,
         applied=handle is not None, ppl_before=ppl_before, ppl_data=ppl_data, p_target_before=p_before,
         p_target_before_prefixed=p_before_prefixed, test_prefix=prefix, edit_seconds=edit.seconds,
         seed=edit.seed, device=str(lm.device), dtype=lm.dtype, key_stats=edit.key_stats, layer_choice=edit.layer_choice,
         context_templates=edit.context_templates, hparams=edit.hparams.to_dict(),
-        guard=guard, guard_predicted_collapse=decision["guard_predicted_collapse"],
-        guard_ppl_ratio=decision["guard_ppl_ratio"], guard_threshold=decision["guard_threshold"],
-        guard_took=decision["guard_took"], guard_efficacy=decision["guard_efficacy"],
-        guard_reason=decision["guard_reason"], guard_action=decision["guard_action"],
-        edited_with=decision["edited_with"], **after,
+        **asdict(decision), **after,
     )
     return report, edit
 
@@ -135,9 +135,15 @@ class BatchReport:
     ppl_ratio: float | None
     collapsed: bool | None
     ppl_data: str | None
-    guard: str
+    guard: str                  # these ten: what the guard did (``GuardDecision``)
+    edited_with: str
+    guard_rule: dict | None
+    guard_predicted_collapse: bool | None
     guard_ppl_ratio: float | None
     guard_threshold: float | None
+    guard_took: bool | None
+    guard_efficacy: dict | None
+    guard_reason: str | None
     guard_action: str
     edit_seconds: float
     seed: int
@@ -151,33 +157,19 @@ class BatchReport:
         return asdict(self)
 
 
-def measure_batch_edit(lm: LoadedModel, requests: list[EditRequest], method: str, *, hparams, stats: dict,
-                       monitor: PerplexityMonitor | None, ppl_data: str | None = None, keep: bool = False,
-                       guard: str = "off", verifier: Verifier | None = None, seed: int = 0,
-                       templates: list[str] | None = None) -> BatchReport:
-    """Apply, measure and (unless ``keep``) restore one MEMIT edit of ``requests``. ``guard``: off or
-    verify (probe perplexity; above the threshold the edit is rolled back: ``GuardRefused``)."""
-    from ..editing.guard import GuardRefused
-    from ..editing.memit import apply_memit
-
-    if guard not in ("off", "verify"):
-        raise CromeError(f"--guard {guard} is for ROME and C-ROME; MEMIT takes off or verify")
-    if guard == "verify" and verifier is None:
-        raise CromeError("--guard verify needs a verifier (probe perplexity)")
+def measure_batch_edit(lm: LoadedModel, requests: list[EditRequest], ctx: RunContext, *,
+                       ppl_data: str | None = None, keep: bool = False) -> BatchReport:
+    """Apply, measure and (unless ``keep``) restore one MEMIT edit of ``requests`` (``ctx.settings.method``).
+    The guard: off or verify (``guarded_memit``: a rejected edit is rolled back, ``GuardRefused``)."""
+    s, stats, monitor = ctx.settings, ctx.stats, ctx.monitor
+    method, seed = s.method, s.seed
     first = min(stats) if stats else None
     if monitor is not None and first is not None and monitor.layer > first:
         raise CromeError(f"perplexity monitor is for layer {monitor.layer}, MEMIT edits layer {first}")
     before = [target_probability(lm, r.text(), r.target_new) for r in requests]
-    edit, handle = apply_memit(lm, requests, method, hparams=hparams, stats=stats, templates=templates, seed=seed)
+    edit, handle, decision = guarded_memit(lm, requests, method, s.guard, rule=ctx.rule, verifier=ctx.verifier,
+                                           hparams=ctx.hparams, stats=stats, templates=ctx.templates, seed=seed)
     try:
-        decision = dict(guard_ppl_ratio=None, guard_threshold=verifier.threshold if guard == "verify" else None,
-                        guard_action="applied")
-        if guard == "verify":
-            ratio = decision["guard_ppl_ratio"] = verifier.ratio()
-            if not ratio <= verifier.threshold:
-                handle.restore()
-                raise GuardRefused(f"guard rolled back the {method} edit: probe perplexity grew {ratio:.3g}x > "
-                                   f"{verifier.threshold:g}", None, dict(decision, guard_action="rolled back"))
         after = [target_probability(lm, r.text(), r.target_new) for r in requests]
         ppl = dict(ppl_before=None, ppl_after=None, ppl_ratio=None, collapsed=None)
         if monitor is not None:
@@ -191,6 +183,19 @@ def measure_batch_edit(lm: LoadedModel, requests: list[EditRequest], method: str
         requests=[dict(prompt=r.prompt, subject=r.subject, target_new=r.target_new, p_target_before=b,
                        p_target_after=a, **extra) for r, b, a, extra in zip(requests, before, after, edit.per_request)],
         update_norm=summary["update_norm"], update_ratio=summary["update_ratio"], layer_stats=summary["layer_stats"],
-        finite=edit.finite, applied=True, ppl_data=ppl_data, guard=guard, edit_seconds=edit.seconds, seed=seed,
+        finite=edit.finite, applied=True, ppl_data=ppl_data, edit_seconds=edit.seconds, seed=seed,
         device=str(lm.device), dtype=lm.dtype, key_stats=summary["key_stats"], context_templates=edit.context_templates,
-        hparams=edit.hparams.to_dict(), **ppl, **decision)
+        hparams=edit.hparams.to_dict(), **ppl, **asdict(decision))
+
+
+def edit_and_report(lm: LoadedModel, requests: list[EditRequest], ctx, *, ppl_data: str | None = None,
+                    keep: bool = False, generate_tokens: int = 0):
+    """The edit ``crome edit`` and ``crome demo`` make: ``ctx.settings.method`` on ``requests`` (one
+    for ROME and C-ROME; MEMIT and C-MEMIT edit them all as one update), judged by the context's
+    guard, measured by its monitor, and restored unless ``keep``. Returns (report, edit or None)."""
+    method = ctx.settings.method
+    if method in BATCH_METHODS:
+        return measure_batch_edit(lm, requests, ctx, ppl_data=ppl_data, keep=keep), None
+    if len(requests) != 1:
+        raise CromeError(f"{method} edits one fact at a time; several facts as one update: --method memit or cmemit")
+    return measure_edit(lm, requests[0], ctx, ppl_data=ppl_data, generate_tokens=generate_tokens, keep=keep)

@@ -11,8 +11,8 @@ import math
 import statistics
 from pathlib import Path
 
-from .evaluate import ResultsFile, timing_path
 from .metrics import harmonic_mean, mean_ci
+from .results import ResultsFile, timing_path
 
 SPLITS = (("all", None), ("first-token subject", True), ("other subjects", False))
 SCORES = [("ES", "es"), ("PS", "ps"), ("NS", "ns"), ("EM", "em"), ("PM", "pm"), ("NM", "nm"),
@@ -93,7 +93,9 @@ def _sequential(recs: list[dict]) -> dict[str, str]:
     rows = {"first collapsed at edit": str(first) if first else "none"}
     if last:
         rows["final perplexity"] = _cell(last[-1]["ppl_after"] if last[-1]["ppl_after"] is not None else math.inf)
-    for key, label in (("retained_efficacy", "final retained ES"), ("retained_efficacy_prefixed", "final retained ES (prefix)")):
+    retained = (("retained_efficacy", "final retained ES"),
+                ("retained_efficacy_prefixed", "final retained ES (prefix)"))
+    for key, label in retained:
         vals = [r[key] for r in recs if r.get(key) is not None]
         if vals:
             rows[label] = _cell(vals[-1])

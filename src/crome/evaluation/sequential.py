@@ -1,0 +1,110 @@
+"""The bookkeeping of a sequential run (edits that accumulate in one model).
+
+``SequentialRun`` keeps what ``evaluate.run`` would otherwise interleave with its loop: the
+original weights (restored when the run ends), the checkpoint of every update (``FactorStore``),
+resuming from it bit for bit, the cadences of the perplexity and retained-efficacy measurements,
+and the fields each record gets (step, update, applied so far, weights hash, retained efficacy).
+"""
+
+from __future__ import annotations
+
+from ..editing.edit import WeightsHandle
+from ..errors import CromeError
+from ..models import LoadedModel
+from .checkpoint import FactorStore, replay, weights_sha
+from .context import RunContext
+from .datasets import Case
+from .measure import ppl_fields, score_targets
+from .metrics import prob
+from .record import CaseRecord
+from .results import ResultsFile
+
+
+def retained_efficacy(lm: LoadedModel, cases: list[Case], prefixes: list[str | None]) -> float:
+    """Share of earlier edits whose prompt still prefers the new target (ES), each with its own prefix."""
+    wins = []
+    for prefix in dict.fromkeys(prefixes):
+        group = [c for c, p in zip(cases, prefixes) if p == prefix]
+        pairs = [(c.request.text(), t) for c in group for t in (c.request.target_new, c.request.target_true)]
+        scores = score_targets(lm, pairs, prefix=prefix)
+        wins += [prob(a.logprobs) > prob(b.logprobs) for a, b in zip(scores[0::2], scores[1::2])]
+    return sum(wins) / len(wins) if wins else float("nan")
+
+
+class SequentialRun:
+    """One sequential run on ``lm``: ``resume``, then ``due``/``record`` per update, then ``close``."""
+
+    def __init__(self, lm: LoadedModel, ctx: RunContext, results: ResultsFile):
+        self.lm, self.ctx, self.results = lm, ctx, results
+        self.layers = ctx.layers(lm.num_layers)
+        self.store = FactorStore(results.path)
+        self.original = WeightsHandle(lm, self.layers)
+        self.applied: list[tuple[Case, str | None]] = []   # (case, its test prefix) of every kept edit
+        self.updates = 0
+
+    def close(self) -> None:
+        """Give the model its original weights back."""
+        self.original.restore()
+
+    def resume(self, done: list[dict], cases: list[Case]) -> list[dict]:
+        """Bring the weights back to the last finished update of ``done``: the records kept.
+
+        An update whose records were not all written (a kill between its checkpoint and its last
+        record) is dropped, file and records, and runs again."""
+        if not done:
+            self.store.clear()
+            return done
+        finished = {r["case_id"] for r in done}
+        saved = []   # each file read once: checked here, then replayed
+        for n in self.store.updates():
+            update = self.store.read(n) if n == len(saved) + 1 else None
+            if update is None or not set(update["case_ids"]) <= finished:
+                break
+            saved.append(update)
+        self.updates = len(saved)
+        keep = [r for r in done if r.get("update", 0) <= self.updates]
+        if len(keep) != len(done):
+            self.results.rewrite(keep)
+        self.store.drop_after(self.updates)
+        replay(self.lm, saved)
+        if keep and weights_sha(self.lm, self.layers) != keep[-1].get("weights_sha"):
+            raise CromeError(f"{self.results.path}: its checkpoint does not give the weights its last record saw; "
+                             f"start the run anew")
+        by_id = {c.case_id: c for c in cases}
+        self.applied = [(by_id[r["case_id"]], r["test_prefix_text"]) for r in keep
+                        if r["applied"] and r["case_id"] in by_id]
+        return keep
+
+    @staticmethod
+    def due(every: int, n_done: int, size: int, last: bool) -> bool:
+        """An update of ``size`` cases that ends at case ``n_done`` reaches a multiple of ``every``,
+        or ends the run."""
+        return n_done % every < size or last
+
+    def record(self, evaluated: list[tuple[CaseRecord, object]], chunk: list[Case], n_done: int,
+               monitor_now: bool, retain_now: bool) -> None:
+        """After an update: checkpoint its factors, then fill its records' sequential fields."""
+        monitor = self.ctx.monitor
+        self.updates += 1
+        kept = next((h for _, h in evaluated if h is not None), None)
+        self.store.write(self.updates, [c.case_id for c in chunk], kept.factors if kept is not None else {})
+        if kept is None and monitor_now and monitor is not None:
+            # nothing applied (rolled back, refused, failed): the curve still gets its point,
+            # the perplexity of the model as the earlier updates left it
+            fields = dict(ppl_before=monitor.baseline, **ppl_fields(monitor.baseline, monitor()))
+            for rec, _ in evaluated:
+                rec.set(**fields)
+        sha = weights_sha(self.lm, self.layers)
+        for n, ((rec, handle), case) in enumerate(zip(evaluated, chunk)):
+            if handle is not None:
+                self.applied.append((case, rec.test_prefix_text))
+            rec.set(step=n_done - len(chunk) + n + 1, update=self.updates, n_applied=len(self.applied),
+                    weights_sha=sha, retained_efficacy=None, retained_efficacy_prefixed=None)
+        if retain_now and self.applied:
+            self._retained(evaluated[-1][0])
+
+    def _retained(self, rec: CaseRecord) -> None:
+        cases = [c for c, _ in self.applied]
+        rec.retained_efficacy = retained_efficacy(self.lm, cases, [None] * len(cases))
+        if self.ctx.settings.test_prefix != "none":
+            rec.retained_efficacy_prefixed = retained_efficacy(self.lm, cases, [p for _, p in self.applied])

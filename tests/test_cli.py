@@ -1,0 +1,60 @@
+"""The commands the other test files do not drive: demo, analyze keys and first-token, trace, on a
+tiny model saved as a folder (each turns its flags into an EvalJob and a RunContext; trace into
+LoadOptions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from conftest import FLAT, save_tiny, write
+
+from crome.cli import main
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("cli")
+    save_tiny(root / "tiny", tokenizer)
+    write(root, FLAT, "data.json")
+    (root / "texts.txt").write_text("The cat sat on the mat.\nRivers run to the sea and the sea is wide.\n")
+    write(root, [{"prompt": "Paris is the capital of", "subject": "Paris", "attribute": "France"},
+                 {"prompt": "The Eiffel Tower is in", "subject": "The Eiffel Tower", "attribute": "Paris"}],
+          "knowns.json")
+    return root
+
+
+def common(files):
+    return ["--model", str(files / "tiny"), "--layer", "1", "--no-mom2"]
+
+
+def test_demo_runs_both_methods_on_both_cases(files):
+    r = CliRunner().invoke(main, ["demo", *common(files), "--ppl-data", str(files / "texts.txt"), "--tokens", "2",
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    results = json.loads(r.stdout[r.stdout.index("["):])
+    assert [c["case"] for c in results] == ["first-token subject", "subject later in the prompt"]
+    for case in results:
+        assert [x["method"] for x in case["reports"]] == ["rome", "crome"]
+        assert all(x["guard"] == "off" and x["layer"] == 1 and x["ppl_ratio"] > 0 for x in case["reports"])
+
+
+def test_analyze_keys_and_first_token_and_trace(files, tmp_path):
+    r = CliRunner().invoke(main, ["analyze", "keys", "--data", str(files / "data.json"), "--n", "2",
+                                  "--out-dir", str(tmp_path / "keys"), *common(files)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "keys" / "key_geometry.json").read_text())["layer"] == 1
+    results = tmp_path / "rome.jsonl"
+    r = CliRunner().invoke(main, ["eval", "--data", str(files / "data.json"), "--method", "rome", "--out", str(results),
+                                  "--ppl-data", str(files / "texts.txt"), "--gen-tokens", "0", *common(files)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["analyze", "first-token", str(results), "--data", str(files / "data.json"),
+                                  "--k", "1", "--out-dir", str(tmp_path / "ft"), "--ppl-data", str(files / "texts.txt"),
+                                  *common(files)])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "ft" / "first_token.json").exists()
+    # a random model knows no fact: trace loads it (with the loading flags), chooses the layer, then says so
+    r = CliRunner().invoke(main, ["trace", "--data", str(files / "knowns.json"), "--n", "2", "--window", "1",
+                                  "--out-dir", str(tmp_path / "trace"), *common(files), "--dtype", "float32"])
+    assert r.exit_code == 2 and "predicts none of the scanned facts" in r.output, r.output
