@@ -58,3 +58,12 @@ def test_analyze_keys_and_first_token_and_trace(files, tmp_path):
     r = CliRunner().invoke(main, ["trace", "--data", str(files / "knowns.json"), "--n", "2", "--window", "1",
                                   "--out-dir", str(tmp_path / "trace"), *common(files), "--dtype", "float32"])
     assert r.exit_code == 2 and "predicts none of the scanned facts" in r.output, r.output
+
+
+def test_edit_without_perplexity_does_not_read_the_perplexity_texts(files):
+    """--no-ppl skips perplexity: a --ppl-data that does not exist is never read (no error)."""
+    r = CliRunner().invoke(main, ["edit", "--prompt", "{} is the capital of", "--subject", "Paris", "--target",
+                                  "Germany", *common(files), "--no-ppl", "--ppl-data", "/no/such.json",
+                                  "--guard", "off", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout[r.stdout.index("{"):])["ppl_after"] is None

@@ -221,16 +221,12 @@ def _job(o: dict, **fixed):
 def _context(job, checks: bool = True, ppl: bool = True):
     """Load the job's model and prepare its run: (lm, ``RunContext``); with ``checks``, its guard
     and perplexity monitor too (``ppl=False``: no perplexity)."""
-    from dataclasses import replace
-
     from .evaluation.jobs import prepare, with_checks
     from .evaluation.texts import load_texts, perplexity_source
 
-    if ppl:
-        load_texts(perplexity_source(job.ppl_data))   # a bad --ppl-data fails before the model loads
+    texts = load_texts(perplexity_source(job.ppl_data)) if ppl else None   # read before the model loads
     lm = _load(job.model, job.load_options)
-    ctx = prepare(lm, job, status=err.status, say=_say)
-    ctx = ctx if ppl else replace(ctx, texts=None)
+    ctx = prepare(lm, job, status=err.status, say=_say, texts=texts)
     return lm, with_checks(lm, ctx, job, status=err.status) if checks else ctx
 
 

@@ -319,7 +319,8 @@ def run(lm: LoadedModel, cases: list[Case], ctx: RunContext, out, resume: bool =
                 seq.record(evaluated, chunk, n_done, monitor_now, retain_now)
             seconds = (time.perf_counter() - start) / len(chunk)
             for (rec, _), case in zip(evaluated, chunk):
-                results.append(rec.to_dict())
+                line = rec.to_dict()
+                results.append(line)
                 timing.append(dict(case_id=case.case_id, seconds=seconds, edits_per_pass=edits_per_pass))
-                records.append(rec.to_dict())
+                records.append(line)
     return records

@@ -176,9 +176,11 @@ def memit_stats(lm: LoadedModel, job: EvalJob, hp: Hparams, stats, status: Statu
             for layer in memit_layers(hp, lm.num_layers)}
 
 
-def prepare(lm: LoadedModel, job: EvalJob, status: Status = _quiet, say=None) -> RunContext:
+def prepare(lm: LoadedModel, job: EvalJob, status: Status = _quiet, say=None, texts=...) -> RunContext:
     """Layer, key statistics, context templates, perplexity texts and the run's settings (no
-    model-bound checks yet: ``with_checks`` adds them where the cases run)."""
+    model-bound checks yet: ``with_checks`` adds them where the cases run). ``texts``: the
+    perplexity texts when the caller has read them (None: no perplexity); by default read from
+    the job's ``ppl_data``."""
     from ..editing.templates import context_templates
 
     hp, choice, stats = model_setup(lm, job, status, say)
@@ -194,7 +196,7 @@ def prepare(lm: LoadedModel, job: EvalJob, status: Status = _quiet, say=None) ->
                            retained_every=job.retained_every if job.sequential else 0, guard=job.guard,
                            guard_threshold=job.guard_threshold if job.guard in ("verify", "fallback") else None,
                            key_stats_source=_source(stats), dtype=lm.dtype, batch_size=job.batch_size)
-    return RunContext(settings, hp, templates, load_texts(ppl), stats, choice)
+    return RunContext(settings, hp, templates, load_texts(ppl) if texts is ... else texts, stats, choice)
 
 
 def _source(stats) -> str:
