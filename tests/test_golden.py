@@ -37,6 +37,9 @@ SCENARIOS = {
     "crome-sequential": dict(method="crome", sequential=True, guard="verify", retained_every=2),
     "memit-batch": dict(method="memit", mom2=True, batch_size=2, guard="verify"),
     "cmemit-sequential": dict(method="cmemit", mom2=True, batch_size=2, sequential=True),
+    # issue 23: AlphaEdit one edit per update, with MPES, a norm bound and generation exact match
+    "calphaedit-sequential": dict(method="calphaedit", mom2=True, sequential=True, gen_em=True,
+                                  hparams=dict(mpes=True, norm_weight=1.0, null_space_energy=0.3)),
 }
 
 
@@ -102,7 +105,8 @@ def test_eval_records_are_unchanged(name, tokenizer, files, tmp_path):
         opts["mom2"] = False
     if opts.get("guard_rule") == "RULE":
         opts["guard_rule"] = str(files["rule"])
-    hp = {"v_steps": 3} if not opts["method"].endswith("memit") else {"v_steps": 3, "memit_layers": (0, 1)}
+    batch = opts["method"].endswith(("memit", "alphaedit"))
+    hp = {"v_steps": 3, **({"memit_layers": (0, 1)} if batch else {}), **opts.pop("hparams", {})}
     job = EvalJob(data=str(files["data"]), out=str(tmp_path / "out.jsonl"), layer=1, seed=0,
                   ppl_data=str(files["texts"]), gen_tokens=4, guard_probe=str(files["texts"]), hparams=hp, **opts)
     lm = tiny_model("llama", tokenizer)

@@ -182,6 +182,22 @@ def _guard_opts(f, default="off"):
     ])
 
 
+def _lifelong_opts(f):
+    """The options for long runs of edits (hyper-parameters: recorded with every result)."""
+    return _options(f, [
+        click.option("--mpes", is_flag=True,
+                     help="Stop the v* optimisation once the target is the most probable token on every prompt "
+                          "(ENCORE's MPES)."),
+        click.option("--norm-weight", type=float, default=None,
+                     help="MEMIT/AlphaEdit: bound the update's norm, a ridge mu*mean(eig C)*I in the solve "
+                          "(ENCORE; default 0: off)."),
+        click.option("--null-space-energy", type=float, default=None,
+                     help="AlphaEdit: the share of the key statistics' energy an update may touch (default 0.2)."),
+        click.option("--alphaedit-l2", type=float, default=None,
+                     help="AlphaEdit: the solve's lambda, in units of C's mean eigenvalue (default 10)."),
+    ])
+
+
 def _guard_opts_verify(f):
     return _guard_opts(f, default="verify")
 
@@ -211,11 +227,19 @@ def _job(o: dict, **fixed):
     fields = dict(model=o.pop("model", None), layer=o.pop("layer", None), seed=o.pop("seed", 0),
                   mom2=not o.pop("no_mom2", False), mom2_corpus=o.pop("mom2_corpus", None),
                   mom2_samples=o.pop("mom2_samples", None), ppl_data=o.pop("ppl_data", None),
-                  hparams={"memit_layers": _layers(memit)} if memit else {}, **_load_options(o).kwargs())
+                  hparams=_hparams(o, memit), **_load_options(o).kwargs())
     for name in ("method", "guard", "guard_threshold", "guard_rule", "guard_probe", "guard_efficacy"):
         if name in o:
             fields[name] = o[name]
     return EvalJob(**{**dict(data="", out=""), **fields, **fixed})
+
+
+def _hparams(o: dict, memit: str | None) -> dict:
+    """The hyper-parameters the flags override (those given)."""
+    given = {name: o.pop(name, None) for name in ("mpes", "norm_weight", "null_space_energy", "alphaedit_l2")}
+    if memit:
+        given["memit_layers"] = _layers(memit)
+    return {k: v for k, v in given.items() if v not in (None, False)}
 
 
 def _context(job, checks: bool = True, ppl: bool = True):
@@ -250,6 +274,7 @@ def _writable_folder(path: str | None, flag: str) -> None:
 @click.option("--out", "out_path", default=None, help="Also write the JSON result to this file.")
 @click.option("--save", "save_dir", default=None, help="Save the edited model (Hugging Face format) here.")
 @_guard_opts_verify
+@_lifelong_opts
 def edit(**o):
     """Edit one fact (or, with MEMIT, a file of them), check it (the guard), and report what it did to the model."""
     from .evaluation.report import edit_and_report
@@ -283,7 +308,8 @@ def _edit_requests(o: dict) -> list:
 
     prompt, subject, target_new, requests_file = o["prompt"], o["subject"], o["target_new"], o["requests_file"]
     if requests_file and o["method"] not in BATCH_METHODS:
-        raise CromeError("--requests edits several facts as one update: use --method memit or cmemit")
+        raise CromeError("--requests edits several facts as one update: use --method "
+                         + ", ".join(BATCH_METHODS))
     given = [x for x in (prompt, subject, target_new) if x is not None]
     if requests_file and given:
         raise CromeError("give either --requests or --prompt/--subject/--target, not both")
@@ -429,7 +455,8 @@ def demo(**o):
 @click.option("--data", required=True, help="CounterFact (flat or full schema) or zsRE JSON; a relative name is also "
                                             "looked up under $CROME_DATA.")
 @click.option("--method", type=click.Choice(ALL_METHODS), default="crome", show_default=True,
-              help="rome/crome: one fact per update; memit/cmemit: --batch-size facts per update over several layers.")
+              help="rome/crome: one fact per update; memit/cmemit/alphaedit/calphaedit: --batch-size facts per "
+                   "update over several layers.")
 @_common
 @click.option("--n", "n_cases", type=int, default=None, help="The first N cases.")
 @click.option("--cases", "case_ids", default=None, help="Comma-separated case ids instead of --n.")
@@ -462,6 +489,10 @@ def demo(**o):
               help="Join a Ray cluster: 'auto' or HOST:PORT (default: start a local Ray).")
 @click.option("--threads", type=int, default=None,
               help="Torch threads per worker on CPU (default: the CPUs split evenly).")
+@click.option("--gen-em", is_flag=True,
+              help="Also score generation-based exact match: greedy generation after the edit prompt, its "
+                   "paraphrases and (with --sequential) every earlier edit's prompt.")
+@_lifelong_opts
 def eval_(**o):
     """Edit, measure and restore each case of a dataset; one JSON line per case, then a summary."""
     from .evaluation import summary
@@ -473,7 +504,7 @@ def eval_(**o):
     _writable(out_path)
     _writable(md_path)
     run_opts = ("data", "n_cases", "test_prefix", "resume", "skip_invalid", "sequential", "monitor_every",
-                "retained_every", "gen_tokens", "edits_per_pass", "batch_size")
+                "retained_every", "gen_tokens", "edits_per_pass", "batch_size", "gen_em")
     job = _job(o, out=out_path, case_ids=tuple(case_ids.split(",")) if case_ids else None,
                **{k: o[k] for k in run_opts})
     cases, skipped, dataset_path = cases_of(job)

@@ -7,7 +7,9 @@ tokens but the last>") and in the KL prompt "{} is a"; Adam minimises
     NLL(target | templated prompts) + kl_factor · KL(p_δ ‖ p_0 on "{} is a")
     + v_weight_decay · ‖δ‖ / ‖v0‖²
 
-with δ clamped to clamp_norm_factor · ‖v0‖, stopping early at loss < 0.05.
+with δ clamped to clamp_norm_factor · ‖v0‖, stopping early at loss < 0.05 or, with MPES
+(``Hparams.mpes``, ENCORE's "most-probable early stopping"), once the target is the most
+probable token at every target position of every rewriting prompt.
 v* = v0 + δ, with v0 the output of W at the bare prompt.
 
 ``optimise_delta`` holds the loop once; the forward it differentiates through
@@ -122,15 +124,17 @@ class ReferenceRunner:
         self.t_pos = torch.tensor(t_pos, device=dev)
         self.t_ids = torch.tensor(t_ids, device=dev)
 
-    def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs of each target token [n_targets] and KL-prompt log-dists [n_kl, vocab]."""
+    def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probs of each target token [n_targets], KL-prompt log-dists [n_kl, vocab], and the
+        largest log-prob at each target token's position [n_targets] (MPES: is the target on top?)."""
         with add_at(self.site, self.rows, self.lookup, delta):
             logits = self.lm.model(input_ids=self.ids, attention_mask=self.mask).logits
         log_probs = torch.log_softmax(logits.float(), dim=-1)
-        target_lp = log_probs[self.t_rows, self.t_pos, self.t_ids]
+        at_targets = log_probs[self.t_rows, self.t_pos]
+        target_lp = at_targets[torch.arange(len(self.t_ids), device=at_targets.device), self.t_ids]
         n = self.batch.n_rewrite
         kl_lp = log_probs[self.rows[n:], self.lookup[n:]]
-        return target_lp, kl_lp
+        return target_lp, kl_lp, at_targets.detach().max(-1).values
 
 
 def optimise_delta(runner, batch: Batch, v0: torch.Tensor, hp: Hparams) -> list[ValueResult]:
@@ -155,7 +159,7 @@ def optimise_delta(runner, batch: Batch, v0: torch.Tensor, hp: Hparams) -> list[
     for it in range(hp.v_steps):
         opt.zero_grad()
         # one edit: δ broadcast over the rows, exactly as the single-edit reference adds it
-        target_lp, kl_lp = runner(delta[0] if k_edits == 1 else delta[owners])
+        target_lp, kl_lp, top_lp = runner(delta[0] if k_edits == 1 else delta[owners])
         still = []
         for e in running:
             steps[e] = it + 1
@@ -170,7 +174,9 @@ def optimise_delta(runner, batch: Batch, v0: torch.Tensor, hp: Hparams) -> list[
             loss = nll + kl + decay
             losses[e].append(loss.item())
             p_target[e] = torch.exp(-nll_each).mean().item()
-            if not (loss < hp.early_stop_loss or it == hp.v_steps - 1):
+            reads_e = slice(read_at[e], read_at[e] + reads[e])
+            on_top = hp.mpes and bool((target_lp[reads_e].detach() >= top_lp[reads_e]).all())
+            if not (loss < hp.early_stop_loss or on_top or it == hp.v_steps - 1):
                 still.append((e, loss))
         if not still:
             break

@@ -254,6 +254,7 @@ class WeightsHandle:
         self.original = {layer: p.detach().clone() for layer, p in self.params.items()}
         self.active = True
         self.factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.keys: dict[int, torch.Tensor] = {}   # a batch edit's keys per layer, [B, d_in]
 
     def restore(self) -> None:
         if self.active:

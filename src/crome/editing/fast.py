@@ -115,7 +115,7 @@ class FastRunner:
             hidden = self._base_forward()
         log_probs = torch.log_softmax(self.lm.logits(hidden[self.read_rows, self.read_pos]), dim=-1)
         target_lp = log_probs[torch.arange(self.n_t, device=log_probs.device), self.t_ids]
-        return target_lp, log_probs[self.n_t:]
+        return target_lp, log_probs[self.n_t:], log_probs[:self.n_t].detach().max(-1).values
 
 
 class PerplexityMonitor:

@@ -49,6 +49,14 @@ class Hparams:
     memit_layers: tuple[int, ...] | None = None
     mom2_update_weight: float | None = None
     memit_clamp_norm_factor: float = 0.75
+    # lifelong editing: MPES, ENCORE's early stop of the v* optimisation once the target is the most
+    # probable token at every target position of every rewriting prompt; ``norm_weight`` μ, a ridge
+    # μ·mean(eig C)·I in the batch solves (ENCORE's bound on ‖ΔW‖_F; 0: off); AlphaEdit's null space,
+    # the share of C's energy an update may touch, and its λ in units of C's mean eigenvalue
+    mpes: bool = False
+    norm_weight: float = 0.0
+    null_space_energy: float = 0.2
+    alphaedit_l2: float = 10.0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -18,6 +18,10 @@ Consistency ("The Fall of ROME"), as data: ``memit`` (the reference) reads h, an
 δ's scale, from the bare prompts while its keys are averaged over the templated ones;
 ``cmemit`` reads h from the same templated prompts as the keys (their mean), so each
 layer's residual is measured where its keys are.
+
+The solve, as data too: ``alphaedit`` and ``calphaedit`` replace step 3's solve with AlphaEdit's
+null-space projected one (``null_space.py``), the rest unchanged. ``Hparams.norm_weight`` μ adds
+μ·mean(eig C)·I to either solve (ENCORE's bound on the update's Frobenius norm).
 """
 
 from __future__ import annotations
@@ -35,11 +39,19 @@ from .compute_value import compute_v_stars
 from .edit import WeightsHandle
 from .hparams import Hparams
 from .mom2 import KeyStats
+from .null_space import NullSpace, alphaedit_solve
 from .request import SLOT, EditRequest, locate
 from .templates import context_templates
 
-# method -> read h (and the value step's v0) from the templated prompts' mean (True) or the bare prompt
-BATCH_METHODS = {"memit": False, "cmemit": True}
+
+@dataclass(frozen=True)
+class BatchMethod:
+    consistent: bool    # read h (and the value step's v0) from the templated prompts' mean, not the bare prompt
+    null_space: bool    # AlphaEdit's projected solve, against the running sum of earlier edits' keys
+
+
+BATCH_METHODS = {"memit": BatchMethod(False, False), "cmemit": BatchMethod(True, False),
+                 "alphaedit": BatchMethod(False, True), "calphaedit": BatchMethod(True, True)}
 
 
 def memit_layers(hp: Hparams, num_layers: int) -> tuple[int, ...]:
@@ -56,11 +68,13 @@ def edited_layers(method: str, hp: Hparams, num_layers: int) -> tuple[int, ...]:
 
 
 def memit_solve(keys: torch.Tensor, resid: torch.Tensor, c: torch.Tensor,
-                weight: float) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ as factors (a, b), ΔW = a bᵀ, and the condition number of λC + K Kᵀ.
-    ``keys``: [B, d_in], ``resid``: [B, d_out] (one row per request); solved in float64."""
+                weight: float, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """ΔW = R Kᵀ (λC + K Kᵀ + ridge·I)⁻¹ as factors (a, b), ΔW = a bᵀ, and the condition number of
+    the system. ``keys``: [B, d_in], ``resid``: [B, d_out] (one row per request); solved in float64."""
     k = keys.double().T
     lhs = weight * c.double().to(k.device) + k @ k.T
+    if ridge:
+        lhs += ridge * torch.eye(lhs.shape[0], dtype=lhs.dtype, device=lhs.device)
     b = torch.linalg.solve(lhs, k)
     eig = torch.linalg.eigvalsh(lhs)
     return resid.double().T.float(), b.float(), float(eig[-1] / eig[0])
@@ -100,6 +114,7 @@ class BatchEdit:
     seconds: float
     key_stats: dict[int, dict] = field(default_factory=dict)
     targets: torch.Tensor | None = field(default=None, repr=False)   # z, [B, d]: h after the last layer + δ
+    null_space: dict | None = None    # AlphaEdit: per layer, the null space's dimension and energy, earlier edits
 
     @property
     def finite(self) -> bool:
@@ -111,7 +126,8 @@ class BatchEdit:
                     update_norm=math.sqrt(sum(s["update_norm"] ** 2 for s in self.layer_stats.values())),
                     update_ratio=max(s["update_ratio"] for s in self.layer_stats.values()),
                     layer_stats={str(k): v for k, v in self.layer_stats.items()},
-                    key_stats={str(k): v for k, v in self.key_stats.items()})
+                    key_stats={str(k): v for k, v in self.key_stats.items()},
+                    **({"null_space": self.null_space} if self.null_space is not None else {}))
 
 
 def _read(lm: LoadedModel, requests, layer: int, last: int, rows, consistent: bool):
@@ -126,17 +142,19 @@ def _read(lm: LoadedModel, requests, layer: int, last: int, rows, consistent: bo
     return torch.stack(ks), torch.stack(hs), cos
 
 
-def _insert(lm: LoadedModel, layers, z: torch.Tensor, read, stats, weight: float):
+def _insert(lm: LoadedModel, layers, z: torch.Tensor, read, solve):
     """Spread the residual z − h over ``layers``, one solve and update per layer, the layers below
-    already edited: (handle, factors, per-layer statistics, cos of the last read). A non-finite
-    update restores every layer and raises."""
+    already edited: (handle, factors, per-layer statistics, cos of the last read). ``solve(layer,
+    keys, resid)`` gives the layer's factors and condition number. The handle keeps each layer's
+    keys (``handle.keys``: an AlphaEdit run adds them to its running sum). A non-finite update
+    restores every layer and raises."""
     handle = WeightsHandle(lm, layers)
     factors, layer_stats = {}, {}
     try:
         for i, layer in enumerate(layers):
             keys, h, cos = read(layer)
             resid = (z - h) / (len(layers) - i)
-            a, b, condition = memit_solve(keys, resid, stats[layer].mom2, weight)
+            a, b, condition = solve(layer, keys, resid)
             w_norm = float(lm.mlp_out(layer).weight.float().norm())
             update_norm = float(factor_update(a, b).norm())
             layer_stats[layer] = dict(update_norm=update_norm, weight_norm=w_norm, update_ratio=update_norm / w_norm,
@@ -145,26 +163,49 @@ def _insert(lm: LoadedModel, layers, z: torch.Tensor, read, stats, weight: float
                 raise CromeError(f"non-finite MEMIT update (NaN or inf) at layer {layer}: edit not applied")
             add_factors(lm, layer, a, b)
             factors[layer] = handle.factors[layer] = (a.cpu(), b.cpu())
+            handle.keys[layer] = keys.detach().cpu()
     except BaseException:
         handle.restore()
         raise
     return handle, factors, layer_stats, cos
 
 
+def solver(method: str, hp: Hparams, stats: dict[int, KeyStats], null_space: NullSpace | None, weight: float):
+    """Step 3's solve for ``method``: ``solve(layer, keys, resid) -> (a, b, condition)``, with
+    ``hp.norm_weight`` μ as a ridge μ·mean(eig C)·I."""
+    def ridge(layer):
+        c = stats[layer].mom2
+        return hp.norm_weight * float(torch.trace(c.double())) / c.shape[0] if hp.norm_weight else 0.0
+
+    if BATCH_METHODS[method].null_space:
+        def solve(layer, keys, resid):
+            mean = null_space.records[layer]["mean_eigenvalue"]
+            return alphaedit_solve(keys, resid, null_space.bases[layer], null_space.prior_at(layer),
+                                   hp.alphaedit_l2 * mean + ridge(layer))
+    else:
+        def solve(layer, keys, resid):
+            return memit_solve(keys, resid, stats[layer].mom2, weight, ridge(layer))
+    return solve
+
+
 def apply_memit(lm: LoadedModel, requests: list[EditRequest], method: str = "cmemit", *,
                 hparams: Hparams | None = None, stats: dict[int, KeyStats] | None = None,
-                templates: list[str] | None = None, seed: int = 0, runner_cls=None) -> tuple[BatchEdit, WeightsHandle]:
-    """Compute and apply the MEMIT (``method="memit"``) or C-MEMIT (``"cmemit"``) edit of ``requests``.
+                templates: list[str] | None = None, seed: int = 0, runner_cls=None,
+                null_space: NullSpace | None = None) -> tuple[BatchEdit, WeightsHandle]:
+    """Compute and apply the MEMIT (``method="memit"``), C-MEMIT (``"cmemit"``), AlphaEdit
+    (``"alphaedit"``) or C-AlphaEdit (``"calphaedit"``) edit of ``requests``.
 
     Layers are updated one after another (each layer's residual is read with the layers below
     already edited), so computing is applying. Returns the edit and a handle that restores every
     edited layer; a non-finite update is rolled back and raises. ``hparams``: the model's defaults
-    when None; ``stats``: C by layer, computed (once, cached) from text sampled from the model when None."""
+    when None; ``stats``: C by layer, computed (once, cached) from text sampled from the model when None.
+    ``null_space``: AlphaEdit's projections and running key sum (a sequential run's); None: made
+    from ``stats``, with no earlier edits."""
     if method not in BATCH_METHODS:
         raise CromeError(f"unknown batch method '{method}': choose one of {', '.join(BATCH_METHODS)}")
     if not requests:
         raise CromeError("no requests to edit")
-    consistent = BATCH_METHODS[method]
+    consistent = BATCH_METHODS[method].consistent
     if hparams is None:
         from .layer_choice import resolve
 
@@ -192,6 +233,9 @@ def apply_memit(lm: LoadedModel, requests: list[EditRequest], method: str = "cme
     # λ: GPT-J's MEMIT takes 15,000 for keys of width 16,384; by default crome scales it with the width d_in
     weight = hp.mom2_update_weight if hp.mom2_update_weight is not None else float(stats[last].mom2.shape[0])
 
+    if BATCH_METHODS[method].null_space and null_space is None:
+        null_space = NullSpace.from_stats({x: stats[x] for x in layers}, hp.null_space_energy)
+
     def read(layer):
         return _read(lm, requests, layer, last, rows, consistent)
 
@@ -200,12 +244,12 @@ def apply_memit(lm: LoadedModel, requests: list[EditRequest], method: str = "cme
     site = lm.module(lm.arch.layer_name(last))
     values = compute_v_stars(lm, requests, last, templates, list(h0), value_hp, runner_cls, site=site)
     z = torch.stack([h + v.delta for h, v in zip(h0, values)])
-    handle, factors, layer_stats, cos = _insert(lm, layers, z, read, stats, weight)
+    handle, factors, layer_stats, cos = _insert(lm, layers, z, read, solver(method, hp, stats, null_space, weight))
     per_request = [dict(p_target_opt=v.p_target, opt_steps=v.steps, cos_bare_mean=c,
                         first_token_subject=locate(lm.tokenizer, r).subject_is_first)
                    for r, v, c in zip(requests, values, cos)]
     edit = BatchEdit(requests=list(requests), method=method, layers=layers, factors=factors, layer_stats=layer_stats,
                      per_request=per_request, context_templates=list(templates), seed=seed, hparams=hp,
                      seconds=time.perf_counter() - start, key_stats={x: stats[x].record() for x in layers},
-                     targets=z.cpu())
+                     targets=z.cpu(), null_space=null_space.record() if BATCH_METHODS[method].null_space else None)
     return edit, handle

@@ -4,7 +4,9 @@ After update n (one ROME edit, or one MEMIT batch) the run writes ``<out>.factor
 before its records: the cases it holds and, per edited layer, factors (a, b) with ΔW = a bᵀ
 (rank one per edit and layer). Resuming replays them in order with ``memit.add_factors``, the
 same operations in the same order as the run, so the weights come back bit for bit; each
-record's ``weights_sha`` (a hash of the edited layers after its update) checks that.
+record's ``weights_sha`` (a hash of the edited layers after its update) checks that. An
+AlphaEdit run also keeps its projections (``null-space.pt``) and each update's keys, from
+which the running key sum is rebuilt in the same order.
 """
 
 from __future__ import annotations
@@ -38,12 +40,31 @@ class FactorStore:
     def path(self, update: int) -> Path:
         return self.folder / f"update-{update:06d}.pt"
 
-    def write(self, update: int, case_ids: list[str], factors: dict) -> None:
+    def write(self, update: int, case_ids: list[str], factors: dict, keys: dict | None = None) -> None:
+        """Update ``update``'s factors; ``keys`` (layer -> [B, d_in]): an AlphaEdit run's keys, from
+        which resuming rebuilds the running key sum."""
+        self._save(self.path(update), {"case_ids": list(case_ids), "keys": keys or {},
+                                       "layers": {int(k): (a.detach().cpu(), b.detach().cpu())
+                                                  for k, (a, b) in factors.items()}})
+
+    def _save(self, path: Path, payload: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.path(update).with_suffix(".tmp")
-        torch.save({"case_ids": list(case_ids),
-                    "layers": {int(k): (a.detach().cpu(), b.detach().cpu()) for k, (a, b) in factors.items()}}, tmp)
-        os.replace(tmp, self.path(update))
+        tmp = path.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+
+    @property
+    def null_space_path(self) -> Path:
+        return self.folder / "null-space.pt"
+
+    def write_null_space(self, state: dict) -> None:
+        """An AlphaEdit run's projections, written once when it starts: a resumed run uses these
+        bits, not a recomputation (an eigendecomposition's last bits depend on the thread count)."""
+        self._save(self.null_space_path, state)
+
+    def read_null_space(self) -> dict | None:
+        path = self.null_space_path
+        return torch.load(path, map_location="cpu") if path.exists() else None
 
     def read(self, update: int) -> dict:
         path = self.path(update)
@@ -64,6 +85,7 @@ class FactorStore:
 
     def clear(self) -> None:
         self.drop_after(0)
+        self.null_space_path.unlink(missing_ok=True)
 
 
 def replay(lm: LoadedModel, saved: list[dict]) -> None:

@@ -38,6 +38,7 @@ class RunSettings:
     key_stats_source: str = "off"   # source of C (mom2 adjustment), or "off"
     dtype: str = "float32"          # the model's weights while editing and measuring
     batch_size: int = 1             # MEMIT: cases edited as one update
+    gen_em: bool = False            # also generation-based exact match (edit, paraphrases, retained edits)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class RunContext:
     rule: object = None                  # GuardRule (refuse, or a pre-check)
     verifier: object = None              # Verifier (verify, fallback)
     monitor: object = None               # PerplexityMonitor, built by ``with_monitor``
+    null_space: object = None            # AlphaEdit: NullSpace (projections, running key sum)
 
     @classmethod
     def of(cls, lm, method: str, hparams: Hparams | None = None, seed: int = 0, guard: str = "off",

@@ -21,7 +21,7 @@ from ..errors import CromeError
 from ..models import LoadedModel
 from .context import RunContext
 from .datasets import Case
-from .measure import ppl_fields, sample, score_targets, template_prefix, with_prefix
+from .measure import generation_matches, ppl_fields, sample, score_targets, template_prefix, with_prefix
 from .metrics import accuracy, agreement, fluency, prob, score_and_magnitude
 from .options import check_options
 from .record import CaseRecord
@@ -166,11 +166,37 @@ def _measure(lm, cases, recs, ctx: RunContext, scored: _Scorer, applied, overlay
         for i, ppl in zip(applied, ppls):
             recs[i].set(**ppl_fields(monitor.baseline, ppl))
     s = ctx.settings
+    if s.gen_em:
+        _generation_em(lm, [cases[i] for i in applied], [recs[i] for i in applied], scored, applied, overlay)
     for slot, i in enumerate(applied):
         if cases[i].generation_prompts and s.gen_tokens:
             texts = sample(lm, cases[i].generation_prompts, s.gen_tokens, s.seed, overlay=overlay,
                            owner=slot if overlay is not None else None)
             recs[i].fluency = fluency(texts)
+
+
+def _generation_em(lm, cases, recs, scored: _Scorer, indices, overlay) -> None:
+    """Generation-based exact match of the new target (``measure.generation_matches``) on the edit
+    prompt (``gen_em``) and its paraphrases (``gen_em_paraphrase``), plain and after the test prefix."""
+    for prefixed in (False, True):
+        pairs, owners, spans = [], [], []
+        for slot, (case, i) in enumerate(zip(cases, indices)):
+            prefix = scored.prefixes[i]
+            if prefixed and not prefix:
+                spans.append(None)
+                continue
+            prompts = [case.request.text(), *case.paraphrase_prompts]
+            spans.append((len(pairs), len(prompts)))
+            pairs += [(with_prefix(prefix if prefixed else None, p), case.request.target_new) for p in prompts]
+            owners += [slot] * len(prompts)
+        hits = generation_matches(lm, pairs, overlay=overlay, owners=owners) if pairs else []
+        for rec, span in zip(recs, spans):
+            metrics = rec.metrics_prefixed if prefixed else rec.metrics
+            if span is None or metrics is None:
+                continue
+            at, n = span
+            metrics["gen_em"] = float(hits[at])
+            metrics["gen_em_paraphrase"] = _mean([float(h) for h in hits[at + 1:at + n]])
 
 
 def _edit_each(lm, cases, recs, ctx: RunContext, keep: bool, prepared_by_id: dict):
@@ -221,7 +247,7 @@ def _edit_batch(lm, cases, recs, ctx: RunContext, keep: bool, prepared_by_id: di
     try:
         edit, handle, decision = guarded_memit(lm, [c.request for c in cases], s.method, s.guard, rule=ctx.rule,
                                                verifier=ctx.verifier, hparams=ctx.hparams, stats=ctx.stats,
-                                               templates=ctx.templates, seed=s.seed)
+                                               templates=ctx.templates, seed=s.seed, null_space=ctx.null_space)
     except GuardRefused as e:
         for rec, extra in zip(recs, e.edit.per_request):
             rec.set(error=str(e), decision=e.decision, batch={**extra, **e.edit.record()})
@@ -302,6 +328,7 @@ def run(lm: LoadedModel, cases: list[Case], ctx: RunContext, out, resume: bool =
     records = []
     with closing(seq) if seq else nullcontext():   # a sequential run gives the original weights back
         done = seq.resume(done, cases) if seq else done
+        ctx = seq.ctx if seq else ctx   # an AlphaEdit run's running key sum is the run's
         records += done
         finished = {r["case_id"] for r in done}
         todo = [c for c in cases if c.case_id not in finished]

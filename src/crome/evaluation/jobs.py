@@ -22,6 +22,7 @@ from typing import Callable
 from ..editing.guard import VERIFY_THRESHOLD
 from ..editing.hparams import Hparams
 from ..editing.memit import BATCH_METHODS, memit_layers
+from ..editing.null_space import NullSpace
 from ..errors import CromeError
 from ..models import LoadedModel, LoadOptions
 from .context import RunContext, RunSettings
@@ -61,6 +62,7 @@ class EvalJob:
     monitor_every: int = 1
     retained_every: int = 0            # sequential: retained efficacy every k-th edit (0: with the perplexity)
     gen_tokens: int = 100
+    gen_em: bool = False               # generation-based exact match too
     guard: str = "off"
     guard_threshold: float = VERIFY_THRESHOLD
     guard_rule: str | None = None
@@ -83,7 +85,7 @@ class EvalJob:
             raise CromeError("--n must be at least 1")
         check_options(self.method, mom2=self.mom2, mom2_corpus=self.mom2_corpus, guard=self.guard,
                       batch_size=self.batch_size, edits_per_pass=self.edits_per_pass,
-                      sequential=self.sequential)
+                      sequential=self.sequential, hparams=self.hparams)
         unknown = set(self.hparams) - {f.name for f in fields(Hparams)}
         if unknown:
             raise CromeError(f"unknown hyper-parameter {sorted(unknown)[0]!r}")
@@ -195,8 +197,14 @@ def prepare(lm: LoadedModel, job: EvalJob, status: Status = _quiet, say=None, te
                            monitor_every=job.monitor_every if job.sequential else 1,
                            retained_every=job.retained_every if job.sequential else 0, guard=job.guard,
                            guard_threshold=job.guard_threshold if job.guard in ("verify", "fallback") else None,
-                           key_stats_source=_source(stats), dtype=lm.dtype, batch_size=job.batch_size)
-    return RunContext(settings, hp, templates, load_texts(ppl) if texts is ... else texts, stats, choice)
+                           key_stats_source=_source(stats), dtype=lm.dtype, batch_size=job.batch_size,
+                           gen_em=job.gen_em)
+    null_space = None
+    if job.method in BATCH_METHODS and BATCH_METHODS[job.method].null_space:
+        with status("AlphaEdit's null-space projections"):
+            null_space = NullSpace.from_stats(stats, hp.null_space_energy)
+    return RunContext(settings, hp, templates, load_texts(ppl) if texts is ... else texts, stats, choice,
+                      null_space=null_space)
 
 
 def _source(stats) -> str:

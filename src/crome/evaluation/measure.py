@@ -128,6 +128,36 @@ def sample(lm: LoadedModel, prompts: list[str], max_new_tokens: int, seed: int, 
     return [lm.tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
 
 
+def answer_matches(generated: str, target: str) -> bool:
+    """Exact match of a generated answer: it begins with the target, and the target's last word
+    ends there ("Paris" matches "Paris, France", not "Parisian")."""
+    text, want = generated.strip(), target.strip()
+    return bool(want) and text.startswith(want) and not text[len(want):len(want) + 1].isalnum()
+
+
+@torch.no_grad()
+def generation_matches(lm: LoadedModel, pairs: list[tuple[str, str]], prefix: str | None = None,
+                       batch_size: int = 32, overlay=None, owners: list[int | None] | None = None) -> list[bool]:
+    """Generation-based exact match (the WILD protocol's): greedy-generate after each prompt, as many
+    tokens as the target has plus one (to see where its word ends), and ``answer_matches`` the target.
+    Not teacher-forced: the model's own tokens feed the next step. With an ``overlay``, pair i is
+    generated under edit ``owners[i]``."""
+    matches = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        texts = [with_prefix(prefix, p) for p, _ in chunk]
+        seqs = [lm.tokenizer(t)["input_ids"] for t in texts]
+        longest = max(len(target_ids(lm.tokenizer, t, target)) for t, (_, target) in zip(texts, chunk))
+        ids, mask = pad_right(seqs, lm.tokenizer.pad_token_id, lm.device, left=True)
+        rows = owners[start:start + batch_size] if overlay is not None else None
+        with overlay.rows(lm, rows) if overlay is not None else nullcontext():
+            out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest + 1,
+                                    do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+        for row, (_, target) in zip(out, chunk):
+            matches.append(answer_matches(lm.tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True), target))
+    return matches
+
+
 @torch.no_grad()
 def perplexity(lm: LoadedModel, texts: list[str], batch_size: int = 10, max_length: int = 256) -> float:
     """Token-weighted perplexity: exp(total NLL / number of predicted tokens)."""

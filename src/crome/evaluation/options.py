@@ -13,8 +13,9 @@ ALL_METHODS = (*METHODS, *BATCH_METHODS)
 
 def check_options(method: str, *, mom2: bool = True, mom2_corpus: str | None = None, guard: str = "off",
                   batch_size: int = 1, edits_per_pass: int | None = None,
-                  sequential: bool = False) -> None:
-    """Refuse, with one line naming the options, any combination crome cannot run."""
+                  sequential: bool = False, hparams: dict | None = None) -> None:
+    """Refuse, with one line naming the options, any combination crome cannot run (``hparams``:
+    the hyper-parameters the user overrides)."""
     if method not in ALL_METHODS:
         raise CromeError(f"unknown method '{method}': choose one of {', '.join(ALL_METHODS)}")
     if not mom2 and mom2_corpus:
@@ -30,6 +31,20 @@ def check_options(method: str, *, mom2: bool = True, mom2_corpus: str | None = N
                          "(whose --batch-size edits cases as one update)")
     if batch_size < 1:
         raise CromeError("--batch-size must be at least 1")
+    given = hparams or {}
+    if given.get("norm_weight") and not batch:
+        raise CromeError("--norm-weight bounds the batch solves (MEMIT, AlphaEdit); ROME's closed form has none: "
+                         "use --method " + " or ".join(BATCH_METHODS))
+    if given.get("norm_weight", 0) < 0:
+        raise CromeError("--norm-weight must be at least 0")
+    null_space = batch and BATCH_METHODS[method].null_space
+    for name in ("null_space_energy", "alphaedit_l2"):
+        if name in given and not null_space:
+            raise CromeError(f"--{name.replace('_', '-')} is AlphaEdit's: use --method alphaedit or calphaedit")
+    if "null_space_energy" in given and not 0 < given["null_space_energy"] < 1:
+        raise CromeError("--null-space-energy must be in (0, 1)")
+    if given.get("alphaedit_l2", 1) <= 0:
+        raise CromeError("--alphaedit-l2 must be positive")
     if batch_size > 1 and not batch:
         raise CromeError("--batch-size is MEMIT's (cases as one update); ROME edits one fact at a time "
                          "(--edits-per-pass computes several at once)")

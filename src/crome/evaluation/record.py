@@ -60,6 +60,9 @@ class CaseRecord:
     weights_sha: str | _Unset = UNSET
     retained_efficacy: float | None | _Unset = UNSET
     retained_efficacy_prefixed: float | None | _Unset = UNSET
+    retained_gen_em: float | None | _Unset = UNSET           # generation exact match of the edits so far
+    retained_gen_em_prefixed: float | None | _Unset = UNSET
+    weight_norms: dict | _Unset = UNSET              # measured steps: ‖W_l‖_F and its ratio to the unedited
 
     def edited(self, monitor) -> None:
         """The fields every edited case carries, before its measurements fill them."""

@@ -168,7 +168,8 @@ def measure_batch_edit(lm: LoadedModel, requests: list[EditRequest], ctx: RunCon
         raise CromeError(f"perplexity monitor is for layer {monitor.layer}, MEMIT edits layer {first}")
     before = [target_probability(lm, r.text(), r.target_new) for r in requests]
     edit, handle, decision = guarded_memit(lm, requests, method, s.guard, rule=ctx.rule, verifier=ctx.verifier,
-                                           hparams=ctx.hparams, stats=stats, templates=ctx.templates, seed=seed)
+                                           hparams=ctx.hparams, stats=stats, templates=ctx.templates, seed=seed,
+                                           null_space=ctx.null_space)
     try:
         after = [target_probability(lm, r.text(), r.target_new) for r in requests]
         ppl = dict(ppl_before=None, ppl_after=None, ppl_ratio=None, collapsed=None)

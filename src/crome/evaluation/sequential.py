@@ -2,19 +2,23 @@
 
 ``SequentialRun`` keeps what ``evaluate.run`` would otherwise interleave with its loop: the
 original weights (restored when the run ends), the checkpoint of every update (``FactorStore``),
-resuming from it bit for bit, the cadences of the perplexity and retained-efficacy measurements,
-and the fields each record gets (step, update, applied so far, weights hash, retained efficacy).
+resuming from it bit for bit, an AlphaEdit run's running key sum, the cadences of the perplexity
+and retained-efficacy measurements, and the fields each record gets (step, update, applied so
+far, weights hash, ‖W‖ of the edited layers, retained efficacy).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..editing.edit import WeightsHandle
+from ..editing.null_space import NullSpace
 from ..errors import CromeError
 from ..models import LoadedModel
 from .checkpoint import FactorStore, replay, weights_sha
 from .context import RunContext
 from .datasets import Case
-from .measure import ppl_fields, score_targets
+from .measure import generation_matches, ppl_fields, score_targets, with_prefix
 from .metrics import prob
 from .record import CaseRecord
 from .results import ResultsFile
@@ -31,11 +35,20 @@ def retained_efficacy(lm: LoadedModel, cases: list[Case], prefixes: list[str | N
     return sum(wins) / len(wins) if wins else float("nan")
 
 
+def retained_gen_em(lm: LoadedModel, cases: list[Case], prefixes: list[str | None]) -> float:
+    """Share of earlier edits whose prompt (after its prefix) greedily generates the new target."""
+    pairs = [(with_prefix(p, c.request.text()), c.request.target_new) for c, p in zip(cases, prefixes)]
+    hits = generation_matches(lm, pairs)
+    return sum(hits) / len(hits) if hits else float("nan")
+
+
 class SequentialRun:
     """One sequential run on ``lm``: ``resume``, then ``due``/``record`` per update, then ``close``."""
 
     def __init__(self, lm: LoadedModel, ctx: RunContext, results: ResultsFile):
-        self.lm, self.ctx, self.results = lm, ctx, results
+        self.lm, self.results = lm, results
+        # an AlphaEdit run's own running key sum, empty at the start (``resume`` rebuilds it)
+        self.ctx = replace(ctx, null_space=ctx.null_space.fresh()) if ctx.null_space is not None else ctx
         self.layers = ctx.layers(lm.num_layers)
         self.store = FactorStore(results.path)
         self.original = WeightsHandle(lm, self.layers)
@@ -53,6 +66,8 @@ class SequentialRun:
         record) is dropped, file and records, and runs again."""
         if not done:
             self.store.clear()
+            if self.ctx.null_space is not None:
+                self.store.write_null_space(self.ctx.null_space.state())
             return done
         finished = {r["case_id"] for r in done}
         saved = []   # each file read once: checked here, then replayed
@@ -67,6 +82,7 @@ class SequentialRun:
             self.results.rewrite(keep)
         self.store.drop_after(self.updates)
         replay(self.lm, saved)
+        self._restore_null_space(saved)
         if keep and weights_sha(self.lm, self.layers) != keep[-1].get("weights_sha"):
             raise CromeError(f"{self.results.path}: its checkpoint does not give the weights its last record saw; "
                              f"start the run anew")
@@ -74,6 +90,20 @@ class SequentialRun:
         self.applied = [(by_id[r["case_id"]], r["test_prefix_text"]) for r in keep
                         if r["applied"] and r["case_id"] in by_id]
         return keep
+
+    def _restore_null_space(self, saved: list[dict]) -> None:
+        """An AlphaEdit run: its saved projections, and the running key sum rebuilt from each update's keys."""
+        if self.ctx.null_space is None:
+            return
+        state = self.store.read_null_space()
+        if state is None:
+            raise CromeError(f"{self.store.null_space_path} is missing: the AlphaEdit run's checkpoint is "
+                             f"incomplete; start it anew")
+        null_space = NullSpace.from_state(state)
+        for update in saved:
+            if update.get("keys"):
+                null_space.accumulate(update["keys"])
+        self.ctx = replace(self.ctx, null_space=null_space)
 
     @staticmethod
     def due(every: int, n_done: int, size: int, last: bool) -> bool:
@@ -87,7 +117,11 @@ class SequentialRun:
         monitor = self.ctx.monitor
         self.updates += 1
         kept = next((h for _, h in evaluated if h is not None), None)
-        self.store.write(self.updates, [c.case_id for c in chunk], kept.factors if kept is not None else {})
+        null_space = self.ctx.null_space
+        keys = kept.keys if kept is not None and null_space is not None else {}
+        self.store.write(self.updates, [c.case_id for c in chunk], kept.factors if kept is not None else {}, keys)
+        if keys:
+            null_space.accumulate(keys)
         if kept is None and monitor_now and monitor is not None:
             # nothing applied (rolled back, refused, failed): the curve still gets its point,
             # the perplexity of the model as the earlier updates left it
@@ -100,11 +134,29 @@ class SequentialRun:
                 self.applied.append((case, rec.test_prefix_text))
             rec.set(step=n_done - len(chunk) + n + 1, update=self.updates, n_applied=len(self.applied),
                     weights_sha=sha, retained_efficacy=None, retained_efficacy_prefixed=None)
+            if self.ctx.settings.gen_em:
+                rec.set(retained_gen_em=None, retained_gen_em_prefixed=None)
+        if monitor_now:
+            evaluated[-1][0].weight_norms = self.weight_norms()
         if retain_now and self.applied:
             self._retained(evaluated[-1][0])
 
+    def weight_norms(self) -> dict[str, dict]:
+        """‖W_l‖_F of each edited layer now, and its ratio to the unedited ‖W_l‖_F (its growth is
+        the early signal of a sequence's collapse: ENCORE)."""
+        out = {}
+        for layer in self.layers:
+            now = float(self.lm.mlp_out(layer).weight.detach().float().norm())
+            out[str(layer)] = dict(norm=now, ratio=now / float(self.original.original[layer].float().norm()))
+        return out
+
     def _retained(self, rec: CaseRecord) -> None:
         cases = [c for c, _ in self.applied]
+        prefixed = self.ctx.settings.test_prefix != "none"
         rec.retained_efficacy = retained_efficacy(self.lm, cases, [None] * len(cases))
-        if self.ctx.settings.test_prefix != "none":
+        if prefixed:
             rec.retained_efficacy_prefixed = retained_efficacy(self.lm, cases, [p for _, p in self.applied])
+        if self.ctx.settings.gen_em:
+            rec.retained_gen_em = retained_gen_em(self.lm, cases, [None] * len(cases))
+            if prefixed:
+                rec.retained_gen_em_prefixed = retained_gen_em(self.lm, cases, [p for _, p in self.applied])

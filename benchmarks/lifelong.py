@@ -1,0 +1,234 @@
+"""Lifelong editing: thousands of sequential edits, the methods side by side (issue 23).
+
+Every run edits the same counterfact-train cases in the same order, one resumable
+``crome eval --sequential`` run each (updates checkpointed as factors, AlphaEdit's projections and
+keys with them), advancing in rounds so that a stop at any point leaves the runs comparable.
+Kill it whenever; the same command continues.
+
+Protocols (``--protocol``):
+  A: 100 edits per update (AlphaEdit's protocol; batch methods only);
+  B: 1 edit per update, the harder one.
+
+A run name is a method (crome, memit, cmemit, alphaedit, calphaedit) with options joined by "+":
+``mpes`` (MPES early stopping), ``norm<μ>`` (ENCORE's norm bound, μ as ``--norm-weight``),
+``e<share>`` (AlphaEdit's null-space energy share), e.g. ``calphaedit+mpes+norm1``.
+A run stops at ``--n`` edits, or earlier at ``--cap`` edits once its perplexity has passed
+2× (so that a collapsing method spends no more time than the comparison needs).
+
+Measured, by the run itself: perplexity on ME-PPL_50 and ‖W_l‖ every ``--monitor-every`` edits;
+retained efficacy (ES) and generation exact match of every edit so far every ``--retained-every``;
+per edit ES/PS/NS, generation EM of the edit and paraphrases, v* steps, seconds.
+
+    OMP_NUM_THREADS=1 python benchmarks/lifelong.py --protocol B --runs calphaedit+mpes --n 3000
+    python benchmarks/lifelong.py --report --docs docs/results/lifelong
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+from benchlib import emit
+
+DATA = Path(os.environ.get("CROME_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+BATCH = {"A": 100, "B": 1}
+MARKS = (100, 250, 500, 1000, 2000, 3000, 5000, 10000)
+
+
+def job_for(name: str, protocol: str, args):
+    """The ``EvalJob`` of run ``name`` in ``protocol``."""
+    from crome.evaluation.jobs import EvalJob
+
+    method, *flags = name.split("+")
+    hparams = {}
+    for flag in flags:
+        if flag == "mpes":
+            hparams["mpes"] = True
+        elif flag.startswith("norm"):
+            hparams["norm_weight"] = float(flag[4:])
+        elif flag.startswith("e"):
+            hparams["null_space_energy"] = float(flag[1:])
+        else:
+            raise SystemExit(f"unknown run option {flag!r} in {name!r}")
+    batch = method not in ("rome", "crome")
+    if protocol == "A" and not batch:
+        raise SystemExit(f"protocol A edits 100 facts per update: {method} edits one")
+    out = Path(args.out_dir) / protocol / f"{name}.jsonl"
+    return EvalJob(data=args.data, out=str(out), method=method, ppl_data=args.ppl_data, sequential=True,
+                   monitor_every=args.monitor_every or BATCH[protocol] * (1 if protocol == "A" else 10),
+                   retained_every=args.retained_every, gen_tokens=0, gen_em=True, resume=True,
+                   batch_size=BATCH[protocol] if batch else 1, seed=args.seed, hparams=hparams).absolute()
+
+
+def finished(records: list[dict], args) -> str | None:
+    """Why a run needs no more edits (None: it goes on)."""
+    if len(records) >= args.n:
+        return f"{args.n} edits"
+    passed = next((r["step"] for r in records if r.get("ppl_ratio") and r["ppl_ratio"] > 2), None)
+    if passed is not None and len(records) >= args.cap:
+        return f"perplexity past 2x at {passed}, {args.cap} edits"
+    return None
+
+
+def run_all(args) -> None:
+    import torch
+    import transformers
+
+    from crome.evaluation.evaluate import run
+    from crome.evaluation.jobs import cases_of, load, prepare, with_checks
+    from crome.evaluation.results import ResultsFile
+
+    transformers.utils.logging.set_verbosity_error()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    jobs = {name: job_for(name, args.protocol, args) for name in args.runs}
+    first = next(iter(jobs.values()))
+    cases, _, _ = cases_of(first)
+    cases = cases[:args.n]
+    lm = load(first, progress=False)
+    contexts = {name: with_checks(lm, prepare(lm, job), job) for name, job in jobs.items()}   # on the unedited model
+    deadline = time.time() + 3600 * args.hours if args.hours else math.inf
+    step = max(args.round, BATCH[args.protocol])
+    for upto in range(step, len(cases) + step, step):
+        for name, job in jobs.items():
+            done = ResultsFile(job.out).read()
+            if finished(done, args) or len(done) >= upto:
+                continue
+            if time.time() > deadline:
+                print("time is up: rerun the same command to continue", flush=True)
+                return
+            start = time.perf_counter()
+            records = run(lm, cases[:upto], contexts[name], job.out, resume=True)
+            last = next((r for r in reversed(records) if r.get("ppl_ratio") is not None), {})
+            print(f"{args.protocol} {name:>24}: {len(records):5d} edits ({len(records) - len(done)} in "
+                  f"{time.perf_counter() - start:.0f} s), perplexity x{last.get('ppl_ratio', float('nan')):.3f}, "
+                  f"retained ES {last.get('retained_efficacy')}, gen EM {last.get('retained_gen_em')}", flush=True)
+
+
+# ---------------------------------------------------------------- the report
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def summarise(records: list[dict], timing: list[dict]) -> dict:
+    """One run's row: where perplexity passed 2×, the curves at fixed edit counts, NS drift, cost."""
+    measured = [r for r in records if r.get("ppl_ratio") is not None]
+    kept = [r for r in records if r.get("retained_efficacy") is not None]
+    normed = [r for r in records if r.get("weight_norms")]
+    metrics = [r["metrics"] for r in records if r.get("metrics")]
+    ns = [m["ns"] for m in metrics]
+    steps = [r.get("opt_steps") for r in records if r.get("opt_steps") is not None]
+    seconds = [t["seconds"] for t in timing]
+    last = kept[-1] if kept else {}
+
+    def at(rows, key):
+        return {m: next((r[key] for r in rows if r["step"] >= m), None) for m in MARKS if m <= len(records)}
+
+    return dict(
+        edits=len(records),
+        ppl_unedited=next((r["ppl_before"] for r in records if r.get("ppl_before")), None),
+        first_2x=next((r["step"] for r in measured if r["ppl_ratio"] > 2), None),
+        ppl_ratio_last=measured[-1]["ppl_ratio"] if measured else None,
+        max_ppl_ratio=max((r["ppl_ratio"] for r in measured), default=None),
+        retained_es=last.get("retained_efficacy"), retained_es_prefixed=last.get("retained_efficacy_prefixed"),
+        retained_gen_em=last.get("retained_gen_em"), retained_gen_em_prefixed=last.get("retained_gen_em_prefixed"),
+        retained_at=last.get("step"),
+        es=_mean(m["es"] for m in metrics), ps=_mean(m["ps"] for m in metrics),
+        gen_em=_mean(m.get("gen_em") for m in metrics),
+        ns_first_100=_mean(ns[:100]), ns_last_100=_mean(ns[-100:]) if len(ns) >= 200 else None,
+        weight_ratio_max=max(v["ratio"] for v in normed[-1]["weight_norms"].values()) if normed else None,
+        seconds_per_edit=statistics.median(seconds) if seconds else None,
+        v_steps_mean=_mean(steps),
+        ppl_ratio_at=at(measured, "ppl_ratio"), retained_es_at=at(kept, "retained_efficacy"),
+        retained_gen_em_at=at(kept, "retained_gen_em"))
+
+
+def report(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from crome.evaluation.results import ResultsFile, timing_path
+
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    table, lines = {}, []
+    protocols = [p for p in "AB" if (Path(args.out_dir) / p).is_dir()]
+    fig, axes = plt.subplots(len(protocols), 4, figsize=(18, 4 * len(protocols)), squeeze=False)
+    for row, protocol in zip(axes, protocols):
+        for path in sorted((Path(args.out_dir) / protocol).glob("*.jsonl")):
+            if path.name.endswith(".timing.jsonl"):
+                continue
+            records = ResultsFile(path).read()
+            timing = ResultsFile(timing_path(path)).read()
+            if not records:
+                continue
+            name = f"{protocol}: {path.stem}"
+            table[name] = summarise(records, timing)
+            _plot(row, records, path.stem)
+        for ax, (title, label) in zip(row, [("perplexity (ME-PPL_50) / unedited", "ratio"),
+                                            ("retained efficacy (ES) of the edits so far", "share"),
+                                            ("retained generation exact match", "share"),
+                                            ("largest ‖W_l‖ / unedited", "ratio")]):
+            ax.set(title=f"protocol {protocol}: {title}", xlabel="edits", ylabel=label)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        row[0].set_yscale("log")
+    if not table:
+        raise SystemExit(f"no results in {args.out_dir}")
+    fig.tight_layout()
+    fig.savefig(docs / "lifelong.png", dpi=110)
+    cols = ["edits", "first_2x", "ppl_ratio_last", "retained_es", "retained_gen_em", "es", "ps", "gen_em",
+            "ns_first_100", "ns_last_100", "weight_ratio_max", "seconds_per_edit", "v_steps_mean"]
+    lines = ["| run | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    lines += [f"| {name} | " + " | ".join(_cell(row[c]) for c in cols) + " |" for name, row in table.items()]
+    (docs / "lifelong.md").write_text("\n".join(lines) + "\n")
+    emit(table, str(docs / "lifelong.json"))
+    print("\n".join(lines))
+
+
+def _plot(row, records: list[dict], label: str) -> None:
+    measured = [r for r in records if r.get("ppl_ratio") is not None]
+    kept = [r for r in records if r.get("retained_efficacy") is not None]
+    normed = [r for r in records if r.get("weight_norms")]
+    row[0].plot([r["step"] for r in measured], [r["ppl_ratio"] for r in measured], label=label)
+    row[1].plot([r["step"] for r in kept], [r["retained_efficacy"] for r in kept], label=label)
+    row[2].plot([r["step"] for r in kept], [r.get("retained_gen_em") for r in kept], label=label)
+    row[3].plot([r["step"] for r in normed], [max(v["ratio"] for v in r["weight_norms"].values()) for r in normed],
+                label=label)
+
+
+def _cell(v) -> str:
+    return "—" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--protocol", choices=list(BATCH), default="B")
+    ap.add_argument("--runs", nargs="+", default=["calphaedit+mpes"])
+    ap.add_argument("--n", type=int, default=3000)
+    ap.add_argument("--cap", type=int, default=1000, help="A run past 2x perplexity stops here.")
+    ap.add_argument("--round", type=int, default=100, help="Edits per run per round.")
+    ap.add_argument("--monitor-every", type=int, default=None,
+                    help="Perplexity and ||W|| every k-th edit (default: 10 in B, every update in A).")
+    ap.add_argument("--retained-every", type=int, default=100,
+                    help="Retained ES and generation EM (they re-score every edit so far) every k-th edit.")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hours", type=float, default=None, help="Stop after this long (rerun to continue).")
+    ap.add_argument("--data", default=str(DATA / "counterfact" / "counterfact-train.json"))
+    ap.add_argument("--ppl-data", default=str(DATA / "me-ppl" / "ME-PPL_50.json"))
+    ap.add_argument("--out-dir", default="runs/lifelong")
+    ap.add_argument("--report", action="store_true", help="Write the table and plot from the runs so far.")
+    ap.add_argument("--docs", default="docs/results/lifelong")
+    args = ap.parse_args()
+    report(args) if args.report else run_all(args)
+
+
+if __name__ == "__main__":
+    main()
