@@ -13,3 +13,29 @@ def emit(result: dict, out: str | None, indent: int = 1) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")
+
+
+def add_run_options(ap, data: str, ppl_data: str, out_dir: str, docs: str) -> None:
+    """The options of a resumable long-run benchmark (mass_editing.py, lifelong.py): seed, a time
+    budget, data, where the runs go, and ``--report`` with where its table and plot go."""
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hours", type=float, default=None, help="Stop after this long (rerun to continue).")
+    ap.add_argument("--data", default=data)
+    ap.add_argument("--ppl-data", default=ppl_data)
+    ap.add_argument("--out-dir", default=out_dir)
+    ap.add_argument("--report", action="store_true", help="Write the table and plot from the runs so far.")
+    ap.add_argument("--docs", default=docs)
+
+
+def prepared_runs(jobs: dict, n: int):
+    """(model, the first ``n`` cases, a ``RunContext`` per run name) for runs that share a model and
+    cases: every context, with its perplexity baseline, is built on the unedited model."""
+    import transformers
+
+    from crome.evaluation.jobs import cases_of, load, prepare, with_checks
+
+    transformers.utils.logging.set_verbosity_error()
+    first = next(iter(jobs.values()))
+    cases, _, _ = cases_of(first)
+    lm = load(first, progress=False)
+    return lm, cases[:n], {name: with_checks(lm, prepare(lm, job), job) for name, job in jobs.items()}

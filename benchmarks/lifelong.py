@@ -32,7 +32,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchlib import emit
+from benchlib import add_run_options, emit, prepared_runs
 
 DATA = Path(os.environ.get("CROME_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 BATCH = {"A": 100, "B": 1}
@@ -76,20 +76,13 @@ def finished(records: list[dict], args) -> str | None:
 
 def run_all(args) -> None:
     import torch
-    import transformers
 
     from crome.evaluation.evaluate import run
-    from crome.evaluation.jobs import cases_of, load, prepare, with_checks
     from crome.evaluation.results import ResultsFile
 
-    transformers.utils.logging.set_verbosity_error()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     jobs = {name: job_for(name, args.protocol, args) for name in args.runs}
-    first = next(iter(jobs.values()))
-    cases, _, _ = cases_of(first)
-    cases = cases[:args.n]
-    lm = load(first, progress=False)
-    contexts = {name: with_checks(lm, prepare(lm, job), job) for name, job in jobs.items()}   # on the unedited model
+    lm, cases, contexts = prepared_runs(jobs, args.n)
     deadline = time.time() + 3600 * args.hours if args.hours else math.inf
     step = max(args.round, BATCH[args.protocol])
     for upto in range(step, len(cases) + step, step):
@@ -140,6 +133,7 @@ def summarise(records: list[dict], timing: list[dict]) -> dict:
         retained_at=last.get("step"),
         es=_mean(m["es"] for m in metrics), ps=_mean(m["ps"] for m in metrics),
         gen_em=_mean(m.get("gen_em") for m in metrics),
+        gen_em_prefixed=_mean(r["metrics_prefixed"].get("gen_em") for r in records if r.get("metrics_prefixed")),
         ns_first_100=_mean(ns[:100]), ns_last_100=_mean(ns[-100:]) if len(ns) >= 200 else None,
         weight_ratio_max=max(v["ratio"] for v in normed[-1]["weight_norms"].values()) if normed else None,
         seconds_per_edit=statistics.median(seconds) if seconds else None,
@@ -173,8 +167,8 @@ def report(args) -> None:
             table[name] = summarise(records, timing)
             _plot(row, records, path.stem)
         for ax, (title, label) in zip(row, [("perplexity (ME-PPL_50) / unedited", "ratio"),
-                                            ("retained efficacy (ES) of the edits so far", "share"),
-                                            ("retained generation exact match", "share"),
+                                            ("retained ES of the edits so far (--: prefixed)", "share"),
+                                            ("retained generation exact match (--: prefixed)", "share"),
                                             ("largest ‖W_l‖ / unedited", "ratio")]):
             ax.set(title=f"protocol {protocol}: {title}", xlabel="edits", ylabel=label)
             ax.grid(alpha=0.3)
@@ -184,7 +178,8 @@ def report(args) -> None:
         raise SystemExit(f"no results in {args.out_dir}")
     fig.tight_layout()
     fig.savefig(docs / "lifelong.png", dpi=110)
-    cols = ["edits", "first_2x", "ppl_ratio_last", "retained_es", "retained_gen_em", "es", "ps", "gen_em",
+    cols = ["edits", "first_2x", "ppl_ratio_last", "retained_es", "retained_es_prefixed", "retained_gen_em",
+            "retained_gen_em_prefixed", "es", "ps", "gen_em", "gen_em_prefixed",
             "ns_first_100", "ns_last_100", "weight_ratio_max", "seconds_per_edit", "v_steps_mean"]
     lines = ["| run | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     lines += [f"| {name} | " + " | ".join(_cell(row[c]) for c in cols) + " |" for name, row in table.items()]
@@ -194,14 +189,16 @@ def report(args) -> None:
 
 
 def _plot(row, records: list[dict], label: str) -> None:
+    """One run's curves: solid on the bare prompts, dashed after each edit's test prefix."""
     measured = [r for r in records if r.get("ppl_ratio") is not None]
     kept = [r for r in records if r.get("retained_efficacy") is not None]
     normed = [r for r in records if r.get("weight_norms")]
-    row[0].plot([r["step"] for r in measured], [r["ppl_ratio"] for r in measured], label=label)
-    row[1].plot([r["step"] for r in kept], [r["retained_efficacy"] for r in kept], label=label)
-    row[2].plot([r["step"] for r in kept], [r.get("retained_gen_em") for r in kept], label=label)
+    line = row[0].plot([r["step"] for r in measured], [r["ppl_ratio"] for r in measured], ".-", label=label)[0]
+    for ax, key in ((row[1], "retained_efficacy"), (row[2], "retained_gen_em")):
+        ax.plot([r["step"] for r in kept], [r.get(key) for r in kept], "o-", color=line.get_color(), label=label)
+        ax.plot([r["step"] for r in kept], [r.get(f"{key}_prefixed") for r in kept], "o--", color=line.get_color())
     row[3].plot([r["step"] for r in normed], [max(v["ratio"] for v in r["weight_norms"].values()) for r in normed],
-                label=label)
+                ".-", color=line.get_color(), label=label)
 
 
 def _cell(v) -> str:
@@ -219,13 +216,8 @@ def main() -> None:
                     help="Perplexity and ||W|| every k-th edit (default: 10 in B, every update in A).")
     ap.add_argument("--retained-every", type=int, default=100,
                     help="Retained ES and generation EM (they re-score every edit so far) every k-th edit.")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--hours", type=float, default=None, help="Stop after this long (rerun to continue).")
-    ap.add_argument("--data", default=str(DATA / "counterfact" / "counterfact-train.json"))
-    ap.add_argument("--ppl-data", default=str(DATA / "me-ppl" / "ME-PPL_50.json"))
-    ap.add_argument("--out-dir", default="runs/lifelong")
-    ap.add_argument("--report", action="store_true", help="Write the table and plot from the runs so far.")
-    ap.add_argument("--docs", default="docs/results/lifelong")
+    add_run_options(ap, str(DATA / "counterfact" / "counterfact-train.json"), str(DATA / "me-ppl" / "ME-PPL_50.json"), "runs/lifelong",
+                    "docs/results/lifelong")
     args = ap.parse_args()
     report(args) if args.report else run_all(args)
 

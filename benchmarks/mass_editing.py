@@ -25,7 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchlib import emit
+from benchlib import add_run_options, emit, prepared_runs
 
 DATA = Path(os.environ.get("CROME_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 RUNS = ["rome", "crome", "memit", "cmemit"]
@@ -47,19 +47,11 @@ def job_for(name: str, args):
 
 
 def run_all(args) -> None:
-    import transformers
-
     from crome.evaluation.evaluate import run
-    from crome.evaluation.jobs import cases_of, load, prepare, with_checks
     from crome.evaluation.results import ResultsFile
 
-    transformers.utils.logging.set_verbosity_error()
     jobs = {name: job_for(name, args) for name in args.runs}
-    first = next(iter(jobs.values()))
-    cases, _, _ = cases_of(first)
-    cases = cases[:args.n]
-    lm = load(first, progress=False)
-    contexts = {name: with_checks(lm, prepare(lm, job), job) for name, job in jobs.items()}   # on the unedited model
+    lm, cases, contexts = prepared_runs(jobs, args.n)
     deadline = time.time() + 3600 * args.hours if args.hours else math.inf
     for upto in range(args.round, len(cases) + args.round, args.round):
         for name, job in jobs.items():
@@ -170,13 +162,8 @@ def main() -> None:
     ap.add_argument("--monitor-every", type=int, default=10, help="Perplexity every k-th edit.")
     ap.add_argument("--retained-every", type=int, default=50,
                     help="Retained efficacy (re-scores every edit so far: its cost grows with the run) every k-th edit.")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--hours", type=float, default=None, help="Stop after this long (rerun to continue).")
-    ap.add_argument("--data", default=str(DATA / "counterfact" / "counterfact-val.json"))
-    ap.add_argument("--ppl-data", default=str(DATA / "me-ppl" / "ME-PPL_50.json"))
-    ap.add_argument("--out-dir", default="runs/mass")
-    ap.add_argument("--report", action="store_true", help="Write the table and plot from the runs so far.")
-    ap.add_argument("--docs", default="docs/results/mass")
+    add_run_options(ap, str(DATA / "counterfact" / "counterfact-val.json"), str(DATA / "me-ppl" / "ME-PPL_50.json"), "runs/mass",
+                    "docs/results/mass")
     args = ap.parse_args()
     if args.report:
         report(args)
