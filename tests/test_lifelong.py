@@ -297,3 +297,17 @@ def test_the_lifelong_sweep_example_makes_alphaedit_jobs(tmp_path, monkeypatch):
     assert all(j.hparams == {"mpes": True} and j.gen_em and j.sequential for j in got.values())
     with pytest.raises(CromeError, match="is AlphaEdit's"):
         EvalJob(data="x.json", out="o.jsonl", method="cmemit", hparams={"alphaedit_l2": 3.0})
+
+
+def test_cli_edit_with_alphaedit_reports_its_null_space(folder, tmp_path):
+    requests = tmp_path / "requests.json"
+    requests.write_text(json.dumps([dict(prompt=r.prompt, subject=r.subject, target_new=r.target_new) for r in REQUESTS]))
+    (tmp_path / "texts.txt").write_text("\n".join(TEXTS))
+    r = CliRunner().invoke(main, ["edit", "--method", "alphaedit", "--requests", str(requests), "--model", str(folder),
+                                  "--layer", "1", "--memit-layers", "0-1", "--mom2-samples", "300", "--guard", "off",
+                                  "--null-space-energy", "0.3", "--mpes", "--ppl-data", str(tmp_path / "texts.txt"),
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output[r.output.index("{"):])
+    assert report["applied"] and set(report["null_space"]) == {"0", "1"}
+    assert report["null_space"]["1"]["energy"] <= 0.3 and report["null_space"]["1"]["prior_edits"] == 0

@@ -119,7 +119,7 @@ def measure_edit(lm: LoadedModel, request: EditRequest, ctx: RunContext, *, ppl_
 
 @dataclass
 class BatchReport:
-    """A MEMIT or C-MEMIT edit of several requests, measured (``crome edit --method memit``)."""
+    """A MEMIT, C-MEMIT, AlphaEdit or C-AlphaEdit edit of several requests, measured (``crome edit --method memit``)."""
 
     method: str
     model: str
@@ -152,6 +152,7 @@ class BatchReport:
     key_stats: dict
     context_templates: list[str]
     hparams: dict
+    null_space: dict | None = None   # AlphaEdit: per layer, the null space's dimension and energy, earlier edits
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -186,7 +187,7 @@ def measure_batch_edit(lm: LoadedModel, requests: list[EditRequest], ctx: RunCon
         update_norm=summary["update_norm"], update_ratio=summary["update_ratio"], layer_stats=summary["layer_stats"],
         finite=edit.finite, applied=True, ppl_data=ppl_data, edit_seconds=edit.seconds, seed=seed,
         device=str(lm.device), dtype=lm.dtype, key_stats=summary["key_stats"], context_templates=edit.context_templates,
-        hparams=edit.hparams.to_dict(), **ppl, **asdict(decision))
+        hparams=edit.hparams.to_dict(), null_space=edit.null_space, **ppl, **asdict(decision))
 
 
 def edit_and_report(lm: LoadedModel, requests: list[EditRequest], ctx, *, ppl_data: str | None = None,
