@@ -142,6 +142,40 @@ def summarise(records: list[dict], timing: list[dict]) -> dict:
         retained_gen_em_at=at(kept, "retained_gen_em"))
 
 
+def at_edits(records: list[dict], m: int) -> dict:
+    """A run after its first ``m`` edits: the curves' last points at or before edit ``m``, and the
+    per-edit metrics of those ``m`` edits (what a side-by-side comparison at a common count reads)."""
+    upto = [r for r in records if r["step"] <= m]
+    measured = [r for r in upto if r.get("ppl_ratio") is not None]
+    kept = [r for r in upto if r.get("retained_efficacy") is not None]
+    normed = [r for r in upto if r.get("weight_norms")]
+    last = kept[-1] if kept else {}
+    metrics = [r["metrics"] for r in upto if r.get("metrics")]
+    prefixed = [r["metrics_prefixed"] for r in upto if r.get("metrics_prefixed")]
+    return dict(edits=m, ppl_ratio=measured[-1]["ppl_ratio"] if measured else None,
+                retained_at=last.get("step"), retained_es=last.get("retained_efficacy"),
+                retained_es_prefixed=last.get("retained_efficacy_prefixed"),
+                retained_gen_em=last.get("retained_gen_em"),
+                retained_gen_em_prefixed=last.get("retained_gen_em_prefixed"),
+                weight_ratio=max(v["ratio"] for v in normed[-1]["weight_norms"].values()) if normed else None,
+                es=_mean(x["es"] for x in metrics), ps=_mean(x["ps"] for x in metrics),
+                ns=_mean(x["ns"] for x in metrics), ns_unedited=_mean(r["before"]["ns"] for r in upto if r.get("before")),
+                gen_em=_mean(x.get("gen_em") for x in metrics),
+                gen_em_prefixed=_mean(x.get("gen_em") for x in prefixed))
+
+
+def side_by_side(runs: dict[str, list[dict]], step: int = 100) -> tuple[int, list[str]]:
+    """A Markdown table of the runs at the largest multiple of ``step`` edits that all of them reached."""
+    m = min(len(records) for records in runs.values()) // step * step
+    if m == 0:
+        return 0, []
+    rows = {name: at_edits(records, m) for name, records in runs.items()}
+    cols = [c for c in next(iter(rows.values())) if c != "edits"]
+    lines = [f"| run (at {m} edits) | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    lines += [f"| {name} | " + " | ".join(_cell(row[c]) for c in cols) + " |" for name, row in rows.items()]
+    return m, lines
+
+
 def report(args) -> None:
     import matplotlib
 
@@ -152,10 +186,11 @@ def report(args) -> None:
 
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
-    table, lines = {}, []
+    table, common = {}, []
     protocols = [p for p in "AB" if (Path(args.out_dir) / p).is_dir()]
     fig, axes = plt.subplots(len(protocols), 4, figsize=(18, 4 * len(protocols)), squeeze=False)
     for row, protocol in zip(axes, protocols):
+        runs = {}
         for path in sorted((Path(args.out_dir) / protocol).glob("*.jsonl")):
             if path.name.endswith(".timing.jsonl"):
                 continue
@@ -166,6 +201,12 @@ def report(args) -> None:
             name = f"{protocol}: {path.stem}"
             table[name] = summarise(records, timing)
             _plot(row, records, path.stem)
+            if len(records) >= args.common_from:
+                runs[name] = records
+        m, lines = side_by_side(runs) if runs else (0, [])
+        if lines:
+            common += [f"Protocol {protocol}, every run with at least {args.common_from} edits, at {m} edits:", "",
+                       *lines, ""]
         for ax, (title, label) in zip(row, [("perplexity (ME-PPL_50) / unedited", "ratio"),
                                             ("retained ES of the edits so far (--: prefixed)", "share"),
                                             ("retained generation exact match (--: prefixed)", "share"),
@@ -183,6 +224,7 @@ def report(args) -> None:
             "ns_first_100", "ns_last_100", "weight_ratio_max", "seconds_per_edit", "v_steps_mean"]
     lines = ["| run | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     lines += [f"| {name} | " + " | ".join(_cell(row[c]) for c in cols) + " |" for name, row in table.items()]
+    lines += ["", *common]
     (docs / "lifelong.md").write_text("\n".join(lines) + "\n")
     emit(table, str(docs / "lifelong.json"))
     print("\n".join(lines))
@@ -212,6 +254,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--cap", type=int, default=1000, help="A run past 2x perplexity stops here.")
     ap.add_argument("--round", type=int, default=100, help="Edits per run per round.")
+    ap.add_argument("--common-from", type=int, default=100,
+                    help="The report's side-by-side table takes the runs with at least this many edits.")
     ap.add_argument("--monitor-every", type=int, default=None,
                     help="Perplexity and ||W|| every k-th edit (default: 10 in B, every update in A).")
     ap.add_argument("--retained-every", type=int, default=100,
