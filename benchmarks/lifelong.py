@@ -187,7 +187,7 @@ def report(args) -> None:
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     table, common = {}, []
-    protocols = [p for p in "AB" if (Path(args.out_dir) / p).is_dir()]
+    protocols = [p for p in "AB" if any(f.stat().st_size for f in (Path(args.out_dir) / p).glob("*.jsonl"))]
     fig, axes = plt.subplots(len(protocols), 4, figsize=(18, 4 * len(protocols)), squeeze=False)
     for row, protocol in zip(axes, protocols):
         runs = {}
@@ -208,10 +208,10 @@ def report(args) -> None:
             common += [f"Protocol {protocol}, every run with at least {args.common_from} edits, at {m} edits:", "",
                        *lines, ""]
         for ax, (title, label) in zip(row, [("perplexity (ME-PPL_50) / unedited", "ratio"),
-                                            ("retained ES of the edits so far (--: prefixed)", "share"),
-                                            ("retained generation exact match (--: prefixed)", "share"),
+                                            ("retained ES (dashed: prefixed)", "share"),
+                                            ("retained generation EM (dashed: prefixed)", "share"),
                                             ("largest ‖W_l‖ / unedited", "ratio")]):
-            ax.set(title=f"protocol {protocol}: {title}", xlabel="edits", ylabel=label)
+            ax.set(title=f"{protocol}: {title}", xlabel="edits", ylabel=label)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         row[0].set_yscale("log")
