@@ -271,6 +271,8 @@ def test_cli_eval_runs_alphaedit_with_mpes_and_norm_control(folder, tmp_path, mo
     assert records[0]["hparams"]["mpes"] and records[0]["hparams"]["norm_weight"] == 1.0
     assert records[0]["null_space"]["1"]["energy_asked"] == 0.3 and records[-1]["weight_norms"]
     assert records[0]["gen_em"] is True
+    table = CliRunner().invoke(main, ["summarize", str(out)])
+    assert table.exit_code == 0 and "gen EM paraphrase" in table.output and "final retained gen EM" in table.output
     for bad, message in ((["--method", "crome", "--norm-weight", "1"], "--norm-weight bounds the batch solves"),
                          (["--method", "memit", "--null-space-energy", "0.1"], "is AlphaEdit's"),
                          (["--method", "alphaedit", "--null-space-energy", "1.5"], "must be in (0, 1)")):
@@ -311,3 +313,22 @@ def test_cli_edit_with_alphaedit_reports_its_null_space(folder, tmp_path):
     report = json.loads(r.output[r.output.index("{"):])
     assert report["applied"] and set(report["null_space"]) == {"0", "1"}
     assert report["null_space"]["1"]["energy"] <= 0.3 and report["null_space"]["1"]["prior_edits"] == 0
+
+
+def test_v_star_batches_go_in_chunks_with_the_same_values(tokenizer, monkeypatch):
+    """More edits than ``V_STAR_CHUNK`` are optimised chunk by chunk (memory), each v* as in one batch."""
+    import crome.editing.compute_value as cv
+    from crome.editing.compute_key import compute_keys
+
+    lm = tiny_model("llama", tokenizer)
+    hp = Hparams(layer=1, v_steps=3, mom2_adjustment=False)
+    requests = REQUESTS + [EditRequest.create("{} plays the", "Toko Yasuda", "piano")]
+    v0 = [compute_keys(lm, r, 1, TEMPLATES).v_bare for r in requests]
+    whole = compute_v_stars(lm, requests, 1, TEMPLATES, v0, hp, FastRunner)
+    monkeypatch.setattr(cv, "V_STAR_CHUNK", 2)
+    calls = []
+    original = cv.optimise_delta
+    monkeypatch.setattr(cv, "optimise_delta", lambda runner, batch, v, h: calls.append(batch.edits) or original(runner, batch, v, h))
+    chunked = compute_v_stars(lm, requests, 1, TEMPLATES, v0, hp, FastRunner)
+    assert calls == [2, 1]
+    assert all(torch.allclose(a.delta, b.delta, atol=1e-5) and a.steps == b.steps for a, b in zip(whole, chunked))

@@ -16,7 +16,8 @@ from .results import ResultsFile, timing_path
 
 SPLITS = (("all", None), ("first-token subject", True), ("other subjects", False))
 SCORES = [("ES", "es"), ("PS", "ps"), ("NS", "ns"), ("EM", "em"), ("PM", "pm"), ("NM", "nm"),
-          ("rewrite acc", "rewrite_acc"), ("rephrase acc", "rephrase_acc"), ("locality", "locality")]
+          ("rewrite acc", "rewrite_acc"), ("rephrase acc", "rephrase_acc"), ("locality", "locality"),
+          ("gen EM", "gen_em"), ("gen EM paraphrase", "gen_em_paraphrase")]     # the last two: --gen-em runs
 
 
 def _cell(mean: float, half: float = math.nan, digits: int = 3) -> str:
@@ -94,7 +95,9 @@ def _sequential(recs: list[dict]) -> dict[str, str]:
     if last:
         rows["final perplexity"] = _cell(last[-1]["ppl_after"] if last[-1]["ppl_after"] is not None else math.inf)
     retained = (("retained_efficacy", "final retained ES"),
-                ("retained_efficacy_prefixed", "final retained ES (prefix)"))
+                ("retained_efficacy_prefixed", "final retained ES (prefix)"),
+                ("retained_gen_em", "final retained gen EM"),
+                ("retained_gen_em_prefixed", "final retained gen EM (prefix)"))
     for key, label in retained:
         vals = [r[key] for r in recs if r.get(key) is not None]
         if vals:
