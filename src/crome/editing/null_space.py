@@ -97,10 +97,6 @@ class NullSpace:
         """The same projections with no earlier edits (a new sequential run)."""
         return NullSpace(self.bases, self.records)
 
-    def projection(self, layer: int) -> torch.Tensor:
-        """P = Û Ûᵀ, [d_in, d_in]."""
-        return self.bases[layer] @ self.bases[layer].T
-
     def prior_at(self, layer: int) -> torch.Tensor:
         n = self.bases[layer].shape[1]
         return self.prior.get(layer, torch.zeros(n, n, dtype=torch.float64))
@@ -114,7 +110,7 @@ class NullSpace:
 
     def state(self) -> dict:
         """What a checkpoint keeps of it (the running sum is rebuilt from each update's keys)."""
-        return dict(bases={x: u.clone() for x, u in self.bases.items()}, records=self.records)
+        return dict(bases=dict(self.bases), records=self.records)
 
     @classmethod
     def from_state(cls, state: dict) -> "NullSpace":

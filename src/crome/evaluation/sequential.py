@@ -152,11 +152,12 @@ class SequentialRun:
 
     def _retained(self, rec: CaseRecord) -> None:
         cases = [c for c, _ in self.applied]
-        prefixed = self.ctx.settings.test_prefix != "none"
-        rec.retained_efficacy = retained_efficacy(self.lm, cases, [None] * len(cases))
-        if prefixed:
-            rec.retained_efficacy_prefixed = retained_efficacy(self.lm, cases, [p for _, p in self.applied])
+        variants = [("", [None] * len(cases))]
+        if self.ctx.settings.test_prefix != "none":
+            variants.append(("_prefixed", [p for _, p in self.applied]))
+        measures = [("retained_efficacy", retained_efficacy)]
         if self.ctx.settings.gen_em:
-            rec.retained_gen_em = retained_gen_em(self.lm, cases, [None] * len(cases))
-            if prefixed:
-                rec.retained_gen_em_prefixed = retained_gen_em(self.lm, cases, [p for _, p in self.applied])
+            measures.append(("retained_gen_em", retained_gen_em))
+        for name, measure in measures:
+            for suffix, prefixes in variants:
+                setattr(rec, name + suffix, measure(self.lm, cases, prefixes))
