@@ -9,16 +9,23 @@ $(BIN)/crome: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e '.[test,ray]'
+	$(BIN)/python -m pip install -q -e '.[test,ray,ui]'
 	touch $@
 
-.PHONY: setup demo test test-fast
+# The browser test drives Debian's Chromium (no downloaded browser builds).
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: setup demo test test-fast chromium
 setup: $(BIN)/crome
+
+chromium:
+	@test -x $(CHROMIUM) || (apt-get update -q && apt-get install -y -q chromium) >/dev/null 2>&1 \
+		|| echo "The browser test needs Chromium: run 'sudo apt-get install chromium' (or set CROME_CHROMIUM)." >&2
 
 demo: setup
 	$(BIN)/crome demo
 
-test: setup
+test: setup chromium
 	$(BIN)/python -m pytest
 
 test-fast: setup

@@ -123,6 +123,11 @@ def test_missing_gguf_file_is_a_one_line_error(tmp_path):
         load_model(str(tmp_path / "nothing.gguf"))
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(CromeError, match="is not a GGUF file"):      # the header check, before any parser
+        load_model(str(bad), progress=False)
+    import struct
+
+    bad.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0) + b"\0" * 64)   # a well-formed header, no model
     with pytest.raises(CromeError, match="cannot convert GGUF file"):
         load_model(str(bad), progress=False)
 

@@ -168,3 +168,58 @@ def test_memit_needs_batch_methods_for_batch_size(tokenizer, tmp_path):
     with pytest.raises(CromeError, match="edits-per-pass"):
         run(lm, cases, RunContext(settings(method="memit"), MEMIT_HP, TEMPLATES, TEXTS), tmp_path / "y.jsonl", edits_per_pass=2)
     assert weights_sha(lm, (0, 1)) == weights_sha(lm, (1, 0))
+
+
+@pytest.mark.parametrize("where", ["results", "checkpoint"])
+def test_a_full_disk_stops_with_one_line_and_a_resume_continues(tokenizer, tmp_path, monkeypatch, where):
+    """ENOSPC on the results file (after a short write of half the line) or on a checkpoint: one
+    line, no partial JSON line, the weights as they were; with room again, --resume finishes the
+    run with the records of an uninterrupted one."""
+    import errno
+    import os
+    import types
+    from pathlib import Path
+
+    from crome.evaluation import checkpoint, results
+
+    lm = tiny_model("llama", tokenizer)
+    s = settings(sequential=True)
+    cases = load_cases(write(tmp_path, MORE)).cases
+    whole, part = tmp_path / "whole.jsonl", tmp_path / "part.jsonl"
+    run(lm, cases, RunContext(s, HP, TEMPLATES, TEXTS), whole)
+    w0 = lm.mlp_out(HP.layer).weight.detach().clone()
+    writes = []
+
+    def full_disk_write(fd, data):
+        writes.append(len(data))
+        if len(writes) == 3:
+            return os.write(fd, bytes(data[: len(data) // 2]))        # a short write ...
+        if len(writes) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")    # ... then the disk is full
+        return os.write(fd, data)
+
+    def full_disk_save(obj, f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "results":
+        monkeypatch.setattr(results, "os", types.SimpleNamespace(**{**vars(os), "write": full_disk_write}))
+    else:
+        real_save, saves = torch.save, []
+
+        def save(obj, f):
+            saves.append(f)
+            if len(saves) == 3:
+                Path(f).write_bytes(b"partial")
+                full_disk_save(obj, f)
+            real_save(obj, f)
+
+        monkeypatch.setattr(checkpoint.torch, "save", save)
+    with pytest.raises(CromeError) as exc:
+        run(lm, cases, RunContext(s, HP, TEMPLATES, TEXTS), part)
+    assert "No space left on device" in str(exc.value) and "--resume" in str(exc.value) and "\n" not in str(exc.value)
+    assert part.read_bytes().endswith(b"\n") and 0 < len(ResultsFile(part).read()) < len(cases)
+    assert not list(FactorStore(part).folder.glob("*.tmp"))
+    assert torch.equal(lm.mlp_out(HP.layer).weight, w0)
+    monkeypatch.undo()
+    run(lm, cases, RunContext(s, HP, TEMPLATES, TEXTS), part, resume=True)
+    assert part.read_bytes() == whole.read_bytes()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .editing.edit import METHODS
@@ -110,7 +111,7 @@ class _Main(click.Group):
                 raise
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             label = "" if isinstance(exc, CromeError) else f"{type(exc).__name__}: "
-            err.print(f"[red]error:[/] {label}{msg}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/] {escape(label + msg)}", highlight=False, soft_wrap=True)   # "[ui]" stays
             sys.exit(getattr(exc, "exit_code", 2))
 
 
@@ -348,7 +349,8 @@ def _edit_output(lm, requests, report, o: dict) -> None:
 
 def _warn_unlikely(edit) -> None:
     """One line when the edit's diagnostics say it is unlikely to take (``Diagnostics.unlikely_to_take``)."""
-    why = edit.diagnostics.unlikely_to_take() if edit is not None else None
+    diagnostics = getattr(edit, "diagnostics", None)     # a MEMIT batch has none
+    why = diagnostics.unlikely_to_take() if diagnostics is not None else None
     if why:
         err.print(f"[yellow]warning:[/] the edit at layer {edit.layer} is unlikely to take: {why}", highlight=False,
                   soft_wrap=True)
@@ -750,6 +752,62 @@ def report(run_dir, out_path):
 
     build_report(run_dir, out_path)
     out.print(f"report written to {out_path}")
+
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@main.command()
+@_common
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; anything but localhost lets other machines edit this model.")
+@click.option("--port", type=int, default=7860, show_default=True)
+@click.option("--export-dir", default="crome-exports", show_default=True,
+              help="Where the page writes delta files and saved models (the page itself names no path).")
+@click.option("--gen-tokens", type=int, default=20, show_default=True, help="Tokens of the before/after generations.")
+@click.option("--guard-threshold", type=float, default=VERIFY_THRESHOLD, show_default=True,
+              help="Largest probe perplexity ratio the verify guard accepts.")
+def serve(host, port, export_dir, gen_tokens, **o):
+    """Edit the model in the browser: edit, ask, undo any edit, export (needs crome[ui])."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise CromeError("crome serve needs the ui extra: pip install 'crome[ui]'") from None
+    from .evaluation.texts import load_texts, perplexity_source
+    from .serving.app import serve as launch
+    from .serving.session import EditSession
+
+    if host not in LOCAL_HOSTS:
+        err.print(f"[yellow]warning:[/] binding {host}: anyone who can reach this machine can edit the model "
+                  f"and read its answers", highlight=False)
+    _writable_folder(export_dir, "--export-dir")
+    job = _job(o, method="crome", guard="verify", gen_tokens=gen_tokens)
+    texts = load_texts(perplexity_source(job.ppl_data))
+    lm = _load(job.model, job.load_options)
+    with err.status("key statistics, templates and the perplexity monitor"):
+        session = EditSession(lm, job, texts, gen_tokens=gen_tokens)
+    err.print(f"crome serve: {lm.name} on http://{host}:{port}", highlight=False)
+    launch(session, host, port, export_dir)
+
+
+@main.command("apply")
+@click.argument("delta", type=click.Path(dir_okay=False))
+@click.option("--save", "save_dir", required=True, help="The folder for the edited model (Hugging Face format).")
+@click.option("--model", default=None, help="The base model the delta file was made on (default: the embedded one).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True)
+def apply_cmd(delta, save_dir, model, dtype):
+    """Re-apply a delta file (from crome serve's Export) to its base model and save the result."""
+    from .editing.delta import apply_edits, read_delta
+    from .models import LoadOptions, save_model
+
+    _writable_folder(save_dir, "--save")
+    meta, edits = read_delta(delta)         # a bad file fails before the model loads
+    lm = _load(model, LoadOptions(dtype))
+    apply_edits(lm, meta, edits, delta)
+    save_model(lm, save_dir)
+    facts = sum(len(e.requests) for e in edits)
+    out.print(f"applied {len(edits)} edits ({facts} facts) from {delta} to {lm.name}; saved to {save_dir}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .arch import Arch, arch_for
+from .cache import locked
 from .errors import CromeError, first_line
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -129,15 +130,56 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_gguf_header(path: Path) -> tuple[int, int, int]:
+    """(version, tensor count, metadata count) of a GGUF file's header, read before any parser
+    allocates: a file that is not GGUF, is cut short, or claims more tensors or metadata entries than
+    its bytes could hold gets one line. Each tensor's entry takes at least 28 bytes (name length,
+    dimension count, one dimension, type, offset), each metadata entry at least 12."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 4 or head[:4] != b"GGUF":
+        raise CromeError(f"{path} is not a GGUF file (its first bytes are {head[:4]!r}, not b'GGUF')")
+    if len(head) < 24:
+        raise CromeError(f"{path}: GGUF header cut short ({size} bytes)")
+    version, tensors, entries = struct.unpack("<IQQ", head[4:24])
+    if version not in (2, 3):
+        raise CromeError(f"{path}: GGUF version {version}; crome reads versions 2 and 3")
+    if 28 * tensors + 12 * entries > size - 24:
+        raise CromeError(f"{path}: the GGUF header claims {tensors} tensors and {entries} metadata entries, "
+                         f"more than {size} bytes can hold: a corrupt or truncated file")
+    return version, tensors, entries
+
+
 def _converted_gguf(gguf: Path, label: str, progress: bool = True) -> Path:
     """Dequantize a GGUF file once and keep it as a normal HF folder, keyed by the file's content."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    check_gguf_header(gguf)
     digest = file_digest(gguf)
     target = cache_dir() / "models" / f"{_slug(label)}-{digest[:16]}"
-    marker = target / "crome-converted.json"
-    if marker.exists() and json.loads(marker.read_text()).get("sha256") == digest:
+    if _converted(target, digest):
         return target
+    lock = cache_dir() / "locks" / target.name
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with locked(lock):        # another process converting the same file: wait for it, then use its folder
+        if _converted(target, digest):
+            return target
+        _convert(gguf, target, label, digest, progress)
+    return target
+
+
+def _converted(target: Path, digest: str) -> bool:
+    marker = target / "crome-converted.json"
+    try:
+        return json.loads(marker.read_text()).get("sha256") == digest
+    except (OSError, ValueError):
+        return False
+
+
+def _convert(gguf: Path, target: Path, label: str, digest: str, progress: bool) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     if progress:
         from rich.console import Console
 
@@ -155,7 +197,6 @@ def _converted_gguf(gguf: Path, label: str, progress: bool = True) -> Path:
     (tmp / "crome-converted.json").write_text(json.dumps({"source": str(gguf), "sha256": digest}))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-    return target
 
 
 def _slug(label: str) -> str:

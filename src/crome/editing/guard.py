@@ -55,14 +55,24 @@ class GuardRule:
     def load(cls, path) -> "GuardRule":
         from pathlib import Path
 
+        from .edit import Diagnostics
+
         try:
             data = json.loads(Path(path).read_text())
-            return cls(**{k: data[k] for k in ("feature", "threshold", "above")},
-                       model=data.get("model"), calibration=data.get("calibration", ""))
+            feature, threshold, above = (data[k] for k in ("feature", "threshold", "above"))
         except FileNotFoundError:
             raise CromeError(f"guard rule file not found: {path}") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CromeError(f"{path}: not a guard rule file ({type(exc).__name__}: {exc})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise CromeError(f"{path}: not a guard rule file ({type(exc).__name__}: {str(exc)[:80]})") from None
+        numeric = isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold)
+        known = isinstance(feature, str) and feature in Diagnostics.__dataclass_fields__
+        if not known or not numeric or not isinstance(above, bool):
+            raise CromeError(f"{path}: not a guard rule file (feature must name a diagnostic, threshold be a "
+                             f"finite number, above be true or false)")
+        model, calibration = data.get("model"), data.get("calibration", "")
+        if not isinstance(model, (str, type(None))) or not isinstance(calibration, str):
+            raise CromeError(f"{path}: not a guard rule file (model and calibration must be strings)")
+        return cls(feature, float(threshold), above, model=model, calibration=calibration)
 
     def save(self, path) -> None:
         from pathlib import Path

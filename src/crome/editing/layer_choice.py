@@ -37,6 +37,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 
+from ..cache import cached
 from ..errors import CromeError
 from ..models import LoadedModel, cache_dir
 from .hparams import DEFAULTS, Hparams, defaults_for, depth_rule
@@ -174,14 +175,19 @@ def auto_layer(lm: LoadedModel, seed: int = 0, n_facts: int = 20, window: int | 
     """Where the fact is recalled and an edit takes: the layers whose MLP window at the subject's
     last token carries the most causal effect, in that order, each checked by trial edits
     (``editability``); the first editable one."""
-    from ..analysis.trace import trace_fact
-
     facts = load_facts()
     window = window or max(1, round(lm.num_layers / 5))
     key = json.dumps([RULE_VERSION, lm.identity, [asdict(f) for f in facts], seed, n_facts, window, samples])
     path = cache_dir() / "layers" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
-    if use_cache and path.exists():
-        return LayerChoice(**json.loads(path.read_text()))
+    return cached(path, lambda: _auto_layer(lm, facts, seed, n_facts, window, samples),
+                  lambda c: json.dumps(c.record()).encode(), lambda b: LayerChoice(**json.loads(b)),
+                  "layer choice", use_cache)
+
+
+def _auto_layer(lm: LoadedModel, facts, seed: int, n_facts: int, window: int, samples: int | None) -> LayerChoice:
+    """``auto_layer``'s work, uncached."""
+    from ..analysis.trace import trace_fact
+
     start = time.perf_counter()
     known_all = known_facts(lm, facts)
     known = known_all[:n_facts]
@@ -212,9 +218,6 @@ def auto_layer(lm: LoadedModel, seed: int = 0, n_facts: int = 20, window: int | 
             n_facts=len(known), scanned=len(facts), effects=[round(e, 6) for e in effects],
             candidates=candidates, editable=best["editable"], trace_seconds=round(traced, 1),
             seconds=round(time.perf_counter() - start, 1)))
-    if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(choice.record()))
     return choice
 
 

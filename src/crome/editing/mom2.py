@@ -26,12 +26,14 @@ import copy
 import dataclasses
 import hashlib
 import inspect
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..cache import cached
 from ..errors import CromeError
 from ..evaluation.texts import load_texts
 from ..hooks import run_until
@@ -169,12 +171,8 @@ def _sources(lm: LoadedModel, corpus: str | Path | None, samples: int, seed: int
     ids_path = cache_dir() / "mom2" / ("sampled-" + hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
 
     def rows():
-        if ids_path.exists():
-            return json.loads(ids_path.read_text())
-        ids = sample_token_ids(lm, samples, seed=seed, length=max_length, dtype=dtype)
-        ids_path.parent.mkdir(parents=True, exist_ok=True)
-        ids_path.write_text(json.dumps(ids))
-        return ids
+        return cached(ids_path, lambda: sample_token_ids(lm, samples, seed=seed, length=max_length, dtype=dtype),
+                      lambda ids: json.dumps(ids).encode(), json.loads, "sampled text")
     label = f"{MODEL_SOURCE} (sampled in {dtype_name(dtype)}, seed {seed})"
     return label, hashlib.sha256(key.encode()).hexdigest()[:16], rows
 
@@ -190,15 +188,9 @@ def key_stats(lm: LoadedModel, layer: int, corpus: str | Path | None = None, sam
     label, source_hash, rows = _sources(lm, corpus, samples, seed, max_length)
     key = json.dumps([lm.identity, layer, source_hash, samples, max_length])
     path = cache_dir() / "mom2" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".pt")
-    if path.exists():
-        saved = torch.load(path, map_location="cpu")
-        total, fourth, count = saved["total"], saved["fourth"], saved["count"]
-    else:
-        total, fourth, count = _accumulate(lm, layer, rows, samples, batch_size, progress, label)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"total": total, "fourth": fourth, "count": count, "key": key}, tmp)
-        tmp.replace(path)
+    total, fourth, count = cached(path, lambda: _accumulate(lm, layer, rows, samples, batch_size, progress, label),
+                                  lambda v: _to_bytes(dict(total=v[0], fourth=v[1], count=v[2], key=key)),
+                                  _stats_from_bytes, f"key statistics (layer {layer})")
     if count == 0:
         raise CromeError(f"mom2 source {label} gave no keys")
     lam = ledoit_wolf(total, fourth, count) if shrinkage is None else float(shrinkage)
@@ -208,6 +200,17 @@ def key_stats(lm: LoadedModel, layer: int, corpus: str | Path | None = None, sam
     digest = hashlib.sha256(c.numpy().tobytes()).hexdigest()[:16]
     return KeyStats(mom2=c.to(lm.device), source=label, source_hash=source_hash, layer=layer, n_keys=count,
                     shrinkage=lam, hash=digest, corpus=str(corpus) if corpus is not None else None)
+
+
+def _to_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _stats_from_bytes(data: bytes):
+    saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return saved["total"], saved["fourth"], saved["count"]
 
 
 def _accumulate(lm, layer, rows, samples, batch_size, progress, label):

@@ -54,33 +54,40 @@ class EditRequest:
 
 
 def load_requests(path) -> list[EditRequest]:
-    """Edit requests from a JSON list or JSON lines: objects with prompt, subject, target_new
-    (or target) and optionally target_true."""
-    import json
+    """Edit requests from a file: ``parse_requests`` of its text."""
     from pathlib import Path
 
     path = Path(path)
     if not path.is_file():
         raise CromeError(f"requests file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    return parse_requests(path.read_text(encoding="utf-8"), str(path))
+
+
+def parse_requests(text: str, source: str = "requests") -> list[EditRequest]:
+    """Edit requests from a JSON list or JSON lines: objects with prompt, subject, target_new
+    (or target) and optionally target_true. ``source`` names them in errors."""
+    import json
+
     try:
         if text.lstrip().startswith("["):
             rows = json.loads(text)
         else:
             rows = [json.loads(x) for x in text.splitlines() if x.strip()]
     except json.JSONDecodeError as exc:
-        raise CromeError(f"{path}: not JSON or JSON lines ({exc.msg} at line {exc.lineno})") from None
+        raise CromeError(f"{source}: not JSON or JSON lines ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(rows, list):
+        raise CromeError(f"{source}: expected a list of requests")
     requests = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise CromeError(f"{path}: request {i}: expected an object")
+            raise CromeError(f"{source}: request {i}: expected an object")
         try:
             requests.append(EditRequest.create(row.get("prompt"), row.get("subject"),
                                                row.get("target_new", row.get("target")), row.get("target_true")))
         except CromeError as exc:
-            raise CromeError(f"{path}: request {i}: {exc}") from None
+            raise CromeError(f"{source}: request {i}: {exc}") from None
     if not requests:
-        raise CromeError(f"{path}: no requests")
+        raise CromeError(f"{source}: no requests")
     return requests
 
 

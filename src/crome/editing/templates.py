@@ -14,6 +14,7 @@ import json
 
 import torch
 
+from ..cache import cached
 from ..models import LoadedModel, cache_dir
 
 BARE = "{}"
@@ -54,12 +55,6 @@ def context_templates(lm: LoadedModel, seed: int = 0,
     """Seeded context templates for ``lm``, cached on disk per model and settings."""
     key = json.dumps([lm.identity, seed, [list(x) for x in lengths], list(starts), str(lm.device.type)])
     path = cache_dir() / "templates" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
-    if use_cache and path.exists():
-        return json.loads(path.read_text())["templates"]
-    templates = generate_templates(lm, seed, lengths, starts)
-    if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": json.loads(key), "templates": templates}, indent=1))
-        tmp.replace(path)
-    return templates
+    return cached(path, lambda: generate_templates(lm, seed, lengths, starts),
+                  lambda t: json.dumps({"key": json.loads(key), "templates": t}, indent=1).encode(),
+                  lambda b: json.loads(b)["templates"], "context templates", use_cache)

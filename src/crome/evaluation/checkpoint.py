@@ -50,8 +50,13 @@ class FactorStore:
     def _save(self, path: Path, payload: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:      # torch reports a full disk as either
+            tmp.unlink(missing_ok=True)
+            raise CromeError(f"cannot write the checkpoint {path}: {str(e).splitlines()[0][:120]}; the run so far "
+                             f"is intact: rerun with --resume once there is room") from None
 
     @property
     def null_space_path(self) -> Path:
@@ -64,13 +69,19 @@ class FactorStore:
 
     def read_null_space(self) -> dict | None:
         path = self.null_space_path
-        return torch.load(path, map_location="cpu") if path.exists() else None
+        return _load(path) if path.exists() else None
 
     def read(self, update: int) -> dict:
         path = self.path(update)
         if not path.exists():
             raise CromeError(f"{path} is missing: the sequential run's checkpoint is incomplete; start it anew")
-        return torch.load(path, map_location="cpu")
+        update = _load(path)
+        layers = update.get("layers") if isinstance(update, dict) else None
+        if not isinstance(layers, dict) or not all(
+                isinstance(x, int) and isinstance(f, (tuple, list)) and len(f) == 2
+                and all(isinstance(t, torch.Tensor) for t in f) for x, f in layers.items()):
+            raise CromeError(f"{path} is not a factor checkpoint (no layers of tensor factors): start the run anew")
+        return update
 
     def updates(self) -> list[int]:
         if not self.folder.exists():
@@ -86,6 +97,15 @@ class FactorStore:
     def clear(self) -> None:
         self.drop_after(0)
         self.null_space_path.unlink(missing_ok=True)
+
+
+def _load(path: Path):
+    """A checkpoint file's contents (tensors and plain data only: no pickled code), or one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:   # torch raises many kinds for a cut or foreign file
+        raise CromeError(f"{path} is unreadable ({type(exc).__name__}): a cut or foreign checkpoint file; "
+                         f"start the run anew") from None
 
 
 def replay(lm: LoadedModel, saved: list[dict]) -> None:

@@ -133,9 +133,31 @@ class EvalJob:
         if unknown:
             raise CromeError(f"unknown eval option {sorted(unknown)[0]!r}")
         d = dict(d)
+        for name, value in d.items():
+            _check_type(name, value, _FIELD_TYPES[name])
         if d.get("case_ids") is not None:
             d["case_ids"] = tuple(str(c) for c in d["case_ids"])
         return cls(**d)
+
+
+def _field_types() -> dict[str, tuple[type, ...]]:
+    """Each EvalJob field's accepted JSON/TOML types, read off its annotation."""
+    names = {"int": int, "str": str, "bool": bool, "float": float, "dict": dict, "None": type(None)}
+    out = {}
+    for f in fields(EvalJob):
+        text = str(f.type).replace("tuple[str, ...]", "list")
+        out[f.name] = tuple(list if part.strip() == "list" else names[part.strip()] for part in text.split("|"))
+    return out
+
+
+def _check_type(name: str, value, types: tuple[type, ...]) -> None:
+    """One line when an option's value has the wrong type (a bool is not a number; an int is a float)."""
+    ok = any(isinstance(value, t) and not (t in (int, float) and isinstance(value, bool)) for t in types)
+    ok = ok or (float in types and isinstance(value, int) and not isinstance(value, bool))
+    ok = ok or (list in types and isinstance(value, tuple))
+    if not ok:
+        want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        raise CromeError(f"option {name} must be {want}, not {type(value).__name__} {value!r:.40}")
 
 
 def cases_of(job: EvalJob, load_dataset=load_cases) -> tuple[list[Case], list[str], str]:
@@ -263,3 +285,6 @@ def run_job(job: EvalJob, progress=None, status: Status = _quiet, say=None, lm: 
     records = run(lm, cases, ctx, job.out, resume=job.resume, progress=progress,
                   edits_per_pass=job.per_pass(lm.device.type))
     return records, ctx, lm
+
+
+_FIELD_TYPES = _field_types()

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 from ..editing.edit import Edit, apply_edit
 from ..editing.guard import guarded_apply, guarded_memit
-from ..editing.memit import BATCH_METHODS
+from ..editing.memit import BATCH_METHODS, BatchEdit
 from ..editing.request import EditRequest
 from ..errors import CromeError
 from ..models import LoadedModel
@@ -159,8 +159,9 @@ class BatchReport:
 
 
 def measure_batch_edit(lm: LoadedModel, requests: list[EditRequest], ctx: RunContext, *,
-                       ppl_data: str | None = None, keep: bool = False) -> BatchReport:
-    """Apply, measure and (unless ``keep``) restore one MEMIT edit of ``requests`` (``ctx.settings.method``).
+                       ppl_data: str | None = None, keep: bool = False) -> tuple[BatchReport, BatchEdit]:
+    """Apply, measure and (unless ``keep``) restore one MEMIT edit of ``requests`` (``ctx.settings.method``):
+    its report and the edit.
     The guard: off or verify (``guarded_memit``: a rejected edit is rolled back, ``GuardRefused``)."""
     s, stats, monitor = ctx.settings, ctx.stats, ctx.monitor
     method, seed = s.method, s.seed
@@ -187,17 +188,17 @@ def measure_batch_edit(lm: LoadedModel, requests: list[EditRequest], ctx: RunCon
         update_norm=summary["update_norm"], update_ratio=summary["update_ratio"], layer_stats=summary["layer_stats"],
         finite=edit.finite, applied=True, ppl_data=ppl_data, edit_seconds=edit.seconds, seed=seed,
         device=str(lm.device), dtype=lm.dtype, key_stats=summary["key_stats"], context_templates=edit.context_templates,
-        hparams=edit.hparams.to_dict(), null_space=edit.null_space, **ppl, **asdict(decision))
+        hparams=edit.hparams.to_dict(), null_space=edit.null_space, **ppl, **asdict(decision)), edit
 
 
 def edit_and_report(lm: LoadedModel, requests: list[EditRequest], ctx, *, ppl_data: str | None = None,
                     keep: bool = False, generate_tokens: int = 0):
     """The edit ``crome edit`` and ``crome demo`` make: ``ctx.settings.method`` on ``requests`` (one
     for ROME and C-ROME; MEMIT and C-MEMIT edit them all as one update), judged by the context's
-    guard, measured by its monitor, and restored unless ``keep``. Returns (report, edit or None)."""
+    guard, measured by its monitor, and restored unless ``keep``. Returns (report, edit)."""
     method = ctx.settings.method
     if method in BATCH_METHODS:
-        return measure_batch_edit(lm, requests, ctx, ppl_data=ppl_data, keep=keep), None
+        return measure_batch_edit(lm, requests, ctx, ppl_data=ppl_data, keep=keep)
     if len(requests) != 1:
         raise CromeError(f"{method} edits one fact at a time; several facts as one update: --method memit or cmemit")
     return measure_edit(lm, requests[0], ctx, ppl_data=ppl_data, generate_tokens=generate_tokens, keep=keep)

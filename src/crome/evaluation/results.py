@@ -32,9 +32,15 @@ class ResultsFile:
         records = []
         for i, line in enumerate(raw[:end].splitlines()):
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 raise CromeError(f"{self.path}: line {i + 1} is not JSON: not a crome results file?") from None
+            if not isinstance(record, dict):
+                raise CromeError(f"{self.path}: line {i + 1} is not a JSON object: not a crome results file?")
+            wrong = _wrong_field(record)
+            if wrong:
+                raise CromeError(f"{self.path}: line {i + 1}: {wrong}: not a crome results file?")
+            records.append(record)
         return records
 
     def rewrite(self, records: list[dict]) -> None:
@@ -48,10 +54,47 @@ class ResultsFile:
         line = (json.dumps(json_safe(record), allow_nan=False) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)
-            os.fsync(fd)
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(line)
+                while view:                       # a short write (a filling disk) goes on, or raises
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError as e:
+                os.ftruncate(fd, end)             # no partial line: the file ends at its last whole record
+                raise CromeError(f"cannot write {self.path}: {e.strerror or e}; the records so far are intact: "
+                                 f"rerun with --resume once there is room") from None
         finally:
             os.close(fd)
+
+
+_NUM, _NONE = (int, float), type(None)
+# The fields that resuming, ``summarize`` and the reports compute with, and their JSON types.
+FIELD_TYPES = {
+    **{k: (bool,) for k in ("applied", "sequential")},
+    **{k: (bool, _NONE) for k in ("collapsed", "first_token_subject")},
+    "step": (int,), "seconds": _NUM,
+    **{k: (*_NUM, _NONE) for k in ("fluency", "ppl_before", "ppl_after", "ppl_ratio", "guard_ppl_ratio", "denominator",
+                                   "retained_efficacy", "retained_efficacy_prefixed", "retained_gen_em",
+                                   "retained_gen_em_prefixed", "update_ratio")},
+    **{k: (str, _NONE) for k in ("guard", "guard_action", "guard_reason", "method", "model")},
+    **{k: (dict, _NONE) for k in ("metrics", "metrics_prefixed", "before", "weight_norms")},
+}
+
+
+def _wrong_field(record: dict) -> str | None:
+    """The first field whose JSON type is not what crome writes (None: all fine)."""
+    def ok(value, types):
+        return isinstance(value, types) and not (bool not in types and isinstance(value, bool))
+
+    for key, types in FIELD_TYPES.items():
+        if key in record and not ok(record[key], types):
+            return f"field {key!r} is {type(record[key]).__name__}"
+    for group in ("metrics", "metrics_prefixed", "before"):
+        for key, value in (record.get(group) or {}).items():
+            if not ok(value, (*_NUM, _NONE)):
+                return f"field {group}.{key} is {type(value).__name__}"
+    return None
 
 
 def json_safe(x):

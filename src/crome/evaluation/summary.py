@@ -62,7 +62,7 @@ def summarize(records: list[dict]) -> dict[str, dict[str, str]]:
         if ppl:
             rows["perplexity after: mean"] = _cell(statistics.fmean(ppl))
             rows["perplexity after: median"] = _cell(statistics.median(ppl))
-            rows["perplexity before"] = _cell(judged[0]["ppl_before"])
+            rows["perplexity before"] = _cell(judged[0].get("ppl_before"))
         ratios = [r["ppl_ratio"] for r in judged if r.get("ppl_ratio") is not None]
         if ratios:
             rows["perplexity ratio: median"] = _cell(statistics.median(ratios))
@@ -89,11 +89,11 @@ def summarize(records: list[dict]) -> dict[str, dict[str, str]]:
 
 
 def _sequential(recs: list[dict]) -> dict[str, str]:
-    first = next((r["step"] for r in recs if r.get("collapsed")), None)
+    first = next((r.get("step") for r in recs if r.get("collapsed")), None)
     last = [r for r in recs if r.get("ppl_after") is not None or r.get("collapsed")]
     rows = {"first collapsed at edit": str(first) if first else "none"}
     if last:
-        rows["final perplexity"] = _cell(last[-1]["ppl_after"] if last[-1]["ppl_after"] is not None else math.inf)
+        rows["final perplexity"] = _cell(last[-1]["ppl_after"] if last[-1].get("ppl_after") is not None else math.inf)
     retained = (("retained_efficacy", "final retained ES"),
                 ("retained_efficacy_prefixed", "final retained ES (prefix)"),
                 ("retained_gen_em", "final retained gen EM"),

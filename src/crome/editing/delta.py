@@ -1,0 +1,134 @@
+"""A delta file: edits without the model. The requests, each update's rank-one factors, the base
+model's fingerprint and the settings, in one safetensors file (no pickle: safe to open).
+
+    tensors   "edit-0003.layer-06.a" [d_out, r], "edit-0003.layer-06.b" [d_in, r]  (ΔW = a bᵀ)
+    metadata  {"crome_delta": JSON}: format, version, model, fingerprint, and per edit its
+              request(s), method, layers and the record of how it was made
+
+Applying a delta file adds the factors to the base model's W in the file's order, with
+``memit.add_factors``: the same operations as the session or run that made them, so the weights
+come out bit for bit. A model whose weights differ from the fingerprint is refused: the factors
+were computed for those weights and mean nothing for others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import CromeError
+from ..models import LoadedModel, weights_fingerprint
+from .memit import add_factors
+
+FORMAT, VERSION = "crome-delta", 1
+
+
+def layer_sha(lm: LoadedModel, layer: int) -> str:
+    """sha256 of one layer's W as stored (first 16 hex digits)."""
+    return hashlib.sha256(lm.mlp_out(layer).weight.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def fingerprint(lm: LoadedModel, layers) -> dict:
+    """What identifies the base model: a hash of all its weights (``weights_fingerprint``), the
+    exact hash of each edited layer's W, and the dtype. Call it on the unedited model."""
+    return dict(weights=weights_fingerprint(lm.model), dtype=lm.dtype,
+                layers={str(x): layer_sha(lm, x) for x in sorted(layers)})
+
+
+@dataclass
+class DeltaEdit:
+    """One update: its factors per layer (ΔW_l = a bᵀ) and what made it."""
+
+    requests: list[dict]                         # prompt, subject, target_new
+    method: str
+    factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+    record: dict = field(default_factory=dict)   # seed, hparams, templates, key statistics, diagnostics
+
+    def to_meta(self) -> dict:
+        return dict(requests=self.requests, method=self.method, layers=sorted(self.factors), record=self.record)
+
+
+def write_delta(path: str | Path, lm_name: str, base: dict, edits: list[DeltaEdit]) -> Path:
+    """Write ``edits`` (in order) with the base model's ``fingerprint`` to ``path``, atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, e in enumerate(edits):
+        for layer, (a, b) in e.factors.items():
+            tensors[f"edit-{i:04d}.layer-{layer:02d}.a"] = a.detach().cpu().contiguous()
+            tensors[f"edit-{i:04d}.layer-{layer:02d}.b"] = b.detach().cpu().contiguous()
+    meta = dict(format=FORMAT, version=VERSION, model=lm_name, fingerprint=base,
+                edits=[e.to_meta() for e in edits])
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"crome_delta": json.dumps(meta)})
+    tmp.replace(path)
+    return path
+
+
+def read_delta(path: str | Path) -> tuple[dict, list[DeltaEdit]]:
+    """(metadata, edits) of a delta file; a file that is not one gets a one-line ``CromeError``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CromeError(f"no delta file at {path}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("crome_delta", "null"))
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CromeError(f"{path} is not a crome delta file: {str(e).splitlines()[0] if str(e) else e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CromeError(f"{path} is not a crome delta file (no '{FORMAT}' metadata)")
+    if meta.get("version") != VERSION:
+        raise CromeError(f"{path} is a version {meta.get('version')} delta file; this crome reads version {VERSION}")
+    try:
+        return meta, [_edit(i, e, tensors) for i, e in enumerate(meta["edits"])]
+    except (KeyError, TypeError, ValueError) as bad:
+        raise CromeError(f"{path}: malformed delta file (an edit lacks or mangles {bad})") from None
+
+
+def _edit(i: int, e: dict, tensors: dict) -> DeltaEdit:
+    def name(layer: int, part: str) -> str:
+        return f"edit-{i:04d}.layer-{layer:02d}.{part}"
+
+    factors = {int(x): (tensors[name(int(x), "a")], tensors[name(int(x), "b")]) for x in e["layers"]}
+    return DeltaEdit(list(e["requests"]), str(e["method"]), factors, dict(e.get("record", {})))
+
+
+def check_base(lm: LoadedModel, meta: dict, source: str = "the delta file") -> None:
+    """Refuse a model that is not the one the edits were computed on (one line)."""
+    want = meta["fingerprint"]
+    layers = [int(x) for x in want["layers"]]
+    if lm.num_layers <= max(layers, default=-1):
+        raise CromeError(f"{source} edits layer {max(layers)}, {lm.name} has {lm.num_layers} layers: another model")
+    have = fingerprint(lm, layers)
+    if have["dtype"] != want["dtype"]:
+        raise CromeError(f"{source} was made on {want['dtype']} weights, {lm.name} is loaded as {have['dtype']}: "
+                         f"load it with --dtype {want['dtype']}")
+    if have != want:
+        raise CromeError(f"{source} was made on another model ({meta.get('model')}, weights {want['weights']}); "
+                         f"{lm.name} has weights {have['weights']}: refusing to apply it")
+
+
+def apply_edits(lm: LoadedModel, meta: dict, edits: list[DeltaEdit], source: str = "the delta file") -> None:
+    """Check ``lm`` against the file's fingerprint, then add every edit's factors in order."""
+    check_base(lm, meta, source)
+    for e in edits:
+        for layer, (a, b) in e.factors.items():
+            add_factors(lm, layer, a, b)
+
+
+def apply_delta(lm: LoadedModel, path: str | Path) -> tuple[dict, list[DeltaEdit]]:
+    """Read a delta file and apply it to ``lm`` (``apply_edits``)."""
+    meta, edits = read_delta(path)
+    apply_edits(lm, meta, edits, str(path))
+    return meta, edits

@@ -1,0 +1,1 @@
+"""``crome serve``: edit a model in the browser (``session``: the state and handlers; ``app``: the page)."""

@@ -1,0 +1,172 @@
+"""The page of ``crome serve`` (Gradio, extra ``crome[ui]``): four tabs over one ``EditSession``.
+
+Edit: a fact in, the diagnostics in words, the guard's verdict, perplexity and P(target) before and
+after, generations side by side. Ask: the unedited and edited model answer the same prompt,
+streamed. History: the applied edits, the perplexity after every edit and undo, Undo. Export: a
+delta file to download, or the edited model saved as a Hugging Face folder in ``--export-dir``.
+
+The page names no file: the model, the data and the export folder come from the command line. Every
+handler turns a ``CromeError`` into one line on the page; the session keeps the model as it was.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..errors import CromeError
+from .session import GUARDS, MAX_PROMPT, MAX_TEXT, MAX_TOKENS, METHODS, EditOutcome, EditSession
+
+METHOD_LABELS = {"crome": "C-ROME", "rome": "ROME", "memit": "MEMIT (list)", "cmemit": "C-MEMIT (list)"}
+HISTORY_COLUMNS = ["number", "method", "layers", "facts", "verdict", "ppl_after", "update_ratio"]
+
+
+def numbers_table(out: EditOutcome) -> list[list[str]]:
+    """Perplexity and P(target) before and after (with and without the test-time prefix)."""
+    r = out.report or {}
+
+    def f(x):
+        return "—" if x is None else f"{x:.4g}"
+
+    rows = [["perplexity", f(out.ppl_before), f(out.ppl_after)]]
+    if "p_target_before" in r:
+        rows += [["P(target)", f(r["p_target_before"]), f(r.get("p_target_after"))],
+                 [f"P(target) after the prefix {r.get('test_prefix')!r}", f(r.get("p_target_before_prefixed")),
+                  f(r.get("p_target_after_prefixed"))]]
+    for q in r.get("requests", []):
+        fact = q["prompt"].replace("{}", q["subject"])
+        rows.append([f"P({q['target_new']} | {fact})", f(q["p_target_before"]), f(q["p_target_after"])])
+    return rows
+
+
+def history_rows(session: EditSession) -> list[list]:
+    return [[h[c] if not isinstance(h[c], float) else round(h[c], 4) for c in HISTORY_COLUMNS]
+            for h in session.history()]
+
+
+def monitor_plot(session: EditSession):
+    """Perplexity after every edit and undo, against the unedited model's (the 'Butterfly' monitor)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    base = session.ppl_base
+    events = [e for e in session.events if e["ppl"] is not None]
+    xs = list(range(len(events) + 1))
+    ax.plot(xs, [1.0] + [e["ppl"] / base for e in events] if base else [], "o-")
+    ax.set_xticks(xs, ["unedited"] + [e["event"] for e in events], rotation=30, fontsize=7)
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set(ylabel="perplexity / unedited", title="perplexity after each edit and undo")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def build_app(session: EditSession, export_dir: str | Path = "crome-exports"):
+    """The Gradio Blocks of ``crome serve`` (not launched)."""
+    import gradio as gr
+
+    export_dir = Path(export_dir)
+
+    def on_edit(prompt, subject, target, method, guard, batch):
+        try:
+            out = session.edit(prompt, subject, target, method, guard, batch)
+        except CromeError as e:
+            return (f"**Error:** {e}", "", [], [], history_rows(session), monitor_plot(session))
+        verdict = ("" if out.applied else "**Not applied.** ") + out.message
+        diagnostics = "\n".join(f"- {line}" for line in out.diagnostics) or "_(a MEMIT list: see the numbers)_"
+        generations = [[p, b, a] for p, b, a in out.generations]
+        return verdict, diagnostics, numbers_table(out), generations, history_rows(session), monitor_plot(session)
+
+    def on_ask(prompt, tokens):
+        try:
+            for base, edited in session.ask(prompt, tokens):
+                yield base, edited, ""
+        except CromeError as e:
+            yield "", "", f"**Error:** {e}"
+
+    def on_undo(number):
+        try:
+            if number is None:
+                raise CromeError("give the number of the edit to undo")
+            ppl = session.undo(int(number))
+            message = f"Edit {int(number)} undone" + (f"; perplexity now {ppl:.4g}." if ppl else ".")
+        except CromeError as e:
+            message = f"**Error:** {e}"
+        return message, history_rows(session), monitor_plot(session)
+
+    def on_delta():
+        try:
+            export_dir.mkdir(parents=True, exist_ok=True)
+            path = session.export_delta(export_dir / f"edits-{time.strftime('%Y%m%d-%H%M%S')}.crome")
+            return path, f"Wrote {path}: apply it with `crome apply {path} --model … --save OUT`."
+        except (CromeError, OSError) as e:
+            return None, f"**Error:** {e}"
+
+    def on_model():
+        try:
+            path = session.export_model(export_dir / f"model-{time.strftime('%Y%m%d-%H%M%S')}")
+            return f"Saved the edited model (Hugging Face format) to {path}."
+        except (CromeError, OSError) as e:
+            return f"**Error:** {e}"
+
+    with gr.Blocks(title="crome") as app:
+        gr.Markdown(f"# crome · {session.lm.name}\nEdit a fact, see what it does to the rest of the model, "
+                    f"undo it, keep it.")
+        with gr.Tab("Edit"):
+            with gr.Row():
+                prompt = gr.Textbox(label="Prompt ({} marks the subject)", value="{} is the capital of",
+                                    max_length=MAX_PROMPT, elem_id="prompt")
+                subject = gr.Textbox(label="Subject", value="Paris", max_length=MAX_TEXT, elem_id="subject")
+                target = gr.Textbox(label="New target", value="Rome", max_length=MAX_TEXT, elem_id="target")
+            with gr.Row():
+                method = gr.Dropdown([(METHOD_LABELS[m], m) for m in METHODS], value="crome", label="Method")
+                guard = gr.Dropdown(list(GUARDS), value="verify", label="Guard")
+            batch = gr.Textbox(label="MEMIT / C-MEMIT: facts as JSON lines {prompt, subject, target_new}",
+                               lines=2, elem_id="batch")
+            go = gr.Button("Edit", variant="primary", elem_id="edit-button")
+            verdict = gr.Markdown(elem_id="verdict")
+            diagnostics = gr.Markdown(elem_id="diagnostics")
+            numbers = gr.Dataframe(headers=["", "before", "after"], label="Numbers", elem_id="numbers")
+            generations = gr.Dataframe(headers=["prompt", "before", "after"], label="Greedy generations",
+                                       elem_id="generations", wrap=True)
+        with gr.Tab("Ask"):
+            question = gr.Textbox(label="Prompt", value="Paris is the capital of", max_length=MAX_PROMPT,
+                                  elem_id="question")
+            tokens = gr.Slider(1, MAX_TOKENS, value=20, step=1, label="Tokens")
+            ask = gr.Button("Ask", variant="primary", elem_id="ask-button")
+            with gr.Row():
+                base_answer = gr.Textbox(label="Unedited model", elem_id="base-answer")
+                edited_answer = gr.Textbox(label="Edited model", elem_id="edited-answer")
+            ask_error = gr.Markdown()
+        with gr.Tab("History"):
+            history = gr.Dataframe(headers=HISTORY_COLUMNS, label="Applied edits, in order", elem_id="history")
+            plot = gr.Plot(label="Perplexity monitor")
+            with gr.Row():
+                undo_number = gr.Number(label="Edit number", precision=0, elem_id="undo-number")
+                undo = gr.Button("Undo", elem_id="undo-button")
+            undo_message = gr.Markdown(elem_id="undo-message")
+        with gr.Tab("Export"):
+            delta = gr.Button("Export the edits as a delta file", elem_id="delta-button")
+            delta_file = gr.File(label="Delta file")
+            save = gr.Button("Save the edited model (Hugging Face folder)")
+            export_message = gr.Markdown(elem_id="export-message")
+        go.click(on_edit, [prompt, subject, target, method, guard, batch],
+                 [verdict, diagnostics, numbers, generations, history, plot], api_name="edit")
+        ask.click(on_ask, [question, tokens], [base_answer, edited_answer, ask_error], api_name="ask")
+        undo.click(on_undo, [undo_number], [undo_message, history, plot], api_name="undo")
+        delta.click(on_delta, [], [delta_file, export_message], api_name="export_delta")
+        save.click(on_model, [], [export_message], api_name="export_model")
+        app.load(lambda: (history_rows(session), monitor_plot(session)), [], [history, plot], api_name="history")
+    return app
+
+
+def serve(session: EditSession, host: str = "127.0.0.1", port: int = 7860, export_dir="crome-exports",
+          block: bool = True):
+    """Launch the page; requests that change the weights run one at a time (the queue shows the wait)."""
+    app = build_app(session, export_dir).queue(default_concurrency_limit=1)
+    app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=False,
+               allowed_paths=[str(Path(export_dir).resolve())])
+    return app
