@@ -113,3 +113,18 @@ def test_four_processes_compute_the_key_statistics_once(tmp_path, tokenizer):
     assert len(set(hashes)) == 1
     assert len(list((cache / "mom2").glob("*.pt"))) == 1 and len(list((cache / "mom2").glob("sampled-*.json"))) == 1
     assert not list((cache / "mom2").glob(".*.tmp"))
+
+
+@pytest.mark.integration
+def test_the_default_model_and_its_gguf_file_by_path_share_the_cache(default_lm):
+    """Keyed by content: `--model PATH` to the embedded GGUF file finds the default model's converted
+    folder and its key statistics, instead of converting and computing them again."""
+    from crome.editing.mom2 import key_stats
+    from crome.models import cache_dir, default_gguf_path, load_model
+
+    first = key_stats(default_lm, 2, samples=300, progress=False)
+    entries = sorted(p.name for p in (cache_dir() / "mom2").iterdir())
+    by_path = load_model(str(default_gguf_path()), progress=False)
+    assert by_path.name != default_lm.name and by_path.identity == default_lm.identity
+    assert key_stats(by_path, 2, samples=300, progress=False).hash == first.hash
+    assert sorted(p.name for p in (cache_dir() / "mom2").iterdir()) == entries

@@ -93,6 +93,12 @@ def test_gguf_file_loads_with_the_source_logits_and_a_changed_file_reconverts(to
     folders = sorted(p.name for p in (tmp_path / "cache" / "models").iterdir())
     assert len(folders) == 1
     assert load_model(str(path), device="cpu", progress=False).identity == lm.identity  # cached, same weights
+    import shutil
+
+    copy = shutil.copy(path, tmp_path / "other-name.gguf")        # the same bytes under another name: one entry
+    same = load_model(str(copy), device="cpu", progress=False)
+    assert same.name == "other-name" and same.identity == lm.identity
+    assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == folders
 
     with torch.no_grad():
         src.model.model.layers[0].mlp.down_proj.weight.mul_(2.0)

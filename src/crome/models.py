@@ -11,7 +11,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +34,11 @@ class LoadedModel:
     tokenizer: object
     name: str
     arch: Arch
-    identity: str = ""   # what caches are keyed by: the name and, where known, the weights' hash
+    identity: str = ""   # what caches are keyed by: the weights and the tokenizer, not the name
 
     def __post_init__(self):
         if not self.identity:
-            self.identity = f"{self.name}@{weights_fingerprint(self.model)}"
+            self.identity = f"weights-{weights_fingerprint(self.model)}-vocab-{tokenizer_fingerprint(self.tokenizer)}"
 
     @property
     def num_layers(self) -> int:
@@ -87,6 +86,12 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         h.update(f"{name}{tuple(p.shape)}".encode())
         h.update(p.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the vocabulary (token -> id): the same weights with another tokenizer read other text."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:12]
 
 
 def default_device() -> torch.device:
@@ -153,11 +158,11 @@ def check_gguf_header(path: Path) -> tuple[int, int, int]:
     return version, tensors, entries
 
 
-def _converted_gguf(gguf: Path, label: str, progress: bool = True) -> Path:
+def _converted_gguf(gguf: Path, progress: bool = True) -> Path:
     """Dequantize a GGUF file once and keep it as a normal HF folder, keyed by the file's content."""
     check_gguf_header(gguf)
     digest = file_digest(gguf)
-    target = cache_dir() / "models" / f"{_slug(label)}-{digest[:16]}"
+    target = cache_dir() / "models" / f"gguf-{digest[:16]}"     # by content: any name for the same file shares it
     if _converted(target, digest):
         return target
     lock = cache_dir() / "locks" / target.name
@@ -165,7 +170,7 @@ def _converted_gguf(gguf: Path, label: str, progress: bool = True) -> Path:
     with locked(lock):        # another process converting the same file: wait for it, then use its folder
         if _converted(target, digest):
             return target
-        _convert(gguf, target, label, digest, progress)
+        _convert(gguf, target, digest, progress)
     return target
 
 
@@ -177,7 +182,7 @@ def _converted(target: Path, digest: str) -> bool:
         return False
 
 
-def _convert(gguf: Path, target: Path, label: str, digest: str, progress: bool) -> None:
+def _convert(gguf: Path, target: Path, digest: str, progress: bool) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if progress:
@@ -191,16 +196,12 @@ def _convert(gguf: Path, target: Path, label: str, digest: str, progress: bool) 
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # transformers raises many kinds for unreadable or unsupported files
         raise CromeError(f"cannot convert GGUF file {gguf}: {first_line(exc)}") from None
-    _strip_gguf_config(model, label)
+    _strip_gguf_config(model, target.name)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "crome-converted.json").write_text(json.dumps({"source": str(gguf), "sha256": digest}))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-
-
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", label)[:80]
 
 
 def _strip_gguf_config(model: torch.nn.Module, label: str) -> None:
@@ -272,12 +273,12 @@ def _source(name: str | None, progress: bool) -> tuple[str, str | Path]:
     """(the model's name, what transformers loads): the embedded default model and GGUF files are
     converted once (cached); anything else is a Hugging Face id or a local folder."""
     if name in (None, DEFAULT_MODEL):
-        return DEFAULT_MODEL, _converted_gguf(default_gguf_path(), DEFAULT_MODEL, progress)
+        return DEFAULT_MODEL, _converted_gguf(default_gguf_path(), progress)
     if name.lower().endswith(".gguf"):
         gguf = Path(name).expanduser()
         if not gguf.is_file():
             raise CromeError(f"cannot load model '{name}': no such GGUF file")
-        return gguf.stem, _converted_gguf(gguf.resolve(), gguf.stem, progress)
+        return gguf.stem, _converted_gguf(gguf.resolve(), progress)
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
     if looks_like_path and not Path(name).expanduser().exists():
         raise CromeError(f"cannot load model '{name}': no such folder")
