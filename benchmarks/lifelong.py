@@ -203,7 +203,7 @@ def report(args) -> None:
             _plot(row, records, path.stem)
             if len(records) >= args.common_from:
                 runs[name] = records
-        m, lines = side_by_side(runs) if runs else (0, [])
+        m, lines = side_by_side(runs, args.common_step) if runs else (0, [])
         if lines:
             common += [f"Protocol {protocol}, every run with at least {args.common_from} edits, at {m} edits:", "",
                        *lines, ""]
@@ -256,6 +256,8 @@ def main() -> None:
     ap.add_argument("--round", type=int, default=100, help="Edits per run per round.")
     ap.add_argument("--common-from", type=int, default=100,
                     help="The report's side-by-side table takes the runs with at least this many edits.")
+    ap.add_argument("--common-step", type=int, default=100,
+                    help="... at the largest multiple of this that all of them reached.")
     ap.add_argument("--monitor-every", type=int, default=None,
                     help="Perplexity and ||W|| every k-th edit (default: 10 in B, every update in A).")
     ap.add_argument("--retained-every", type=int, default=100,

@@ -117,10 +117,10 @@ def build_app(session: EditSession, export_dir: str | Path = "crome-exports"):
                     f"undo it, keep it.")
         with gr.Tab("Edit"):
             with gr.Row():
-                prompt = gr.Textbox(label="Prompt ({} marks the subject)", value="{} is the capital of",
+                prompt = gr.Textbox(label="Prompt ({} marks the subject)", value="The mother tongue of {} is",
                                     max_length=MAX_PROMPT, elem_id="prompt")
-                subject = gr.Textbox(label="Subject", value="Paris", max_length=MAX_TEXT, elem_id="subject")
-                target = gr.Textbox(label="New target", value="Rome", max_length=MAX_TEXT, elem_id="target")
+                subject = gr.Textbox(label="Subject", value="Danielle Darrieux", max_length=MAX_TEXT, elem_id="subject")
+                target = gr.Textbox(label="New target", value="English", max_length=MAX_TEXT, elem_id="target")
             with gr.Row():
                 method = gr.Dropdown([(METHOD_LABELS[m], m) for m in METHODS], value="crome", label="Method")
                 guard = gr.Dropdown(list(GUARDS), value="verify", label="Guard")
@@ -133,8 +133,8 @@ def build_app(session: EditSession, export_dir: str | Path = "crome-exports"):
             generations = gr.Dataframe(headers=["prompt", "before", "after"], label="Greedy generations",
                                        elem_id="generations", wrap=True)
         with gr.Tab("Ask"):
-            question = gr.Textbox(label="Prompt", value="Paris is the capital of", max_length=MAX_PROMPT,
-                                  elem_id="question")
+            question = gr.Textbox(label="Prompt", value="The mother tongue of Danielle Darrieux is",
+                                  max_length=MAX_PROMPT, elem_id="question")
             tokens = gr.Slider(1, MAX_TOKENS, value=20, step=1, label="Tokens")
             ask = gr.Button("Ask", variant="primary", elem_id="ask-button")
             with gr.Row():
