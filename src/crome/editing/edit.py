@@ -92,6 +92,11 @@ class Edit:
     key_stats: dict | None = None      # KeyStats.record(): source, n_keys, shrinkage, hash (None: C = I)
     layer_choice: dict | None = None   # LayerChoice.record(): how the layer was chosen
 
+    @property
+    def factors(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """ΔW as factors, layer -> (a, b) with ΔW = a bᵀ (as a MEMIT ``BatchEdit`` holds them)."""
+        return {self.layer: (self.vectors.lam[:, None], self.vectors.u[:, None])}
+
     def to_dict(self) -> dict:
         return {
             "request": self.request.to_dict(), "method": self.method, "layer": self.layer,
@@ -276,7 +281,7 @@ class EditHandle(WeightsHandle):
     def __init__(self, lm: LoadedModel, edit: Edit):
         super().__init__(lm, [edit.layer])
         self.lm, self.edit = lm, edit
-        self.factors = {edit.layer: (edit.vectors.lam[:, None], edit.vectors.u[:, None])}
+        self.factors = edit.factors
 
 
 class Overlay:

@@ -44,10 +44,8 @@ def bounded(name: str, text: str | None, limit: int) -> str:
 
 
 def factors_of(edit) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """An edit's ΔW as factors per layer: ROME's Λ uᵀ, or a MEMIT batch's (a, b)."""
-    if hasattr(edit, "factors"):
-        return {int(x): (a.detach().cpu(), b.detach().cpu()) for x, (a, b) in edit.factors.items()}
-    return {edit.layer: (edit.vectors.lam[:, None].detach().cpu(), edit.vectors.u[:, None].detach().cpu())}
+    """An edit's ΔW as factors per layer, on the CPU (ROME's Λ uᵀ, or a MEMIT batch's (a, b))."""
+    return {int(x): (a.detach().cpu(), b.detach().cpu()) for x, (a, b) in edit.factors.items()}
 
 
 @dataclass
