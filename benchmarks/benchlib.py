@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+DATA = Path(os.environ.get("CROME_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def emit(result: dict, out: str | None, indent: int = 1) -> None:
@@ -39,3 +42,19 @@ def prepared_runs(jobs: dict, n: int):
     cases, _, _ = cases_of(first)
     lm = load(first, progress=False)
     return lm, cases[:n], {name: with_checks(lm, prepare(lm, job), job) for name, job in jobs.items()}
+
+
+def add_fault_run_options(ap, out_dir: str) -> None:
+    """The options of the fault runs (chaos.py, soak.py): seed, data, where the run and its summary go."""
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", default=str(DATA / "counterfact" / "counterfact-train.json"))
+    ap.add_argument("--ppl-data", default=str(DATA / "me-ppl" / "ME-PPL_50.json"))
+    ap.add_argument("--out-dir", default=out_dir)
+    ap.add_argument("--docs", default=None, help="Also write the summary into this folder.")
+
+
+def write_summary(result: dict, folder: Path, docs: str | None) -> None:
+    """A fault run's summary: ``<folder>/summary.json`` and, with ``docs``, ``<docs>/<name>.json``."""
+    emit(result, str(folder / "summary.json"))
+    if docs:
+        emit(result, str(Path(docs) / f"{result['name']}.json"))

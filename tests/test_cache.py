@@ -4,12 +4,14 @@ statistics computed by 4 processes at once on an empty cache."""
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing as mp
 import os
 import random
 import signal
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -85,6 +87,28 @@ def test_an_unwritable_cache_folder_computes_without_keeping(tmp_path, capsys):
     blocker.write_text("")
     value = cached(blocker / "sub" / "entry.json", lambda: [7], lambda v: json.dumps(v).encode(), json.loads, "x")
     assert value == [7] and "cannot write the cache folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_a_read_only_cache_folder_computes_without_keeping(tmp_path, capsys, monkeypatch, code):
+    """The folder exists but refuses new files (a read-only mount, or no permission; injected,
+    since the tests run as root, whom chmod does not stop): one warning line, the value used,
+    nothing written; an entry already there is still read."""
+    import crome.cache
+
+    def refusing_open(path, *args, **kwargs):
+        raise OSError(code, os.strerror(code), str(path))
+
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    cached(folder / "old.json", lambda: [1], lambda v: json.dumps(v).encode(), json.loads, "x")
+    monkeypatch.setattr(crome.cache, "os", types.SimpleNamespace(**{**vars(os), "open": refusing_open}))
+    value = cached(folder / "entry.json", lambda: [7], lambda v: json.dumps(v).encode(), json.loads, "x")
+    err = capsys.readouterr().err
+    assert value == [7] and err.count("warning:") == 1 and os.strerror(code) in err
+    assert sorted(p.name for p in folder.iterdir()) == ["old.json", "old.json.lock"]
+    monkeypatch.undo()
+    assert cached(folder / "old.json", lambda: [2], lambda v: json.dumps(v).encode(), json.loads, "x") == [1]
 
 
 def test_encode_decode():

@@ -70,14 +70,33 @@ def _same(a, b, where="") -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
+def environment() -> dict:
+    """What float rounding depends on besides crome: the numeric libraries and the CPU's vector units."""
+    import platform
+
+    import torch
+    import transformers
+
+    flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0] if Path("/proc/cpuinfo").exists() else ""
+    return dict(torch=torch.__version__, transformers=transformers.__version__, machine=platform.machine(),
+                vector_units=sorted({f for f in flags.split() if f.startswith(("avx", "amx", "fma"))}))
+
+
 def check_golden(name: str, got, tmp) -> None:
-    path = GOLDEN / f"{name}.json"
+    path, env_path = GOLDEN / f"{name}.json", GOLDEN / "ENVIRONMENT.json"
     got = json.loads(json.dumps(_strip(got, str(tmp))))   # as written: tuples become lists, NaN stays NaN
     if os.environ.get("CROME_GOLDEN_UPDATE"):
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+        env_path.write_text(json.dumps(environment(), indent=1) + "\n")
     assert path.exists(), f"no golden file {path}: run with CROME_GOLDEN_UPDATE=1 once"
-    _same(_strip(json.loads(path.read_text()), "<tmp>"), got, name)
+    try:
+        _same(_strip(json.loads(path.read_text()), "<tmp>"), got, name)
+    except AssertionError as e:       # say whether the platform moved, which a refactor's diff never explains
+        written = json.loads(env_path.read_text()) if env_path.exists() else None
+        if written != environment():
+            raise AssertionError(f"{e}\n(the golden records were written on {written}; this is {environment()})") from None
+        raise
 
 
 @pytest.fixture

@@ -36,6 +36,17 @@ def same(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def replayed(tokenizer, applied) -> list[torch.Tensor]:
+    """The weights of a fresh tiny model with the applied edits' factors added in order."""
+    from crome.editing.memit import add_factors
+
+    fresh = tiny_model("llama", tokenizer)
+    for e in applied:
+        for layer, (a, b) in e.delta.factors.items():
+            add_factors(fresh, layer, a, b)
+    return weights(fresh)
+
+
 def test_edit_applies_and_reports(session):
     base = weights(session.lm)
     out = session.edit(*FACTS[0], method="crome", guard="off")
@@ -55,14 +66,8 @@ def test_undo_the_middle_edit_equals_the_other_two_applied_fresh(session, tokeni
     kept = [e for e in session.applied if e.number != 2]
     session.undo(2)
     assert [h["number"] for h in session.history()] == [1, 3]
-    fresh = tiny_model("llama", tokenizer)
-    assert same(base, weights(fresh))
-    from crome.editing.memit import add_factors
-
-    for e in kept:
-        for layer, (a, b) in e.delta.factors.items():
-            add_factors(fresh, layer, a, b)
-    assert same(weights(fresh), weights(session.lm))
+    assert same(base, replayed(tokenizer, []))
+    assert same(replayed(tokenizer, kept), weights(session.lm))
     session.undo(1)
     session.undo(3)
     assert same(base, weights(session.lm)) and session.history() == []
@@ -153,13 +158,7 @@ def test_two_clients_editing_at_once_lose_nothing(session, tokenizer):
     assert not errors
     assert sorted(h["number"] for h in session.history()) == [1, 2, 3]
     assert sorted(h["facts"].split(" → ")[1] for h in session.history()) == sorted(f[2] for f in FACTS)
-    fresh = tiny_model("llama", tokenizer)
-    from crome.editing.memit import add_factors
-
-    for e in session.applied:                    # the weights are the history, replayed in its order
-        for layer, (a, b) in e.delta.factors.items():
-            add_factors(fresh, layer, a, b)
-    assert same(weights(fresh), weights(session.lm))
+    assert same(replayed(tokenizer, session.applied), weights(session.lm))   # the history, replayed in order
 
 
 def test_not_a_delta_file(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TEXTS, tiny_model
-from test_serve import FACTS, job, same, weights
+from test_serve import FACTS, job, replayed, same, weights
 
 from crome.serving.app import serve
 from crome.serving.session import EditSession
@@ -64,13 +64,7 @@ def test_two_http_clients_editing_at_once(served, tokenizer):
     assert not errors and len(results) == 4 and all(r.startswith("Applied") for r in results), (errors, results)
     history = session.history()
     assert [h["number"] for h in history] == [1, 2, 3, 4]
-    fresh = tiny_model("llama", tokenizer)
-    from crome.editing.memit import add_factors
-
-    for e in session.applied:
-        for layer, (a, b) in e.delta.factors.items():
-            add_factors(fresh, layer, a, b)
-    assert same(weights(fresh), weights(session.lm))
+    assert same(replayed(tokenizer, session.applied), weights(session.lm))
     c = Client(url, verbose=False)
     assert "Error" in c.predict("{} is", "Rome", "", "crome", "off", "", api_name="/edit")[0]   # empty target
     assert len(session.history()) == 4
