@@ -14,7 +14,8 @@ in any order, and an edit is not kept, so there are no weights to compare.
 A quarter of the kill moments fall in the start-up (30-100% of the reference's start-up time: loading
 the model, preparing the run), the rest at a uniform point of an edit after the next one or two
 records. So kills land in loading, in the value optimisation, in the monitor's perplexity and now
-and then in a write, and each restart gets a record or two further.
+and then in a write, and each restart gets a record or two further. A kill is reported as in the
+start-up when that start had written no record yet.
 
     OMP_NUM_THREADS=1 python benchmarks/chaos.py --method crome --n 60 --kills 20
     OMP_NUM_THREADS=1 python benchmarks/chaos.py --method cmemit --n 60 --kills 20
@@ -137,27 +138,28 @@ def newlines(out: Path) -> int:
 
 class Moments:
     """Random moments to kill at: a quarter in the run's start-up (loading the model, preparing), the
-    rest at a random point of an edit, after the next one or two records (so each restart gets a
-    little further, and 20 kills fit in one run)."""
+    rest at a random point of an edit, after the next one or two records (none or one on Ray's two
+    workers), so each restart gets a little further, and 20 kills fit in one run."""
 
-    def __init__(self, rng: random.Random, timing: dict):
-        self.rng, self.startup, self.gap = rng, timing["startup_s"], timing["per_edit_s"]
+    def __init__(self, rng: random.Random, timing: dict, ahead: tuple[int, int]):
+        self.rng, self.startup, self.gap, self.ahead = rng, timing["startup_s"], timing["per_edit_s"], ahead
 
-    def wait(self, p: subprocess.Popen, out: Path, began: float) -> str | None:
-        """Wait for the next moment; its phase, or None when the run ended first."""
+    def wait(self, p: subprocess.Popen, out: Path, began: float) -> bool:
+        """Wait for the next moment; False when the run ended first."""
         if self.rng.random() < 0.25:
-            phase, at = "start-up", began + self.rng.uniform(0.3, 1.0) * self.startup
+            at = began + self.rng.uniform(0.3, 1.0) * self.startup
         else:
-            phase, target = "edit", newlines(out) + self.rng.randint(1, 2)
-            seen, when = newlines(out), time.time()
+            target = newlines(out) + self.rng.randint(*self.ahead)
+            seen, when = newlines(out), None
             while p.poll() is None and seen < target:
                 time.sleep(0.05)
-                if newlines(out) > seen:
-                    seen, self.gap, when = newlines(out), time.time() - when, time.time()
+                if newlines(out) > seen:      # the gap between two records seen here, not the start-up before
+                    self.gap = time.time() - when if when else self.gap
+                    seen, when = newlines(out), time.time()
             at = time.time() + self.rng.uniform(0, self.gap)
         while p.poll() is None and time.time() < at:
             time.sleep(0.05)
-        return None if p.poll() is not None else phase
+        return p.poll() is None
 
 
 def chaos(args, folder: Path, env: dict, timing: dict) -> dict:
@@ -166,7 +168,7 @@ def chaos(args, folder: Path, env: dict, timing: dict) -> dict:
     for stale in folder.glob("chaos*"):
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     rng = random.Random(args.seed)
-    moments = Moments(rng, timing)
+    moments = Moments(rng, timing, ahead=(0, 1) if args.workers else (1, 2))   # two workers write twice as fast
     kills, starts, gave_up, start = [], 0, 0, time.time()
     log = open(folder / "chaos.log", "w")
     while True:
@@ -175,11 +177,11 @@ def chaos(args, folder: Path, env: dict, timing: dict) -> dict:
             stop_ray()
         p = subprocess.Popen(command(args, out, resume=out.exists()), stdout=log, stderr=log, env=env,
                              start_new_session=True)
-        began = time.time()
+        began, at_start = time.time(), newlines(out)
         while p.poll() is None and len(kills) < args.kills:
-            phase = moments.wait(p, out, began)
-            if phase is None:
+            if not moments.wait(p, out, began):
                 break
+            phase = "start-up" if newlines(out) == at_start else "edit"    # no record yet from this start
             workers = ray_workers(p.pid) if args.workers else []
             what = "worker" if workers and rng.random() < 0.5 else "driver"
             before = newlines(out)
@@ -239,6 +241,21 @@ def compare(args, folder: Path) -> dict:
     return result
 
 
+def table(folder: str) -> str:
+    """The Markdown table of the summaries in ``folder`` (RELIABILITY.md's)."""
+    rows = ["| run | kills (driver / worker; in start-up) | starts | records | identical to the uninterrupted run |",
+            "|---|---|---|---|---|"]
+    for path in sorted(Path(folder).glob("*.json")):
+        s = json.loads(path.read_text())
+        start_up = sum(k.get("phase") == "start-up" for k in s["kills"])
+        same = ("records byte for byte, weights bit for bit" if s.get("identical_bytes") and s.get("identical_weights")
+                else "every case once, each record equal" if s.get("identical_records") and s.get("each_case_once")
+                else "**no**")
+        rows.append(f"| {s['name']} | {len(s['kills'])} ({s['driver_kills']} / {s['worker_kills']}; {start_up}) | "
+                    f"{s['starts']} | {s['records']} of {s['reference_records']} | {same} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", default="crome", choices=["rome", "crome", "memit", "cmemit", "alphaedit",
@@ -248,7 +265,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="A Ray run on N workers instead of a sequential one.")
     ap.add_argument("--monitor-every", type=int, default=10)
     add_fault_run_options(ap, "runs/chaos")
+    ap.add_argument("--table", metavar="DIR", help="Print the Markdown table of the summaries in DIR and stop.")
     args = ap.parse_args()
+    if args.table:
+        return print(table(args.table))
     name = f"{args.method}-{'ray' + str(args.workers) if args.workers else 'sequential'}-{args.n}"
     folder = Path(args.out_dir) / name
     folder.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,18 @@ def verdict(samples: list[dict]) -> dict:
                 flat=drift <= TOLERANCE and not any(s["open_files"] > warm["open_files"] for s in after))
 
 
+def table(folder: str) -> str:
+    """The Markdown table of the summaries in ``folder`` (RELIABILITY.md's): one row per sample."""
+    rows = ["| run | edits | RSS (MiB) | peak RSS (MiB) | open files | threads | seconds per edit |", "|---|---|---|---|---|---|---|"]
+    for path in sorted(Path(folder).glob("*.json")):
+        s = json.loads(path.read_text())
+        rows += [f"| {s['name']} | {x['edits']} | {x['rss_mib']} | {x['peak_mib']} | {x['open_files']} | {x['threads']} | "
+                 f"{x['seconds_per_edit']} |" for x in s["samples"]]
+        rows.append(f"\n{s['name']}: largest drift from the warm-up RSS {100 * s['max_rss_drift']:.1f}% "
+                    f"(tolerance {100 * s['tolerance']:.0f}%), flat: {s['flat']}")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", default="crome")
@@ -92,7 +104,10 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--mpes", action="store_true", help="MPES early stopping (a cheaper v*).")
     add_fault_run_options(ap, "runs/soak")
+    ap.add_argument("--table", metavar="DIR", help="Print the Markdown table of the summaries in DIR and stop.")
     args = ap.parse_args()
+    if args.table:
+        return print(table(args.table))
     name = f"{args.method}{'+mpes' if args.mpes else ''}-{args.n}"
     folder = Path(args.out_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
