@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 DATA = Path(os.environ.get("CROME_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+CROME = str(Path(sys.executable).with_name("crome"))     # the CLI of this interpreter's environment
 
 
 def emit(result: dict, out: str | None, indent: int = 1) -> None:
@@ -51,6 +53,12 @@ def add_fault_run_options(ap, out_dir: str) -> None:
     ap.add_argument("--ppl-data", default=str(DATA / "me-ppl" / "ME-PPL_50.json"))
     ap.add_argument("--out-dir", default=out_dir)
     ap.add_argument("--docs", default=None, help="Also write the summary into this folder.")
+    ap.add_argument("--table", metavar="DIR", help="Print the Markdown table of the summaries in DIR and stop.")
+
+
+def newlines(path: Path) -> int:
+    """Whole lines (records) in ``path`` so far; a line a live run is still writing is not counted."""
+    return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
 def write_summary(result: dict, folder: Path, docs: str | None) -> None:

@@ -19,7 +19,7 @@ start-up when that start had written no record yet.
 
     OMP_NUM_THREADS=1 python benchmarks/chaos.py --method crome --n 60 --kills 20
     OMP_NUM_THREADS=1 python benchmarks/chaos.py --method cmemit --n 60 --kills 20
-    python benchmarks/chaos.py --method crome --workers 2 --n 40 --kills 20
+    python benchmarks/chaos.py --method crome --workers 2 --n 30 --kills 20
 
 Each run writes ``<out-dir>/<name>/summary.json``; ``--docs`` also copies it there.
 """
@@ -37,9 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import add_fault_run_options, write_summary
-
-CROME = str(Path(sys.executable).with_name("crome"))
+from benchlib import CROME, add_fault_run_options, newlines, write_summary
 
 
 def command(args, out: Path, resume: bool) -> list[str]:
@@ -66,8 +64,8 @@ def records(out: Path) -> list[str]:
     return lines
 
 
-def ray_workers(driver: int) -> list[int]:
-    """The pids of the Ray workers of the driver's evaluation (``ray::_Worker`` processes)."""
+def ray_workers() -> list[int]:
+    """The pids of the Ray workers on this machine (``ray::Worker`` processes: one local Ray at a time)."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -96,11 +94,16 @@ def kill_group(p: subprocess.Popen, ray: bool) -> None:
         stop_ray()
 
 
+def clear(folder: Path, prefix: str) -> None:
+    """Remove what an earlier, unfinished attempt left: ``<prefix>*`` files and folders."""
+    for stale in folder.glob(prefix + "*"):
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+
+
 def warm_up(args, folder: Path, env: dict) -> None:
     """One case first, so that the model conversion and the cached key statistics, templates and
     layer choice are not in the reference's start-up time."""
-    for stale in folder.glob("warm-up*"):
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    clear(folder, "warm-up")
     one_case = argparse.Namespace(**{**vars(args), "n": 1, "workers": 0})
     cmd = command(one_case, folder / "warm-up.jsonl", resume=False)
     subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, check=True)
@@ -111,8 +114,7 @@ def reference(args, folder: Path, env: dict) -> dict:
     out, done = folder / "reference.jsonl", folder / "reference.done.json"
     if done.exists():
         return json.loads(done.read_text())
-    for stale in folder.glob("reference*"):
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    clear(folder, "reference")
     warm_up(args, folder, env)
     if args.workers:
         stop_ray()
@@ -129,11 +131,6 @@ def reference(args, folder: Path, env: dict) -> dict:
     timing = dict(startup_s=first, total_s=total, per_edit_s=(total - first) / max(1, args.n - 1))
     done.write_text(json.dumps(timing))
     return timing
-
-
-def newlines(out: Path) -> int:
-    """Records written so far (a line being written by the live run is not counted)."""
-    return out.read_bytes().count(b"\n") if out.exists() else 0
 
 
 class Moments:
@@ -153,9 +150,10 @@ class Moments:
             seen, when = newlines(out), None
             while p.poll() is None and seen < target:
                 time.sleep(0.05)
-                if newlines(out) > seen:      # the gap between two records seen here, not the start-up before
+                now = newlines(out)
+                if now > seen:      # the gap between two records seen here, not the start-up before
                     self.gap = time.time() - when if when else self.gap
-                    seen, when = newlines(out), time.time()
+                    seen, when = now, time.time()
             at = time.time() + self.rng.uniform(0, self.gap)
         while p.poll() is None and time.time() < at:
             time.sleep(0.05)
@@ -165,8 +163,7 @@ class Moments:
 def chaos(args, folder: Path, env: dict, timing: dict) -> dict:
     """Kill the run at random moments until ``args.kills`` kills, then let it finish."""
     out = folder / "chaos.jsonl"
-    for stale in folder.glob("chaos*"):
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    clear(folder, "chaos")
     rng = random.Random(args.seed)
     moments = Moments(rng, timing, ahead=(0, 1) if args.workers else (1, 2))   # two workers write twice as fast
     kills, starts, gave_up, start = [], 0, 0, time.time()
@@ -182,7 +179,7 @@ def chaos(args, folder: Path, env: dict, timing: dict) -> dict:
             if not moments.wait(p, out, began):
                 break
             phase = "start-up" if newlines(out) == at_start else "edit"    # no record yet from this start
-            workers = ray_workers(p.pid) if args.workers else []
+            workers = ray_workers() if args.workers else []
             what = "worker" if workers and rng.random() < 0.5 else "driver"
             before = newlines(out)
             if what == "worker":
@@ -265,7 +262,6 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="A Ray run on N workers instead of a sequential one.")
     ap.add_argument("--monitor-every", type=int, default=10)
     add_fault_run_options(ap, "runs/chaos")
-    ap.add_argument("--table", metavar="DIR", help="Print the Markdown table of the summaries in DIR and stop.")
     args = ap.parse_args()
     if args.table:
         return print(table(args.table))

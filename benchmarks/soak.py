@@ -23,9 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import add_fault_run_options, write_summary
+from benchlib import CROME, add_fault_run_options, newlines, write_summary
 
-CROME = str(Path(sys.executable).with_name("crome"))
 TOLERANCE = 0.05
 
 
@@ -39,10 +38,6 @@ def status(pid: int) -> dict:
                 threads=int(fields["Threads"][0]), open_files=len(os.listdir(f"/proc/{pid}/fd")))
 
 
-def lines(path: Path) -> int:
-    return path.read_bytes().count(b"\n") if path.exists() else 0
-
-
 def run(args, folder: Path) -> list[dict]:
     out, samples_path = folder / "results.jsonl", folder / "samples.jsonl"
     samples = [json.loads(s) for s in samples_path.read_text().splitlines()] if samples_path.exists() else []
@@ -52,18 +47,20 @@ def run(args, folder: Path) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(folder / "log.txt", "a") as log, open(samples_path, "a") as keep:
         p = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
-        last, since = lines(out), time.time()
+        last, since = newlines(out), time.time()
         while p.poll() is None:
             time.sleep(0.2)
-            n = lines(out)
-            if n != last and n % args.every == 0 and p.poll() is None:
-                sample = dict(pid=p.pid, edits=n, seconds_per_edit=round((time.time() - since) / (n - last), 2), **status(p.pid))
+            n = newlines(out)
+            if n == last or n % args.every:
+                continue
+            if p.poll() is None:      # still the process that wrote record n
+                sample = dict(pid=p.pid, edits=n, seconds_per_edit=round((time.time() - since) / (n - last), 2),
+                              **status(p.pid))
                 samples.append(sample)
                 keep.write(json.dumps(sample) + "\n")
                 keep.flush()
                 print(json.dumps(sample), flush=True)
-            if n != last and n % args.every == 0:
-                last, since = n, time.time()
+            last, since = n, time.time()
     if p.returncode:
         raise SystemExit(f"the run failed (exit {p.returncode}): see {folder / 'log.txt'}")
     return samples
@@ -104,7 +101,6 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--mpes", action="store_true", help="MPES early stopping (a cheaper v*).")
     add_fault_run_options(ap, "runs/soak")
-    ap.add_argument("--table", metavar="DIR", help="Print the Markdown table of the summaries in DIR and stop.")
     args = ap.parse_args()
     if args.table:
         return print(table(args.table))
