@@ -61,6 +61,11 @@ def newlines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
+def portable(text: str) -> str:
+    """``text`` with this machine's data folder written as ``$CROME_DATA`` (for summaries in docs)."""
+    return text.replace(str(DATA), "$CROME_DATA")
+
+
 def write_summary(result: dict, folder: Path, docs: str | None) -> None:
     """A fault run's summary: ``<folder>/summary.json`` and, with ``docs``, ``<docs>/<name>.json``."""
     emit(result, str(folder / "summary.json"))

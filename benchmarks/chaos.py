@@ -19,7 +19,7 @@ start-up when that start had written no record yet.
 
     OMP_NUM_THREADS=1 python benchmarks/chaos.py --method crome --n 60 --kills 20
     OMP_NUM_THREADS=1 python benchmarks/chaos.py --method cmemit --n 60 --kills 20
-    python benchmarks/chaos.py --method crome --workers 2 --n 30 --kills 20
+    python benchmarks/chaos.py --method crome --workers 2 --n 60 --kills 20
 
 Each run writes ``<out-dir>/<name>/summary.json``; ``--docs`` also copies it there.
 """
@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import CROME, add_fault_run_options, newlines, write_summary
+from benchlib import CROME, add_fault_run_options, newlines, portable, write_summary
 
 
 def command(args, out: Path, resume: bool) -> list[str]:
@@ -272,7 +272,7 @@ def main() -> None:
     timing = reference(args, folder, env)
     print(f"reference: start-up {timing['startup_s']:.0f} s, {timing['per_edit_s']:.1f} s per case", flush=True)
     run = chaos(args, folder, env, timing)
-    result = dict(name=name, command=" ".join(command(args, Path("OUT"), False)[1:]), seed=args.seed,
+    result = dict(name=name, command=portable(" ".join(command(args, Path("OUT"), False)[1:])), seed=args.seed,
                   reference=timing, **run, **compare(args, folder))
     result["driver_kills"] = sum(k["what"] == "driver" for k in run["kills"])
     result["worker_kills"] = sum(k["what"] == "worker" for k in run["kills"])

@@ -49,8 +49,17 @@ def mutated(record: dict):
     return st.tuples(st.sampled_from(keys), st.sampled_from(["delete", "set", "nested"]), json_values).map(mutate)
 
 
-def one_line(exc: CromeError) -> None:
-    assert str(exc).strip() and "\n" not in str(exc).strip()
+REFUSED = object()
+
+
+def parsed(parse, *args, **kwargs):
+    """``parse(*args, **kwargs)``, or ``REFUSED`` when it raised a one-line ``CromeError``: the
+    invariant every test here checks (any other exception fails the test)."""
+    try:
+        return parse(*args, **kwargs)
+    except CromeError as e:
+        assert str(e).strip() and "\n" not in str(e).strip()
+        return REFUSED
 
 
 # ------------------------------------------------------------------ datasets
@@ -63,12 +72,8 @@ def test_datasets(tmp_path_factory, records, skip):
 
     path = tmp_path_factory.mktemp("data") / "cases.json"
     path.write_text(json.dumps(records))
-    try:
-        dataset = load_cases(path, skip_invalid=skip)
-    except CromeError as e:
-        one_line(e)
-        return
-    for case in dataset.cases:
+    dataset = parsed(load_cases, path, skip_invalid=skip)
+    for case in [] if dataset is REFUSED else dataset.cases:
         assert case.request.subject in case.request.text() and case.request.target_new.strip()
 
 
@@ -79,10 +84,7 @@ def test_dataset_bytes(tmp_path_factory, raw):
 
     path = tmp_path_factory.mktemp("data") / "cases.json"
     path.write_bytes(raw)
-    try:
-        load_cases(path)
-    except CromeError as e:
-        one_line(e)
+    parsed(load_cases, path)
 
 
 # ------------------------------------------------------------------ request files and strings
@@ -97,12 +99,8 @@ def test_request_files(rows, lines, junk):
 
     text = "\n".join(json.dumps(r) for r in rows) if lines else json.dumps(rows)
     for candidate in (text, text + junk, junk):
-        try:
-            requests = parse_requests(candidate, "requests.json")
-        except CromeError as e:
-            one_line(e)
-            continue
-        assert all(r.subject in r.text() for r in requests)
+        requests = parsed(parse_requests, candidate, "requests.json")
+        assert requests is REFUSED or all(r.subject in r.text() for r in requests)
 
 
 @FUZZ
@@ -110,11 +108,9 @@ def test_request_files(rows, lines, junk):
 def test_prompt_subject_target(tokenizer, prompt, subject, target):
     from crome.editing.request import EditRequest, locate
 
-    try:
-        r = EditRequest.create(prompt, subject, target)
-        located = locate(tokenizer, r)
-    except CromeError as e:
-        one_line(e)
+    r = parsed(EditRequest.create, prompt, subject, target)
+    located = REFUSED if r is REFUSED else parsed(locate, tokenizer, r)
+    if located is REFUSED:
         return
     assert r.subject in r.text() and r.target_new.strip()
     assert 0 <= located.subject_first <= located.subject_last < len(located.ids)
@@ -133,12 +129,8 @@ def test_sweep_specs_and_cell_paths(tmp_path_factory, grid, extra):
     out = tmp_path_factory.mktemp("sweep")
     (out / "data.json").write_text(json.dumps(FLAT))
     spec = {"defaults": {"data": str(out / "data.json"), **extra}, "grid": grid}
-    try:
-        made = cells(spec, out)
-    except CromeError as e:
-        one_line(e)
-        return
-    for cell in made:
+    made = parsed(cells, spec, out)
+    for cell in [] if made is REFUSED else made:
         assert Path(cell.job.out).resolve().parent == out.resolve(), cell.job.out
 
 
@@ -149,10 +141,7 @@ def test_sweep_toml_text(tmp_path_factory, text):
 
     path = tmp_path_factory.mktemp("toml") / "spec.toml"
     path.write_text(text)
-    try:
-        _toml(path)
-    except CromeError as e:
-        one_line(e)
+    parsed(_toml, path)
 
 
 # ------------------------------------------------------------------ guard rules, results, checkpoints, deltas
@@ -168,10 +157,8 @@ def test_guard_rule_files(tmp_path_factory, data):
 
     path = tmp_path_factory.mktemp("rule") / "rule.json"
     path.write_text(json.dumps(data))
-    try:
-        loaded = GuardRule.load(path)
-    except CromeError as e:
-        one_line(e)
+    loaded = parsed(GuardRule.load, path)
+    if loaded is REFUSED:
         return
     assert loaded.feature in Diagnostics.__dataclass_fields__ and isinstance(loaded.above, bool)
     assert isinstance(loaded.threshold, float)
@@ -192,17 +179,12 @@ def test_results_files(tmp_path_factory, rows, tail):
 
     path = tmp_path_factory.mktemp("results") / "r.jsonl"
     path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + tail)
-    try:
-        records = ResultsFile(path).read()
-    except CromeError as e:
-        one_line(e)
+    records = parsed(ResultsFile(path).read)
+    if records is REFUSED:
         return
     assert all(isinstance(r, dict) for r in records)
     summarize(records)
-    try:
-        check_resumable(records, run_settings(method="crome", model="m"), path, resume=True)
-    except CromeError as e:
-        one_line(e)
+    parsed(check_resumable, records, run_settings(method="crome", model="m"), path, resume=True)
 
 
 @FUZZ
@@ -220,10 +202,8 @@ def test_checkpoint_factor_files(tmp_path_factory, payload, structured):
         store.path(1).write_bytes(payload)
     else:
         torch.save(structured, store.path(1))
-    try:
-        update = store.read(1)
-    except CromeError as e:
-        one_line(e)
+    update = parsed(store.read, 1)
+    if update is REFUSED:
         return
     assert isinstance(update["layers"], dict)
     assert all(isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) for a, b in update["layers"].values())
@@ -239,11 +219,10 @@ def test_gguf_headers(tmp_path_factory, magic, version, tensors, entries, body, 
     path = tmp_path_factory.mktemp("gguf") / "m.gguf"
     raw = magic + struct.pack("<IQQ", version, tensors, entries) + b"\0" * body
     path.write_bytes(raw[: len(raw) - cut] if cut < 24 else raw)
-    try:
-        v, n, k = check_gguf_header(path)
-    except CromeError as e:
-        one_line(e)
+    header = parsed(check_gguf_header, path)
+    if header is REFUSED:
         return
+    v, n, k = header
     assert v in (2, 3) and 28 * n + 12 * k <= path.stat().st_size
 
 
@@ -260,12 +239,10 @@ def test_delta_files(tmp_path_factory, meta):
     path = tmp_path_factory.mktemp("delta") / "d.crome"
     save_file({"edit-0000.layer-01.a": torch.zeros(2, 1), "edit-0000.layer-01.b": torch.zeros(3, 1)}, str(path),
               metadata={"crome_delta": json.dumps(meta)})
-    try:
-        _, edits = read_delta(path)
-    except CromeError as e:
-        one_line(e)
+    delta = parsed(read_delta, path)
+    if delta is REFUSED:
         return
-    assert all(isinstance(e.factors, dict) for e in edits)
+    assert all(isinstance(e.factors, dict) for e in delta[1])
 
 
 @pytest.mark.parametrize("value", ["../x", "/etc", "..", "a/../../b"])
