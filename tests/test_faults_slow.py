@@ -29,7 +29,7 @@ def bench(script: str, args: list[str], out: Path) -> dict:
 
 
 @pytest.mark.parametrize("args", [["--method", "crome", "--n", "60"], ["--method", "cmemit", "--n", "60"],
-                                  ["--method", "crome", "--workers", "2", "--n", "30"]],
+                                  ["--method", "crome", "--workers", "2", "--n", "60"]],
                          ids=["crome-sequential", "cmemit-sequential", "ray-2-workers"])
 def test_kills_at_random_moments_lose_nothing(args, tmp_path):
     s = bench("chaos.py", [*args, "--kills", "20"], tmp_path)
