@@ -56,14 +56,16 @@ def tiny_config(model_type: str, vocab_size: int):
                                 **extra, **common)
 
 
-def tiny_model(model_type: str, tokenizer, seed: int = 0):
+def tiny_model(model_type: str, tokenizer, seed: int = 0, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     from crome.models import from_modules
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, len(tokenizer)))
-    # larger random weights so tiny models have non-trivial activations
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, len(tokenizer))).to(dtype)
+    # larger random weights so tiny models have non-trivial activations; drawn in ``dtype``
+    # (torch's vectorised normal_ rounds its draws differently on CPUs with other vector units:
+    # float32 draws differ in the last bits between machines, float64 ones ~1e-16)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
@@ -71,9 +73,9 @@ def tiny_model(model_type: str, tokenizer, seed: int = 0):
     return from_modules(model, tokenizer, name=f"tiny-{model_type}")
 
 
-def save_tiny(folder, tokenizer, model_type: str = "llama"):
+def save_tiny(folder, tokenizer, model_type: str = "llama", dtype: torch.dtype = torch.float32):
     """A tiny random model saved as a model folder (what --model takes)."""
-    lm = tiny_model(model_type, tokenizer)
+    lm = tiny_model(model_type, tokenizer, dtype=dtype)
     lm.model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

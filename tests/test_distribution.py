@@ -292,6 +292,27 @@ def test_bfloat16_edit_points_where_float32_does(tokenizer):
         assert cos > 0.99, (model_type, float(cos))
 
 
+def test_a_float64_model_is_edited_and_measured_in_float64(tokenizer):
+    """float64 (for numerical checks, the golden records) is kept, not narrowed to float32: keys,
+    v*, the update and the log-probs; the same edit in float32 stays float32 and points the same way."""
+    from crome.editing.edit import compute_edit
+    from crome.editing.hparams import Hparams
+    from crome.editing.request import EditRequest
+
+    req = EditRequest(prompt="{} is the capital of", subject="Paris", target_new="Germany")
+    hp = Hparams(layer=1, mom2_adjustment=False)
+    lm = tiny_model("gpt2", tokenizer)
+    single = compute_edit(lm, req, "crome", hparams=hp, templates=TEMPLATES)
+    lm.model.to(torch.float64)
+    double = compute_edit(lm, req, "crome", hparams=hp, templates=TEMPLATES)
+    assert single.delta_w.dtype == single.vectors.v_star.dtype == torch.float32
+    assert double.delta_w.dtype == double.vectors.v_star.dtype == double.vectors.u.dtype == torch.float64
+    hidden = lm.model.base_model(input_ids=torch.tensor([[1, 2, 3]])).last_hidden_state
+    assert lm.logits(hidden).dtype == torch.float64       # what score_targets and the perplexity read
+    cos = torch.nn.functional.cosine_similarity(single.delta_w.double().flatten(), double.delta_w.flatten(), dim=0)
+    assert cos > 0.999, float(cos)
+
+
 def test_bfloat16_run_records_its_dtype(files, tmp_path):
     records, setup, lm = run_job(job(files, tmp_path / "bf16.jsonl", dtype="bfloat16", n_cases=1, gen_tokens=0))
     assert lm.model.dtype == torch.bfloat16

@@ -23,6 +23,7 @@ from .editing.edit import METHODS
 from .editing.guard import GUARD_ACTIONS, VERIFY_THRESHOLD, GuardRefused
 from .editing.memit import BATCH_METHODS
 from .errors import CromeError
+from .models import DTYPES
 
 out = Console()
 err = Console(stderr=True)
@@ -143,10 +144,10 @@ def _model_opts(f):
         click.option("--mom2-corpus", default=None,
                      help="Text for the key statistics C (default: text sampled from the model itself)."),
         click.option("--mom2-samples", type=int, default=None, help="Keys in the statistics (default 20000)."),
-        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+        click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto",
                      show_default=True,
                      help="Weights' dtype; auto: float32 on CPU, bfloat16 on a GPU for models over 1B parameters. "
-                          "v* and the update are computed in float32 either way."),
+                          "v* and the update are computed in float32 (float64 for a float64 model)."),
         click.option("--device-map", type=click.Choice(["auto"]), default=None,
                      help="auto: spread a model too large for one GPU over all of them (accelerate)."),
         click.option("--trust-remote-code", is_flag=True,
@@ -794,7 +795,7 @@ def serve(host, port, export_dir, gen_tokens, **o):
 @click.argument("delta", type=click.Path(dir_okay=False))
 @click.option("--save", "save_dir", required=True, help="The folder for the edited model (Hugging Face format).")
 @click.option("--model", default=None, help="The base model the delta file was made on (default: the embedded one).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+@click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto",
               show_default=True)
 def apply_cmd(delta, save_dir, model, dtype):
     """Re-apply a delta file (from crome serve's Export) to its base model and save the result."""

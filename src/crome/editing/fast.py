@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..hooks import add_at, record, run_until
+from ..hooks import add_at, record, run_until, widen
 from ..models import LoadedModel
 from .compute_value import Batch
 from .request import pad_right
@@ -161,7 +161,7 @@ class PerplexityMonitor:
         for ids, mask, below in self.batches:
             skip = self.layers[: self.layer] if below is not None else []
             with _short_circuit(skip, below):
-                logits = self.lm.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+                logits = widen(self.lm.model(input_ids=ids, attention_mask=mask).logits[:, :-1])
             m = mask[:, 1:].bool()
             nll += float(torch.nn.functional.cross_entropy(logits[m], ids[:, 1:][m], reduction="sum").double())
             count += int(m.sum())

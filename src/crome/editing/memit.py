@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..errors import CromeError
+from ..hooks import widen
 from ..models import LoadedModel
 from .compute_key import key_and_output
 from .compute_value import compute_v_stars
@@ -77,7 +78,8 @@ def memit_solve(keys: torch.Tensor, resid: torch.Tensor, c: torch.Tensor,
         lhs += ridge * torch.eye(lhs.shape[0], dtype=lhs.dtype, device=lhs.device)
     b = torch.linalg.solve(lhs, k)
     eig = torch.linalg.eigvalsh(lhs)
-    return resid.double().T.float(), b.float(), float(eig[-1] / eig[0])
+    out = widen(keys).dtype   # float32, or float64 when the keys are
+    return resid.double().T.to(out), b.to(out), float(eig[-1] / eig[0])
 
 
 def factor_update(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -155,7 +157,7 @@ def _insert(lm: LoadedModel, layers, z: torch.Tensor, read, solve):
             keys, h, cos = read(layer)
             resid = (z - h) / (len(layers) - i)
             a, b, condition = solve(layer, keys, resid)
-            w_norm = float(lm.mlp_out(layer).weight.float().norm())
+            w_norm = float(widen(lm.mlp_out(layer).weight).norm())
             update_norm = float(factor_update(a, b).norm())
             layer_stats[layer] = dict(update_norm=update_norm, weight_norm=w_norm, update_ratio=update_norm / w_norm,
                                       condition=condition, residual_norm=float((z - h).norm(dim=1).mean()))

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import CromeError
+from ..hooks import widen
 from .mom2 import KeyStats
 
 
@@ -66,7 +67,8 @@ def alphaedit_solve(keys: torch.Tensor, resid: torch.Tensor, basis: torch.Tensor
     lhs += weight * torch.eye(lhs.shape[0], dtype=torch.float64, device=keys.device)
     b = basis @ torch.linalg.solve(lhs, reduced)
     eig = torch.linalg.eigvalsh(lhs)
-    return resid.double().T.float(), b.float(), float(eig[-1] / eig[0])
+    out = widen(keys).dtype   # float32, or float64 when the keys are
+    return resid.double().T.to(out), b.to(out), float(eig[-1] / eig[0])
 
 
 def outer_sum(vectors: torch.Tensor) -> torch.Tensor:

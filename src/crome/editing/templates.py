@@ -15,6 +15,7 @@ import json
 import torch
 
 from ..cache import cached
+from ..hooks import widen
 from ..models import LoadedModel, cache_dir
 
 BARE = "{}"
@@ -27,7 +28,7 @@ def sample_texts(lm: LoadedModel, start: str, n: int, length: int, generator: to
     tok = lm.tokenizer
     ids = torch.tensor([tok(start)["input_ids"]] * n, device=lm.device)
     while ids.shape[1] < length:  # short texts: recomputing beats managing a KV cache
-        logits = lm.model(input_ids=ids).logits[:, -1, :].float()
+        logits = widen(lm.model(input_ids=ids).logits[:, -1, :])
         top = logits.topk(top_k, dim=-1)
         probs = torch.softmax(top.values, dim=-1).cpu()
         choice = torch.multinomial(probs, 1, generator=generator).to(lm.device)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..editing.request import pad_right, target_ids
+from ..hooks import widen
 from ..models import LoadedModel
 
 # A model is called collapsed when its perplexity grows by more than this factor.
@@ -34,7 +35,7 @@ def target_logprob(lm: LoadedModel, prompt: str, target: str, prefix: str | None
     ctx = lm.tokenizer(text)["input_ids"]
     tgt = target_ids(lm.tokenizer, text, target)
     ids = torch.tensor([ctx + tgt], device=lm.device)
-    logits = lm.model(input_ids=ids).logits[0, len(ctx) - 1: -1].float()
+    logits = widen(lm.model(input_ids=ids).logits[0, len(ctx) - 1: -1])
     lp = torch.log_softmax(logits, -1)
     return float(lp[torch.arange(len(tgt)), torch.tensor(tgt, device=lm.device)].sum())
 
@@ -166,7 +167,7 @@ def perplexity(lm: LoadedModel, texts: list[str], batch_size: int = 10, max_leng
         seqs = [lm.tokenizer(t, truncation=True, max_length=max_length)["input_ids"]
                 for t in texts[start:start + batch_size]]
         ids, mask = pad_right(seqs, lm.tokenizer.pad_token_id, lm.device)
-        logits = lm.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        logits = widen(lm.model(input_ids=ids, attention_mask=mask).logits[:, :-1])
         lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
         m = mask[:, 1:].bool()
         nll -= float(lp[m].double().sum())

@@ -14,6 +14,7 @@ from dataclasses import replace
 from ..editing.edit import WeightsHandle
 from ..editing.null_space import NullSpace
 from ..errors import CromeError
+from ..hooks import widen
 from ..models import LoadedModel
 from .checkpoint import FactorStore, replay, weights_sha
 from .context import RunContext
@@ -146,8 +147,8 @@ class SequentialRun:
         the early signal of a sequence's collapse: ENCORE)."""
         out = {}
         for layer in self.layers:
-            now = float(self.lm.mlp_out(layer).weight.detach().float().norm())
-            out[str(layer)] = dict(norm=now, ratio=now / float(self.original.original[layer].float().norm()))
+            now = float(widen(self.lm.mlp_out(layer).weight.detach()).norm())
+            out[str(layer)] = dict(norm=now, ratio=now / float(widen(self.original.original[layer]).norm()))
         return out
 
     def _retained(self, rec: CaseRecord) -> None:
