@@ -311,6 +311,11 @@ def test_a_float64_model_is_edited_and_measured_in_float64(tokenizer):
     assert lm.logits(hidden).dtype == torch.float64       # what score_targets and the perplexity read
     cos = torch.nn.functional.cosine_similarity(single.delta_w.double().flatten(), double.delta_w.flatten(), dim=0)
     assert cos > 0.999, float(cos)
+    # its own caches (templates, key statistics): a float64 copy of a float32 model has another identity
+    from crome.models import from_modules
+
+    assert from_modules(lm.model, tokenizer).identity != tiny_model("gpt2", tokenizer).identity
+    assert tiny_model("gpt2", tokenizer).identity == tiny_model("gpt2", tokenizer).identity
 
 
 def test_bfloat16_run_records_its_dtype(files, tmp_path):

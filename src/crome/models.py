@@ -81,11 +81,12 @@ class LoadedModel:
 
 @torch.no_grad()
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap hash of the weights: every tensor's name, shape and first 4,096 values."""
+    """A cheap hash of the weights: every tensor's name, shape and first 4,096 values (in float32,
+    or float64 for a float64 model, whose caches must not be those of its float32 original)."""
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         h.update(f"{name}{tuple(p.shape)}".encode())
-        h.update(p.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
+        h.update(widen(p.detach().reshape(-1)[:4096]).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
