@@ -149,10 +149,11 @@ def test_eval_records_are_unchanged(name, tokenizer, files, tmp_path):
                                            ("cmemit", "verify")])
 def test_crome_edit_json_is_unchanged(method, guard, tokenizer, files, tmp_path):
     from crome.cli import main
+    from crome.models import dtype_name
 
     folder = save_tiny(tmp_path / "tiny", tokenizer, ARCH, DTYPE)
     layer = "0" if guard == "fallback" else "1"     # see the module's docstring
-    args = ["edit", "--model", str(folder), "--dtype", "float64", "--layer", layer, "--no-mom2", "--ppl-data", str(files["texts"]),
+    args = ["edit", "--model", str(folder), "--dtype", dtype_name(DTYPE), "--layer", layer, "--no-mom2", "--ppl-data", str(files["texts"]),
             "--guard-probe", str(files["texts"]), "--method", method, "--guard", guard, "--json"]
     if method.endswith("memit"):
         requests = tmp_path / "requests.jsonl"

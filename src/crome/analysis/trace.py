@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..editing.request import EditRequest, locate
-from ..hooks import forward_hook, record
+from ..hooks import forward_hook, record, widen
 from ..models import LoadedModel
 
 KINDS = ("hidden", "mlp", "attn")
@@ -99,9 +99,9 @@ def embedding_std(lm: LoadedModel, ids: torch.Tensor) -> float:
     """Standard deviation of the embeddings as the model sees them: the table's, times the
     scale the embedding module applies (Gemma multiplies by √d), measured on ``ids``."""
     module = lm.model.get_input_embeddings()
-    table = module.weight[ids[0]].float()
-    scale = float(module(ids)[0].float().norm() / table.norm())
-    return float(module.weight.float().std()) * scale
+    table = widen(module.weight[ids[0]])
+    scale = float(widen(module(ids)[0]).norm() / table.norm())
+    return float(widen(module.weight).std()) * scale
 
 
 @torch.no_grad()
@@ -123,7 +123,7 @@ def trace_fact(lm: LoadedModel, prompt: str, subject: str, answer: str, seed: in
                          generator=gen) * noise_scale * embedding_std(lm, ids)).to(lm.device)
 
     def p_answer(input_ids):
-        logits = lm.model(input_ids=input_ids).logits[:, -1].float()
+        logits = widen(lm.model(input_ids=input_ids).logits[:, -1])
         return torch.softmax(logits, -1)[:, answer_id]
 
     clean = {}

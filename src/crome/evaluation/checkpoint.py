@@ -19,14 +19,15 @@ import torch
 
 from ..editing.memit import add_factors
 from ..errors import CromeError
+from ..hooks import widen
 from ..models import LoadedModel
 
 
 def weights_sha(lm: LoadedModel, layers) -> str:
-    """sha256 of the edited layers' W, first 16 hex digits."""
+    """sha256 of the edited layers' W (float32, or float64 for a float64 model), first 16 hex digits."""
     h = hashlib.sha256()
     for layer in sorted(layers):
-        h.update(lm.mlp_out(layer).weight.detach().float().cpu().numpy().tobytes())
+        h.update(widen(lm.mlp_out(layer).weight.detach()).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
