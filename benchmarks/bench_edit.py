@@ -26,14 +26,15 @@ import torch
 
 from crome import EditRequest, apply_edit, compute_edit, load_model
 from crome.editing.compute_value import ReferenceRunner
-from crome.editing.fast import FastRunner, PerplexityMonitor
+from crome.editing.context import RunContext, RunSettings
+from crome.editing.fast import FastRunner
 from crome.editing.hparams import defaults_for
 from crome.editing.templates import context_templates
-from crome.evaluation.context import RunContext, RunSettings
+from crome.evaluation.cases import evaluate_case
 from crome.evaluation.datasets import load_cases
-from crome.evaluation.evaluate import evaluate_case
-from crome.evaluation.measure import perplexity
-from crome.evaluation.texts import load_texts
+from crome.scoring.measure import perplexity
+from crome.scoring.monitor import PerplexityMonitor
+from crome.scoring.texts import load_texts
 
 REQUESTS = [
     ("{} is the capital of", "Paris", "Germany"),

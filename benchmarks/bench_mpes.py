@@ -37,12 +37,12 @@ def main() -> None:
     from crome.editing.compute_key import compute_keys, key_and_output
     from crome.editing.compute_value import compute_v_stars
     from crome.editing.fast import FastRunner
+    from crome.editing.hparams import memit_layers
     from crome.editing.layer_choice import resolve
-    from crome.editing.memit import memit_layers
-    from crome.editing.request import SLOT
     from crome.editing.templates import context_templates
     from crome.evaluation.datasets import load_cases
     from crome.models import load_model
+    from crome.request import SLOT
 
     transformers.utils.logging.set_verbosity_error()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

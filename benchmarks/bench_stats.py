@@ -36,8 +36,8 @@ def main() -> None:
 
     from crome.editing.layer_choice import auto_layer, choose_layer
     from crome.editing.mom2 import key_stats
-    from crome.evaluation.texts import default_corpus_path
     from crome.models import load_model
+    from crome.scoring.texts import default_corpus_path
 
     transformers.utils.logging.set_verbosity_error()
     lm = load_model(args.model, progress=False)  # converted model: normal cache
@@ -57,7 +57,7 @@ def main() -> None:
         auto = auto_layer(lm)
         result["auto_layer"] = dict(layer=auto.layer, rule=auto.rule, seconds=time.perf_counter() - t)
         print("auto layer", auto.layer, f"{result['auto_layer']['seconds']:.1f} s", flush=True)
-    from crome.editing.guard import Verifier
+    from crome.editing.verify import Verifier
 
     t = time.perf_counter()
     verifier = Verifier(lm, layer)

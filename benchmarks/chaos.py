@@ -39,6 +39,8 @@ from pathlib import Path
 
 from benchlib import CROME, add_fault_run_options, newlines, portable, write_summary
 
+from crome.editing.methods import DEFAULT_METHOD, METHODS
+
 
 def command(args, out: Path, resume: bool) -> list[str]:
     """The ``crome eval`` command line of the run (the reference's and the chaos run's)."""
@@ -255,8 +257,7 @@ def table(folder: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--method", default="crome", choices=["rome", "crome", "memit", "cmemit", "alphaedit",
-                                                          "calphaedit"])
+    ap.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS))
     ap.add_argument("--n", type=int, default=60)
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--workers", type=int, default=0, help="A Ray run on N workers instead of a sequential one.")

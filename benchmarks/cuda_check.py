@@ -18,10 +18,11 @@ import torch
 
 from crome import EditRequest, apply_edit, compute_edit, load_model
 from crome.editing.compute_value import ReferenceRunner
-from crome.editing.fast import FastRunner, PerplexityMonitor
+from crome.editing.fast import FastRunner
 from crome.editing.hparams import defaults_for
-from crome.evaluation.measure import perplexity
-from crome.evaluation.texts import load_texts
+from crome.scoring.measure import perplexity
+from crome.scoring.monitor import PerplexityMonitor
+from crome.scoring.texts import load_texts
 
 PAPER = defaults_for("smollm2-135m-instruct", 30).with_(mom2_adjustment=False)  # the setting of the stored results
 

@@ -53,7 +53,7 @@ def pick_known(lm, n: int) -> list[Item]:
     also draws its trial edits from: not held out) gives the rest. The new target is the attribute of the next fact of the same
     relation with another attribute (a counterfactual of the same type)."""
     from crome.editing.layer_choice import load_facts
-    from crome.editing.request import EditRequest
+    from crome.request import EditRequest
 
     facts = json.loads((DATA / "knowns" / "known_1000.json").read_text())
     ours = [dict(known_id=10_000 + i, subject=f.subject, attribute=f.answer, prompt=f.prompt.replace("{}", f.subject),
@@ -79,9 +79,13 @@ def run(args) -> None:
     import torch
     import transformers
 
-    from crome.editing.edit import apply_edit, finish_edit, prepare_edits, resolve_stats
-    from crome.editing.guard import PREFIXED_TEST, EfficacyCheck, Verifier
+    from crome.editing.api import prepare_edits
+    from crome.editing.edit import apply_edit, finish_edit
+    from crome.editing.efficacy import EfficacyCheck
     from crome.editing.hparams import defaults_for
+    from crome.editing.methods import method as method_entry
+    from crome.editing.mom2 import stats_for
+    from crome.editing.verify import Verifier
     from crome.evaluation import datasets
     from crome.models import load_model
 
@@ -102,7 +106,7 @@ def run(args) -> None:
             continue
         hp = defaults_for(lm.name, lm.num_layers).with_(layer=layer)
         t0 = time.perf_counter()
-        stats = resolve_stats(lm, hp)
+        stats = stats_for(lm, hp)
         stats_s = time.perf_counter() - t0
         for start in range(0, len(todo), args.batch):
             chunk = todo[start:start + args.batch]
@@ -128,7 +132,7 @@ def run(args) -> None:
                                 eff = check.after(method, prefixed)
                                 got = {k: v for k, v in eff.record().items() if k != "target_old"}  # no dataset text
                                 rec["prefixed" if prefixed else "bare"] = dict(got, took=eff.took)
-                        rec["took"] = rec["prefixed" if PREFIXED_TEST[method] else "bare"]["took"]
+                        rec["took"] = rec["prefixed" if method_entry(method).prefixed_test else "bare"]["took"]
                     with out.open("a") as f:
                         f.write(json.dumps(rec) + "\n")
         print(f"{lm.name} layer {layer}: {len(todo)} cases, C in {stats_s:.0f} s", flush=True)

@@ -38,17 +38,18 @@ def run(args) -> None:
     import torch
     import transformers
 
-    from crome.editing.edit import apply_edit, finish_edit, prepare_edit
-    from crome.editing.fast import PerplexityMonitor
+    from crome.editing.api import prepare_edit
+    from crome.editing.edit import apply_edit, finish_edit
     from crome.editing.hparams import DEFAULTS, defaults_for
     from crome.editing.layer_choice import auto_layer
     from crome.editing.mom2 import key_stats
     from crome.editing.templates import context_templates
     from crome.evaluation import datasets
-    from crome.evaluation.evaluate import _metrics, _pairs, choose_test_prefix
-    from crome.evaluation.measure import score_targets
-    from crome.evaluation.texts import default_corpus_path, load_texts
+    from crome.evaluation.scores import case_metrics, case_pairs
     from crome.models import load_model
+    from crome.scoring.measure import choose_test_prefix, score_targets
+    from crome.scoring.monitor import PerplexityMonitor
+    from crome.scoring.texts import default_corpus_path, load_texts
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -92,7 +93,7 @@ def run(args) -> None:
             t = time.perf_counter()
             prepared = prepare_edit(lm, case.request, hparams=hp, templates=templates, seed=0)
             v_seconds = time.perf_counter() - t
-            pairs, where = _pairs(case)
+            pairs, where = case_pairs(case)
             prefix = choose_test_prefix("fixed", templates, 0, case.case_id)
             before = score_targets(lm, pairs)
             before_px = score_targets(lm, pairs, prefix=prefix)
@@ -113,8 +114,8 @@ def run(args) -> None:
                            if u_ref is not None else None, cos_u_by_source=cos_by_source, ppl_before=monitor.baseline)
                 if edit.diagnostics.finite:
                     with apply_edit(lm, edit):
-                        rec["metrics"] = _metrics(score_targets(lm, pairs), where, before)
-                        rec["metrics_prefixed"] = _metrics(score_targets(lm, pairs, prefix=prefix), where, before_px)
+                        rec["metrics"] = case_metrics(score_targets(lm, pairs), where, before)
+                        rec["metrics_prefixed"] = case_metrics(score_targets(lm, pairs, prefix=prefix), where, before_px)
                         ppl = monitor()
                     rec.update(ppl_after=ppl, ppl_ratio=ppl / monitor.baseline)
                 with open(out, "a") as f:

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
+from crome.editing.context import RunContext, RunSettings
 from crome.editing.hparams import defaults_for
 from crome.editing.templates import context_templates
 from crome.evaluation import datasets, evaluate, summary
-from crome.evaluation.context import RunContext, RunSettings
 from crome.evaluation.results import ResultsFile, timing_path
-from crome.evaluation.texts import load_texts
 from crome.models import load_model
+from crome.scoring.texts import load_texts
 
 
 def plot_sequential(runs: dict[str, list[dict]], path: Path) -> None:

@@ -21,22 +21,21 @@ import json
 import statistics
 from pathlib import Path
 
-from crome.analysis.analyze import (
-    causal_trace,
-    first_token_experiment,
-    guard_analysis,
-    key_geometry,
-    prefix_effect,
-    update_anatomy,
-)
+from crome.analysis.first_token import first_token_experiment
+from crome.analysis.guard_analysis import guard_analysis
 from crome.analysis.html_report import build_report
-from crome.editing.fast import PerplexityMonitor
+from crome.analysis.key_geometry import key_geometry
+from crome.analysis.prefix_effect import prefix_effect
+from crome.analysis.trace_plot import causal_trace
+from crome.analysis.update_anatomy import update_anatomy
+from crome.editing.api import context_for
+from crome.editing.context import RunContext, RunSettings
 from crome.editing.hparams import defaults_for
 from crome.editing.templates import context_templates
 from crome.evaluation import datasets, evaluate
-from crome.evaluation.context import RunContext, RunSettings
-from crome.evaluation.texts import load_texts
 from crome.models import load_model
+from crome.scoring.monitor import PerplexityMonitor
+from crome.scoring.texts import load_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,9 +94,10 @@ def main():
         return json.loads(path.read_text()) if path.exists() and not args.fresh else compute()
 
     anatomy = update_anatomy([("ROME", runs["rome"]), ("C-ROME", runs["crome"])], ana)
-    keys = cached("key_geometry", lambda: key_geometry(lm, val[: args.n_keys], hp.layer, templates, ana))
-    first = cached("first_token", lambda: first_token_experiment(
-        lm, runs["rome"], {c.case_id: c for c in val}, hp, templates, PerplexityMonitor(lm, texts, hp.layer), ana, k=5))
+    ctx = context_for(lm, "rome", hp, templates=templates, monitor=PerplexityMonitor(lm, texts, hp.layer))
+    keys = cached("key_geometry", lambda: key_geometry(lm, val[: args.n_keys], ctx, ana))
+    first = cached("first_token", lambda: first_token_experiment(lm, runs["rome"], {c.case_id: c for c in val},
+                                                                  ctx, ana, k=5))
     prefix = prefix_effect(runs["crome"], ana)
     trace = cached("trace", lambda: causal_trace(lm, datasets.load_knowns(data / "knowns" / "known_1000.json"), ana,
                                                  n=args.n_trace))

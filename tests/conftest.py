@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from crome.editing.context import RunSettings
 from crome.editing.hparams import Hparams
 from crome.editing.mom2 import KeyStats
-from crome.evaluation.context import RunSettings
 
 DATA = Path(os.environ.get("CROME_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 ME_PPL_50 = DATA / "me-ppl" / "ME-PPL_50.json"
@@ -95,7 +95,7 @@ def default_lm():
 
 @pytest.fixture(scope="session")
 def me_ppl_50():
-    from crome.evaluation.texts import load_texts
+    from crome.scoring.texts import load_texts
 
     if not ME_PPL_50.exists():
         pytest.skip(f"shared data not found at {ME_PPL_50}")
@@ -177,3 +177,10 @@ def stats_for(lm, layers, seed=0):
         out[layer] = KeyStats(mom2=x.T @ x / len(x), source="test", source_hash="", layer=layer, n_keys=len(x),
                               shrinkage=0.0, hash=f"test{layer}")
     return out
+
+
+# ------------------------------------------------------------------ the edit of test_key_stats, test_layer_choice, test_guard
+
+from crome import EditRequest  # noqa: E402  (appended; the imports above are shared)
+
+REQ = EditRequest.create("{} is the capital of", "Paris", "Germany")

@@ -13,24 +13,25 @@ from click.testing import CliRunner
 from conftest import TEMPLATES, tiny_model
 
 from crome import EditRequest, compute_edit
-from crome.analysis.analyze import (
-    causal_trace,
-    first_token_experiment,
-    guard_analysis,
-    key_geometry,
-    prefix_effect,
-    update_anatomy,
-)
 from crome.analysis.calibrate import calibrate, precision_recall
+from crome.analysis.first_token import first_token_experiment
+from crome.analysis.guard_analysis import guard_analysis
 from crome.analysis.html_report import SECTIONS, build_report
-from crome.analysis.trace import GROUPS, trace_fact
+from crome.analysis.key_geometry import key_geometry
+from crome.analysis.prefix_effect import prefix_effect
+from crome.analysis.trace_plot import causal_trace
+from crome.analysis.update_anatomy import update_anatomy
 from crome.cli import main
-from crome.editing.fast import PerplexityMonitor
-from crome.editing.guard import GuardRefused, GuardRule, Verifier, guarded_apply
+from crome.editing.api import context_for, guarded_apply
+from crome.editing.context import RunContext, RunSettings
 from crome.editing.hparams import Hparams
-from crome.evaluation.context import RunContext, RunSettings
+from crome.editing.locate import GROUPS, trace_fact
+from crome.editing.records import GuardRefused
+from crome.editing.rules import GuardRule
+from crome.editing.verify import Verifier
 from crome.evaluation.datasets import Case, KnownFact
 from crome.evaluation.evaluate import run
+from crome.scoring.monitor import PerplexityMonitor
 
 HP = Hparams(mom2_adjustment=False, layer=1, v_steps=3)
 TEXTS = ["The cat sat on the mat.", "Rivers run to the sea and the sea is wide."]
@@ -74,7 +75,7 @@ def test_update_anatomy_files_and_numbers(runs, tmp_path):
 
 
 def test_key_geometry_consistent_with_saved_keys_and_edits(lm, tmp_path):
-    data = key_geometry(lm, CASES, 1, TEMPLATES, tmp_path, seed=0)
+    data = key_geometry(lm, CASES, context_for(lm, "rome", HP, templates=TEMPLATES), tmp_path)
     for f in ("key_geometry.json", "key_geometry.md", "keys_pca.png", "keys_tsne.png", "keys.npz"):
         assert (tmp_path / f).exists(), f
     npz = np.load(tmp_path / "keys.npz")
@@ -98,7 +99,8 @@ def test_first_token_experiment(lm, runs, tmp_path):
     records = [dict(r) for r in runs["rome"]]
     records[0]["collapsed"] = True  # pretend case 1 collapsed
     monitor = PerplexityMonitor(lm, TEXTS, 1)
-    data = first_token_experiment(lm, records, {c.case_id: c for c in CASES}, HP, TEMPLATES, monitor, tmp_path, k=2)
+    ctx = context_for(lm, "rome", HP, templates=TEMPLATES, monitor=monitor)
+    data = first_token_experiment(lm, records, {c.case_id: c for c in CASES}, ctx, tmp_path, k=2)
     assert (tmp_path / "first_token.png").exists() and (tmp_path / "first_token.md").exists()
     assert [c["case_id"] for c in data["cases"]][0] == "1" and len(data["cases"]) == 2
     for c in data["cases"]:
@@ -137,7 +139,7 @@ def test_causal_trace_files(lm, tmp_path, monkeypatch):
              KnownFact("Toko Yasuda plays the", "Toko Yasuda", "guitar")]
     with pytest.raises(ValueError, match="predicts none"):
         causal_trace(lm, facts, tmp_path, n=2)
-    import crome.evaluation.measure as measure
+    import crome.scoring.measure as measure
 
     real = measure.score_targets
 
@@ -199,7 +201,7 @@ def test_guard_refuse_and_fallback(lm):
 
 def test_report_has_every_section_and_image(runs, lm, tmp_path):
     update_anatomy([("rome", runs["rome"]), ("crome", runs["crome"])], tmp_path)
-    key_geometry(lm, CASES, 1, TEMPLATES, tmp_path)
+    key_geometry(lm, CASES, context_for(lm, "rome", HP, templates=TEMPLATES), tmp_path)
     prefix_effect(runs["crome"], tmp_path)
     calib = [_g(i, r, c) for i, (r, c) in enumerate([(0.1, False), (3.0, True)])]
     guard_analysis(calib, [_g(9, 5.0, True, "val.json")], tmp_path)

@@ -75,7 +75,7 @@ def test_edits_per_pass_gives_the_records_of_one_edit_per_pass(tokenizer, tmp_pa
     from conftest import FLAT, FULL, HP, TEXTS, settings, write
 
     from crome import CromeError
-    from crome.evaluation.context import RunContext
+    from crome.editing.context import RunContext
     from crome.evaluation.datasets import load_cases
     from crome.evaluation.evaluate import run
     from crome.evaluation.results import ResultsFile, timing_path
@@ -108,9 +108,10 @@ def test_overlay_scores_equal_edits_written_into_the_weights(tokenizer, model_ty
     import torch
     from conftest import TEXTS
 
-    from crome.editing.edit import Overlay, apply_edit
-    from crome.editing.fast import PerplexityMonitor
-    from crome.evaluation.measure import sample, score_targets
+    from crome.editing.edit import apply_edit
+    from crome.editing.weights import Overlay
+    from crome.scoring.measure import sample, score_targets
+    from crome.scoring.monitor import PerplexityMonitor
 
     lm = tiny_model(model_type, tokenizer)
     hp = Hparams(mom2_adjustment=False, layer=1, v_steps=4)
@@ -150,10 +151,10 @@ def test_a_case_measured_with_hooks_equals_it_measured_in_the_weights(tokenizer,
     with its edit written into W (keep=True, the sequential path)."""
     from conftest import FLAT, FULL, HP, TEXTS, settings, write
 
-    from crome.editing.fast import PerplexityMonitor
-    from crome.evaluation.context import RunContext
+    from crome.editing.context import RunContext
+    from crome.evaluation.cases import evaluate_cases, prepare_together
     from crome.evaluation.datasets import load_cases
-    from crome.evaluation.evaluate import evaluate_cases, prepare_together
+    from crome.scoring.monitor import PerplexityMonitor
 
     lm = tiny_model("gpt2", tokenizer)
     cases = load_cases(write(tmp_path, [*FLAT, FULL])).cases
@@ -175,9 +176,10 @@ def test_overlay_of_edits_at_two_layers_scores_each_as_written_into_w(tokenizer)
     layers (zero factors where an edit is not), and the monitor measures from the lowest one."""
     from conftest import TEXTS
 
-    from crome.editing.edit import Overlay, apply_edit
-    from crome.editing.fast import PerplexityMonitor
-    from crome.evaluation.measure import score_targets
+    from crome.editing.edit import apply_edit
+    from crome.editing.weights import Overlay
+    from crome.scoring.measure import score_targets
+    from crome.scoring.monitor import PerplexityMonitor
 
     lm = tiny_model("llama", tokenizer)
     edits = [compute_edits(lm, [r], "crome", hparams=Hparams(mom2_adjustment=False, layer=layer, v_steps=4),

@@ -67,3 +67,35 @@ def test_edit_without_perplexity_does_not_read_the_perplexity_texts(files):
                                   "--guard", "off", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout[r.stdout.index("{"):])["ppl_after"] is None
+
+
+# ------------------------------------------------------------------ output paths (from test_safety.py)
+
+from crome.errors import CromeError  # noqa: E402  (appended; the imports above are shared)
+
+
+def test_cli_out_in_a_missing_folder_is_created_before_work(tmp_path, monkeypatch):
+    from crome import cli
+
+    loaded = []
+    monkeypatch.setattr(cli, "_load", lambda model, options: loaded.append(model) or (_ for _ in ()).throw(CromeError("stop")))
+    out = tmp_path / "missing" / "dir" / "x.json"
+    res = CliRunner().invoke(cli.main, ["edit", "--prompt", "{} is in", "--subject", "Paris", "--target", "France",
+                                        "--out", str(out)])
+    assert out.parent.is_dir() and loaded  # the folder exists before the model is even loaded
+    (tmp_path / "afolder").mkdir()
+    res = CliRunner().invoke(cli.main, ["edit", "--prompt", "{} is in", "--subject", "Paris", "--target", "France",
+                                        "--out", str(tmp_path / "afolder")])
+    assert res.exit_code == 2 and "output path is a folder" in res.output and len(loaded) == 1
+
+
+def test_report_names_the_folder_relative_to_where_it_ran(tmp_path, monkeypatch):
+    from crome.analysis.html_report import build_report
+
+    run_dir = tmp_path / "work" / "analysis"
+    run_dir.mkdir(parents=True)
+    (run_dir / "trace.json").write_text(json.dumps({"n_facts": 1}))
+    (run_dir / "trace.md").write_text("| a |\n|---|\n| 1 |\n")
+    monkeypatch.chdir(tmp_path / "work")
+    page = build_report(run_dir, tmp_path / "r.html").read_text()  # an absolute path given
+    assert str(tmp_path) not in page and "analysis" in page

@@ -276,9 +276,9 @@ def test_sweep_spec_errors_are_one_line(tmp_path):
 # ---------------------------------------------------------------- dtype, placement, loading
 
 def test_bfloat16_edit_points_where_float32_does(tokenizer):
-    from crome.editing.edit import compute_edit
+    from crome.editing.api import compute_edit
     from crome.editing.hparams import Hparams
-    from crome.editing.request import EditRequest
+    from crome.request import EditRequest
 
     req = EditRequest(prompt="{} is the capital of", subject="Paris", target_new="Germany")
     hp = Hparams(layer=1, mom2_adjustment=False)
@@ -295,9 +295,9 @@ def test_bfloat16_edit_points_where_float32_does(tokenizer):
 def test_a_float64_model_is_edited_and_measured_in_float64(tokenizer):
     """float64 (for numerical checks, the golden records) is kept, not narrowed to float32: keys,
     v*, the update and the log-probs; the same edit in float32 stays float32 and points the same way."""
-    from crome.editing.edit import compute_edit
+    from crome.editing.api import compute_edit
     from crome.editing.hparams import Hparams
-    from crome.editing.request import EditRequest
+    from crome.request import EditRequest
 
     req = EditRequest(prompt="{} is the capital of", subject="Paris", target_new="Germany")
     hp = Hparams(layer=1, mom2_adjustment=False)
@@ -380,10 +380,11 @@ def test_pickle_weights_need_allow_pickle(files, tmp_path, tokenizer):
 
 
 def test_device_map_auto_loads_and_edits(files):
-    from crome.editing.edit import apply_edit, compute_edit
+    from crome.editing.api import compute_edit
+    from crome.editing.edit import apply_edit
     from crome.editing.hparams import Hparams
-    from crome.editing.request import EditRequest
     from crome.models import load_model
+    from crome.request import EditRequest
 
     lm = load_model(str(files / "tiny"), device_map="auto")
     w = lm.weight(1).detach().clone()

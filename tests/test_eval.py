@@ -12,11 +12,12 @@ from conftest import DATA, FLAT, FULL, HP, ME_PPL_50, TEMPLATES, TEXTS, ZSRE, se
 
 from crome import CromeError
 from crome.cli import main
-from crome.evaluation.context import RunContext
+from crome.editing.context import RunContext
 from crome.evaluation.datasets import load_cases, select
-from crome.evaluation.evaluate import choose_test_prefix, run
+from crome.evaluation.evaluate import run
 from crome.evaluation.results import ResultsFile, timing_path
 from crome.evaluation.summary import side_by_side, summarize, to_csv, to_markdown
+from crome.scoring.measure import choose_test_prefix
 
 
 def test_the_three_formats_load(tmp_path):

@@ -9,9 +9,10 @@ from conftest import TEMPLATES, assert_same, tiny_model
 from crome import EditRequest, compute_edit
 from crome.editing.compute_value import ReferenceRunner
 from crome.editing.edit import apply_edit
-from crome.editing.fast import FastRunner, PerplexityMonitor
+from crome.editing.fast import FastRunner
 from crome.editing.hparams import Hparams
-from crome.evaluation.measure import perplexity
+from crome.scoring.measure import perplexity
+from crome.scoring.monitor import PerplexityMonitor
 
 REQUESTS = [
     EditRequest.create("{} is the capital of", "Paris", "Germany"),                      # first-token subject

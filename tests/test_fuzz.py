@@ -97,7 +97,7 @@ request = {"prompt": "{} is the capital of", "subject": "Paris", "target_new": "
 @FUZZ
 @given(rows=st.lists(mutated(request) | json_values, max_size=4), lines=st.booleans(), junk=st.text(max_size=30))
 def test_request_files(rows, lines, junk):
-    from crome.editing.request import parse_requests
+    from crome.request import parse_requests
 
     text = "\n".join(json.dumps(r) for r in rows) if lines else json.dumps(rows)
     for candidate in (text, text + junk, junk):
@@ -108,7 +108,7 @@ def test_request_files(rows, lines, junk):
 @FUZZ
 @given(prompt=odd_strings, subject=odd_strings, target=odd_strings)
 def test_prompt_subject_target(tokenizer, prompt, subject, target):
-    from crome.editing.request import EditRequest, locate
+    from crome.request import EditRequest, locate
 
     r = parsed(EditRequest.create, prompt, subject, target)
     located = REFUSED if r is REFUSED else parsed(locate, tokenizer, r)
@@ -156,8 +156,8 @@ rule = {"feature": "denominator", "threshold": 0.5, "above": False, "model": "m"
 @FUZZ
 @given(data=mutated(rule) | json_values)
 def test_guard_rule_files(tmp_path_factory, data):
-    from crome.editing.edit import Diagnostics
-    from crome.editing.guard import GuardRule
+    from crome.editing.records import Diagnostics
+    from crome.editing.rules import GuardRule
 
     path = tmp_path_factory.mktemp("rule") / "rule.json"
     path.write_text(json.dumps(data))

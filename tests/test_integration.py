@@ -10,11 +10,11 @@ from click.testing import CliRunner
 
 from crome import EditRequest, apply_edit, compute_edit, save_model, target_probability
 from crome.cli import main
-from crome.editing.fast import PerplexityMonitor
+from crome.editing.api import context_for
 from crome.editing.hparams import defaults_for
-from crome.evaluation.context import RunContext
-from crome.evaluation.measure import template_prefix
 from crome.evaluation.report import measure_edit
+from crome.scoring.measure import template_prefix
+from crome.scoring.monitor import PerplexityMonitor
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +29,7 @@ def monitor(default_lm, me_ppl_50):
 
 @pytest.fixture(scope="module")
 def paris(default_lm, monitor):
-    return {m: measure_edit(default_lm, PARIS, RunContext.of(default_lm, m, PAPER, monitor=monitor))[0]
+    return {m: measure_edit(default_lm, PARIS, context_for(default_lm, m, PAPER, monitor=monitor))[0]
             for m in ("rome", "crome")}
 
 
@@ -56,7 +56,7 @@ def test_no_mom2_gives_the_reference_denominators(paris):
 def test_crome_with_default_key_statistics_does_not_collapse_rome_still_does(default_lm, monitor):
     """crome's default (C from text sampled from the model) keeps C-ROME healthy, and ROME's
     first-token edit still collapses: the demo's point holds in the default setting."""
-    reports = {m: measure_edit(default_lm, PARIS, RunContext.of(default_lm, m, monitor=monitor))[0]
+    reports = {m: measure_edit(default_lm, PARIS, context_for(default_lm, m, monitor=monitor))[0]
                for m in ("rome", "crome")}
     assert reports["crome"].key_stats["source"].startswith("model")
     assert reports["crome"].ppl_ratio < 1.1 and reports["rome"].collapsed
@@ -72,7 +72,7 @@ def test_test_time_prefix_makes_crome_edit_effective(paris):
 def test_normal_edit_works_for_both_methods(default_lm, monitor, prompt):
     req = EditRequest.create(prompt, "Danielle Darrieux", "English")
     for method in ("rome", "crome"):
-        r, _ = measure_edit(default_lm, req, RunContext.of(default_lm, method, PAPER, monitor=monitor))
+        r, _ = measure_edit(default_lm, req, context_for(default_lm, method, PAPER, monitor=monitor))
         assert not r.collapsed and r.ppl_ratio < 1.5, method
         assert r.p_target_after > 0.5 and r.p_target_after > 2 * r.p_target_before, method
 
@@ -114,7 +114,10 @@ def test_guard_on_the_collapsing_rome_edit(default_lm):
     """Paper setting (C = I): the shipped rule refuses the Paris ROME edit before applying it;
     verify applies it, measures the collapse on the probe and rolls back bit for bit;
     fallback ends with the C-ROME edit applied and verified; a healthy ROME edit passes."""
-    from crome.editing.guard import DEFAULT_RULE, GuardRefused, Verifier, guarded_apply
+    from crome.editing.api import guarded_apply
+    from crome.editing.records import GuardRefused
+    from crome.editing.rules import DEFAULT_RULE
+    from crome.editing.verify import Verifier
 
     before = {k: v.clone() for k, v in default_lm.model.state_dict().items()}
 
@@ -157,7 +160,9 @@ def test_verify_rolls_back_an_edit_that_does_not_take_and_keeps_one_that_does(de
     key is an attention-sink outlier (≈27× the prefixed keys' norm; docs/MODELS.md) and the C-ROME edit
     of a one-token first subject does not take: verify rolls it back bit for bit and says so, though
     its probe perplexity is fine. At the table's layer 6 a normal C-ROME edit takes and is kept."""
-    from crome.editing.guard import GuardRefused, Verifier, guarded_apply
+    from crome.editing.api import guarded_apply
+    from crome.editing.records import GuardRefused
+    from crome.editing.verify import Verifier
 
     before = {k: v.clone() for k, v in default_lm.model.state_dict().items()}
     sink = EditRequest.create("{} belongs to the continent of", "Paris", "Antarctica", "Europe")

@@ -14,18 +14,20 @@ from test_sequential import MORE, Killed, final_weights, killing_after
 
 from crome import CromeError, EditRequest
 from crome.cli import main
+from crome.editing.api import apply_memit
 from crome.editing.compute_value import Batch, ReferenceRunner, build_batch, compute_v_stars
+from crome.editing.context import RunContext
 from crome.editing.fast import FastRunner
 from crome.editing.hparams import Hparams
-from crome.editing.memit import apply_memit, factor_update, memit_solve
+from crome.editing.memit import memit_solve
 from crome.editing.mom2 import KeyStats
 from crome.editing.null_space import NullSpace, alphaedit_solve, outer_sum, projection
+from crome.editing.weights import factor_update
 from crome.evaluation.checkpoint import FactorStore
-from crome.evaluation.context import RunContext
 from crome.evaluation.datasets import load_cases
 from crome.evaluation.evaluate import run
-from crome.evaluation.measure import answer_matches, generation_matches
 from crome.evaluation.results import ResultsFile
+from crome.scoring.measure import answer_matches, generation_matches
 
 REQUESTS = [EditRequest.create("{} is the capital of", "Paris", "Germany"),
             EditRequest.create("The mother tongue of {} is", "Danielle Darrieux", "English")]
@@ -234,7 +236,7 @@ def test_answer_matches_reads_the_targets_word():
 def test_generation_matches_are_greedy_generation_not_teacher_forcing(tokenizer):
     """Batched (left-padded) matches equal HF greedy generation one prompt at a time, with the
     target set to each prompt's own first generated token (a match) and to an unlikely word."""
-    from crome.editing.request import target_ids
+    from crome.request import target_ids
 
     lm = tiny_model("llama", tokenizer)
     prompts = ["Paris is the capital of", "The mother tongue of Danielle Darrieux is", "A"]

@@ -10,10 +10,10 @@ import torch
 
 from crome import EditRequest
 from crome.editing.mom2 import second_moment
-from crome.editing.request import locate, target_ids
 from crome.editing.templates import context_templates
-from crome.evaluation.measure import Prefixed, collapsed, perplexity, target_logprob, template_prefix
-from crome.evaluation.texts import load_texts
+from crome.request import locate, target_ids
+from crome.scoring.measure import Prefixed, collapsed, perplexity, target_logprob, template_prefix
+from crome.scoring.texts import load_texts
 
 
 def test_subject_last_token_from_offsets(tokenizer):

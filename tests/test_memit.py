@@ -7,13 +7,14 @@ import torch
 from conftest import TEMPLATES, save_tiny, stats_for, tiny_model
 
 from crome import CromeError, EditRequest
+from crome.editing.api import apply_memit
 from crome.editing.compute_key import key_and_output
 from crome.editing.compute_value import ReferenceRunner, compute_v_stars
 from crome.editing.fast import FastRunner
 from crome.editing.hparams import Hparams
-from crome.editing.memit import add_factors, apply_memit, factor_update
-from crome.editing.request import SLOT
 from crome.editing.update import rank_one_update
+from crome.editing.weights import add_factors, factor_update
+from crome.request import SLOT
 
 REQUESTS = [
     EditRequest.create("{} is the capital of", "Paris", "Germany"),                      # first-token subject
@@ -216,10 +217,10 @@ def test_an_eval_records_the_perplexity_of_the_model_memit_edited(tokenizer, tmp
     perplexity is the plain perplexity of the edited model; every case of the batch shares it."""
     from conftest import FLAT, TEXTS, settings, write
 
-    from crome.evaluation.context import RunContext
+    from crome.editing.context import RunContext
     from crome.evaluation.datasets import load_cases
     from crome.evaluation.evaluate import run
-    from crome.evaluation.measure import perplexity
+    from crome.scoring.measure import perplexity
 
     lm = tiny_model("llama", tokenizer)
     hp = Hparams(layer=1, v_steps=3, memit_layers=(0, 1), mom2_update_weight=3.0)

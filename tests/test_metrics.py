@@ -7,11 +7,11 @@ import math
 import pytest
 from conftest import tiny_model
 
-from crome.editing.request import EditRequest
 from crome.evaluation.datasets import Case
-from crome.evaluation.evaluate import _metrics, _pairs
-from crome.evaluation.measure import TargetScore, score_targets, target_logprob
-from crome.evaluation.metrics import (
+from crome.evaluation.scores import case_metrics, case_pairs
+from crome.request import EditRequest
+from crome.scoring.measure import TargetScore, score_targets, target_logprob
+from crome.scoring.metrics import (
     accuracy,
     agreement,
     fluency,
@@ -73,7 +73,7 @@ def _score(p_tokens, predicted=None, target=None):
 def test_case_metrics_from_known_scores():
     case = Case("7", EditRequest.create("{} plays", "Ann", "chess", "golf"),
                 paraphrase_prompts=["p1", "p2"], neighborhood_prompts=["n1"], neighborhood_target="golf")
-    pairs, where = _pairs(case)
+    pairs, where = case_pairs(case)
     assert [t for _, t in pairs] == ["chess", "golf"] * 3 + ["chess", "golf"]
     after = [
         _score([0.8], predicted=[0]), _score([0.1]),             # rewrite: new wins, argmax right
@@ -83,7 +83,7 @@ def test_case_metrics_from_known_scores():
     ]
     before = list(after)
     before[7] = _score([0.1, 0.1], predicted=[5, 7])             # the unedited model predicted 5, 7
-    m = _metrics(after, where, before)
+    m = case_metrics(after, where, before)
     assert m["es"] == 1 and m["em"] == pytest.approx(0.7)
     assert m["ps"] == 0.5 and m["pm"] == pytest.approx(((0.3 - 0.5) + (0.6 - 0.2)) / 2)
     assert m["ns"] == 0 and m["nm"] == pytest.approx(0.1 - 0.4)

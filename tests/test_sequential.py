@@ -7,10 +7,11 @@ import torch
 from conftest import FLAT, HP, TEMPLATES, TEXTS, settings, stats_for, tiny_model, write
 
 from crome import CromeError
-from crome.editing.guard import Verifier
+from crome.editing.context import RunContext
 from crome.editing.hparams import Hparams
-from crome.evaluation.checkpoint import FactorStore, weights_sha
-from crome.evaluation.context import RunContext
+from crome.editing.verify import Verifier
+from crome.editing.weights import weights_sha
+from crome.evaluation.checkpoint import FactorStore
 from crome.evaluation.datasets import load_cases
 from crome.evaluation.evaluate import run
 from crome.evaluation.results import ResultsFile

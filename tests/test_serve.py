@@ -38,7 +38,7 @@ def same(a, b) -> bool:
 
 def replayed(tokenizer, applied) -> list[torch.Tensor]:
     """The weights of a fresh tiny model with the applied edits' factors added in order."""
-    from crome.editing.memit import add_factors
+    from crome.editing.weights import add_factors
 
     fresh = tiny_model("llama", tokenizer)
     for e in applied:
@@ -134,7 +134,7 @@ def test_ask_streams_the_unedited_and_the_edited_answers(session):
     base, edited = steps[-1]
     assert all(len(b) >= len(a) for a, b in zip(steps, steps[1:]) for a, b in zip(a, b))
     with session.unedited():
-        from crome.evaluation.measure import generate
+        from crome.scoring.measure import generate
 
         assert base == generate(session.lm, "Paris is the capital of", len(steps))
     assert edited == generate(session.lm, "Paris is the capital of", len(steps))

@@ -19,9 +19,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .editing.edit import METHODS
-from .editing.guard import GUARD_ACTIONS, VERIFY_THRESHOLD, GuardRefused
-from .editing.memit import BATCH_METHODS
+from .editing.methods import (
+    BATCH_METHODS,
+    DEFAULT_METHOD,
+    GUARD_ACTIONS,
+    METHODS,
+    REFERENCE_METHOD,
+    SINGLE_METHODS,
+    method,
+)
+from .editing.records import GuardRefused
+from .editing.verify import VERIFY_THRESHOLD
 from .errors import CromeError
 from .models import DTYPES
 
@@ -157,9 +165,6 @@ def _model_opts(f):
     ])
 
 
-ALL_METHODS = (*METHODS, *BATCH_METHODS)
-
-
 def _common(f):
     f = click.option("--ppl-data", default=None,
                      help="Texts for perplexity (ME-PPL JSON or one passage a line); default: the bundled corpus, "
@@ -248,7 +253,7 @@ def _context(job, checks: bool = True, ppl: bool = True):
     """Load the job's model and prepare its run: (lm, ``RunContext``); with ``checks``, its guard
     and perplexity monitor too (``ppl=False``: no perplexity)."""
     from .evaluation.jobs import prepare, with_checks
-    from .evaluation.texts import load_texts, perplexity_source
+    from .scoring.texts import load_texts, perplexity_source
 
     texts = load_texts(perplexity_source(job.ppl_data)) if ppl else None   # read before the model loads
     lm = _load(job.model, job.load_options)
@@ -268,7 +273,7 @@ def _writable_folder(path: str | None, flag: str) -> None:
 @click.option("--target-true", default=None, help="The old target (recorded).")
 @click.option("--requests", "requests_file", default=None, type=click.Path(dir_okay=False),
               help="MEMIT: a JSON list (or JSON lines) of {prompt, subject, target_new}, edited as one update.")
-@click.option("--method", type=click.Choice(ALL_METHODS), default="crome", show_default=True)
+@click.option("--method", type=click.Choice(tuple(METHODS)), default=DEFAULT_METHOD, show_default=True)
 @click.option("--memit-layers", default=None, help="MEMIT's layers, e.g. 4-8 (default: five centred on --layer).")
 @_common
 @click.option("--no-ppl", is_flag=True, help="Skip the perplexity report (the guard's probe still runs).")
@@ -280,7 +285,7 @@ def _writable_folder(path: str | None, flag: str) -> None:
 def edit(**o):
     """Edit one fact (or, with MEMIT, a file of them), check it (the guard), and report what it did to the model."""
     from .evaluation.report import edit_and_report
-    from .evaluation.texts import perplexity_source
+    from .scoring.texts import perplexity_source
 
     requests = _edit_requests(o)
     job = _job(o)
@@ -289,7 +294,7 @@ def edit(**o):
     lm, ctx = _context(job, ppl=not o["no_ppl"])
     ppl_name = None if o["no_ppl"] else str(perplexity_source(job.ppl_data))
     doing = (f"{job.method}: {len(requests)} facts over layers {', '.join(map(str, ctx.layers(lm.num_layers)))}"
-             if len(requests) > 1 or job.method in BATCH_METHODS else
+             if len(requests) > 1 or method(job.method).batch else
              f"{job.method}: computing the edit at layer {ctx.hparams.layer} and measuring it")
     with err.status(doing):
         try:
@@ -306,20 +311,11 @@ def edit(**o):
 
 def _edit_requests(o: dict) -> list:
     """The facts ``crome edit`` was given: --prompt/--subject/--target, or a --requests file (MEMIT)."""
-    from .editing.request import EditRequest, load_requests
+    from .request import requests_from_input
 
-    prompt, subject, target_new, requests_file = o["prompt"], o["subject"], o["target_new"], o["requests_file"]
-    if requests_file and o["method"] not in BATCH_METHODS:
-        raise CromeError("--requests edits several facts as one update: use --method "
-                         + ", ".join(BATCH_METHODS))
-    given = [x for x in (prompt, subject, target_new) if x is not None]
-    if requests_file and given:
-        raise CromeError("give either --requests or --prompt/--subject/--target, not both")
-    if not requests_file and len(given) < 3:
-        raise CromeError("an edit needs --prompt, --subject and --target (or --requests with MEMIT)")
-    if requests_file:
-        return load_requests(requests_file)
-    return [EditRequest.create(prompt, subject, target_new, o["target_true"])]
+    listed = Path(o["requests_file"]) if o["requests_file"] else None
+    return requests_from_input(o["prompt"], o["subject"], o["target_new"], o["target_true"], listed=listed,
+                               batch=method(o["method"]).batch, batch_methods=BATCH_METHODS)
 
 
 def _edit_output(lm, requests, report, o: dict) -> None:
@@ -396,12 +392,6 @@ def _settings_line(r: dict) -> str:
     return f"layer {r['layer']} ({choice.get('rule', '?')}); {c}; guard {guard}"
 
 
-DEMO_CASES = [
-    ("first-token subject", "{} is the capital of", "Paris", "Germany"),
-    ("subject later in the prompt", "The mother tongue of {} is", "Danielle Darrieux", "English"),
-]
-
-
 @main.command()
 @_common
 @click.option("--tokens", default=20, show_default=True, help="Tokens generated after each edit.")
@@ -411,12 +401,8 @@ def demo(**o):
 
     crome's default settings (key statistics on); --no-mom2 gives the "Fall of ROME" paper's
     setting (C = I). ROME's first-token edit collapses the model in both."""
-    from dataclasses import replace
-
-    from .editing.request import EditRequest
-    from .evaluation.measure import generate
-    from .evaluation.report import edit_and_report
-    from .evaluation.texts import perplexity_source
+    from .evaluation.demo import run_demo
+    from .scoring.texts import perplexity_source
 
     tokens, as_json = o.pop("tokens"), o.pop("as_json")
     lm, ctx = _context(_job(o, guard="off"), checks=False)
@@ -426,40 +412,35 @@ def demo(**o):
                    "no key statistics (C = I): the \"Fall of ROME\" paper's setting")
         out.print(f"[bold]Setting:[/] {lm.name}, layer {ctx.hparams.layer} ({ctx.layer_choice.rule}); {setting}; "
                   f"guard off (the demo shows what an unguarded edit does)", highlight=False)
-    with err.status("perplexity of the unedited model"):
-        ctx = ctx.with_monitor(lm)
     results = []
-    for label, prompt, subject, target in DEMO_CASES:
-        request = EditRequest.create(prompt, subject, target)
-        reports = []
-        unedited = generate(lm, request.text(), tokens)
-        for method in METHODS:
-            with err.status(f"{label}: {method} edit of {request.text()!r} → {target}"):
-                report, _ = edit_and_report(lm, [request], replace(ctx, settings=replace(ctx.settings, method=method)),
-                                            ppl_data=ppl_name, generate_tokens=tokens)
-            reports.append(report.to_dict())
-        results.append({"case": label, "unedited_generation": unedited, "reports": reports})
+    for result in run_demo(lm, ctx, tokens, ppl_name, status=err.status):
+        results.append(result)
         if not as_json:
-            out.print(report_table(reports, list(METHODS), title=f"{label}: {request.text()} → {target}"))
-            out.print(f"  [dim]unedited:[/] {request.text()}[bold]{unedited!r}[/]", highlight=False)
-            for r in reports:
-                out.print(f"  [dim]{r['method']:>8}:[/] {request.text()}[bold]{r['generation_after']!r}[/]",
-                          highlight=False)
-            out.print()
+            _print_demo(result)
     if as_json:
-        click.echo(json.dumps(results, indent=2))
+        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
     else:
         out.print(f"[dim]model {lm.name}, perplexity on {ppl_name}, seed {o['seed']}; "
                   f"collapsed = perplexity ratio > 2; "
                   f"{'C = I (paper setting)' if stats is None else 'C from ' + stats.source}[/]")
 
 
+def _print_demo(result) -> None:
+    """One case of ``crome demo``: the methods' reports side by side, then the generations."""
+    reports, text, target = [r.to_dict() for r in result.reports], result.request.text(), result.case.target
+    out.print(report_table(reports, [r["method"] for r in reports], title=f"{result.case.label}: {text} → {target}"))
+    out.print(f"  [dim]unedited:[/] {text}[bold]{result.unedited_generation!r}[/]", highlight=False)
+    for r in reports:
+        out.print(f"  [dim]{r['method']:>8}:[/] {text}[bold]{r['generation_after']!r}[/]", highlight=False)
+    out.print()
+
+
 @main.command("eval")
 @click.option("--data", required=True, help="CounterFact (flat or full schema) or zsRE JSON; a relative name is also "
                                             "looked up under $CROME_DATA.")
-@click.option("--method", type=click.Choice(ALL_METHODS), default="crome", show_default=True,
-              help="rome/crome: one fact per update; memit/cmemit/alphaedit/calphaedit: --batch-size facts per "
-                   "update over several layers.")
+@click.option("--method", type=click.Choice(tuple(METHODS)), default=DEFAULT_METHOD, show_default=True,
+              help=f"{'/'.join(SINGLE_METHODS)}: one fact per update; {'/'.join(BATCH_METHODS)}: --batch-size facts "
+                   f"per update over several layers.")
 @_common
 @click.option("--n", "n_cases", type=int, default=None, help="The first N cases.")
 @click.option("--cases", "case_ids", default=None, help="Comma-separated case ids instead of --n.")
@@ -498,8 +479,9 @@ def demo(**o):
 @_lifelong_opts
 def eval_(**o):
     """Edit, measure and restore each case of a dataset; one JSON line per case, then a summary."""
+    from .distribution.run import run_eval
     from .evaluation import summary
-    from .evaluation.jobs import cases_of, run_job
+    from .evaluation.jobs import cases_of
     from .evaluation.results import ResultsFile
 
     out_path, md_path, workers = o["out_path"], o.pop("md_path"), o.pop("workers")
@@ -513,17 +495,10 @@ def eval_(**o):
     cases, skipped, dataset_path = cases_of(job)
     if skipped:
         err.print(f"skipped {len(skipped)} invalid records of {dataset_path} (first: {skipped[0]})")
-    if workers is None and (ray_address or threads):
-        raise CromeError("--ray-address and --threads go with --workers N")
     before, start = len(ResultsFile(out_path).read()), time.perf_counter()
-    if workers is None:
-        _quiet_transformers()
-        records, ctx, _ = run_job(job, progress=_progress, status=err.status, say=_say, cases=cases)
-    else:
-        from .distribution.workers import run_workers
-
-        records, ctx = run_workers(job.absolute(), workers, address=ray_address, threads=threads,
-                                   progress=_progress, say=_say, cases=cases)
+    _quiet_transformers()      # without --workers, the model loads in this process
+    records, ctx = run_eval(job, workers, address=ray_address, threads=threads, progress=_progress, status=err.status,
+                            say=_say, cases=cases)
     s = ctx.settings
     header, rows = summary.side_by_side([(summary.label(records, out_path), records)])
     _print_table(header, rows, title=f"{s.method} on {s.data}, {s.model}, layer {s.layer} ({ctx.layer_choice.rule}), "
@@ -613,7 +588,7 @@ def _done(out_dir, name):
 @click.option("--out-dir", required=True)
 def analyze_update(results, out_dir):
     """Numerator vs denominator per edit, denominator histograms, medians for collapse vs normal."""
-    from .analysis.analyze import update_anatomy
+    from .analysis.update_anatomy import update_anatomy
 
     update_anatomy(_runs(results), Path(out_dir))
     _done(out_dir, "update_anatomy")
@@ -626,14 +601,13 @@ def analyze_update(results, out_dir):
 @_model_opts
 def analyze_keys(data, n_cases, out_dir, **o):
     """k^u, k̄, C⁻¹k̄ and prefixed keys per case: PCA and t-SNE, cosine and norm summaries."""
-    from .analysis.analyze import key_geometry
+    from .analysis.key_geometry import key_geometry
     from .evaluation import datasets
 
     cases = datasets.load_cases(data, skip_invalid=True).cases[:n_cases]
     lm, ctx = _context(_job(o), checks=False, ppl=False)
-    mom2 = ctx.stats.mom2 if ctx.stats is not None else None
     with err.status(f"keys of {len(cases)} cases"):
-        key_geometry(lm, cases, ctx.hparams.layer, ctx.templates, Path(out_dir), mom2=mom2, seed=ctx.settings.seed)
+        key_geometry(lm, cases, ctx, Path(out_dir))
     _done(out_dir, "key_geometry")
 
 
@@ -646,18 +620,17 @@ def analyze_keys(data, n_cases, out_dir, **o):
 @_common
 def analyze_first_token(results, data, k, out_dir, **o):
     """Edit ROME collapse cases again with random text before the subject."""
-    from .analysis.analyze import first_token_experiment
+    from .analysis.first_token import first_token_experiment
     from .evaluation import datasets
 
     (_, records), = _runs([results])
     cases = {c.case_id: c for c in datasets.load_cases(data, skip_invalid=True).cases}
     if o["layer"] is None:
         o["layer"] = str(records[0].get("layer"))
-    lm, ctx = _context(_job(o, method="rome"), checks=False)
+    lm, ctx = _context(_job(o, method=REFERENCE_METHOD), checks=False)
     ctx = ctx.with_monitor(lm)
     with err.status("ROME edits with the subject first and not first"):
-        first_token_experiment(lm, records, cases, ctx.hparams, ctx.templates, ctx.monitor, Path(out_dir), k=k,
-                               seed=ctx.settings.seed, stats=ctx.stats)
+        first_token_experiment(lm, records, cases, ctx, Path(out_dir), k=k)
     _done(out_dir, "first_token")
 
 
@@ -666,7 +639,7 @@ def analyze_first_token(results, data, k, out_dir, **o):
 @click.option("--out-dir", required=True)
 def analyze_prefix(results, out_dir):
     """Efficacy with and without the test-time prefix, by first-token vs other subjects."""
-    from .analysis.analyze import prefix_effect
+    from .analysis.prefix_effect import prefix_effect
 
     (_, records), = _runs([results])
     prefix_effect(records, Path(out_dir))
@@ -681,7 +654,7 @@ def analyze_prefix(results, out_dir):
 @click.option("--out-dir", required=True)
 def analyze_guard(calib, test, out_dir):
     """Calibrate the collapse guard and report its precision and recall on held-out cases."""
-    from .analysis.analyze import guard_analysis
+    from .analysis.guard_analysis import guard_analysis
 
     (_, c), (_, t) = _runs([calib, test])
     guard_analysis(c, t, Path(out_dir))
@@ -699,7 +672,7 @@ def trace(data, n_facts, window, out_dir, **o):
 
     --seed seeds the corrupting noise. The layer and key-statistics flags are those of the
     other commands: the layer they choose is marked in the plot (tracing needs no C)."""
-    from .analysis.analyze import causal_trace
+    from .analysis.trace_plot import causal_trace
     from .editing.layer_choice import choose_layer
     from .evaluation.datasets import load_knowns
 
@@ -774,7 +747,7 @@ def serve(host, port, export_dir, gen_tokens, **o):
         import gradio  # noqa: F401
     except ImportError:
         raise CromeError("crome serve needs the ui extra: pip install 'crome[ui]'") from None
-    from .evaluation.texts import load_texts, perplexity_source
+    from .scoring.texts import load_texts, perplexity_source
     from .serving.app import serve as launch
     from .serving.session import EditSession
 
@@ -782,7 +755,7 @@ def serve(host, port, export_dir, gen_tokens, **o):
         err.print(f"[yellow]warning:[/] binding {host}: anyone who can reach this machine can edit the model "
                   f"and read its answers", highlight=False)
     _writable_folder(export_dir, "--export-dir")
-    job = _job(o, method="crome", guard="verify", gen_tokens=gen_tokens)
+    job = _job(o, method=DEFAULT_METHOD, guard="verify", gen_tokens=gen_tokens)
     texts = load_texts(perplexity_source(job.ppl_data))
     lm = _load(job.model, job.load_options)
     with err.status("key statistics, templates and the perplexity monitor"):

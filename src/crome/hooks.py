@@ -9,7 +9,9 @@ Activations are addressed by module (layer) and token position:
   ``y + (u[b] · x) lam[b]``: the output of ``W + lam[b] u[b]ᵀ``, a rank-one edit
   per row, without touching ``W`` (a zero row leaves that row unedited);
 * ``run_until(model, module)`` ends the forward pass once the module has run, for
-  passes that only need activations up to the edited layer.
+  passes that only need activations up to the edited layer;
+* ``short_circuit(modules, output)`` makes modules return a recorded output without computing,
+  for passes that only need the layers above an edit.
 
 Each is a ``forward_hook``: registered on entry, removed on exit, however the block ends.
 """
@@ -99,3 +101,25 @@ def run_until(model: torch.nn.Module, module: torch.nn.Module, **inputs) -> Reco
         except StopForward:
             pass
     return rec
+
+
+@contextmanager
+def short_circuit(modules: list[torch.nn.Module], output):
+    """Make ``modules`` return ``output`` without computing anything (a layer below an edit whose
+    output was recorded once)."""
+    for module in modules:
+        module.forward = lambda *args, **kwargs: output
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.forward
+
+
+def repeat_output(output, n: int):
+    """A module's recorded output for n copies of its batch (a tensor, or a tuple led by one)."""
+    if output is None or n == 1:
+        return output
+    if isinstance(output, tuple):
+        return (output[0].repeat(n, *[1] * (output[0].dim() - 1)),) + output[1:]
+    return output.repeat(n, *[1] * (output.dim() - 1))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
-from ..editing.guard import GuardRule
+from ..editing.rules import GuardRule
 
 FEATURES = ("update_ratio", "denominator", "cos_bare_mean")
 

@@ -15,7 +15,7 @@ import torch
 
 from ..hooks import record, run_until, widen
 from ..models import LoadedModel
-from .request import SLOT, EditRequest, locate, pad_right
+from ..request import SLOT, EditRequest, locate, pad_right
 
 
 @dataclass

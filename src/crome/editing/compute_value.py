@@ -25,8 +25,8 @@ import torch
 
 from ..hooks import add_at, widen
 from ..models import LoadedModel
+from ..request import EditRequest, locate, pad_right, target_ids
 from .hparams import Hparams
-from .request import EditRequest, locate, pad_right, target_ids
 
 
 @dataclass

@@ -6,30 +6,28 @@ model's fingerprint and the settings, in one safetensors file (no pickle: safe t
               request(s), method, layers and the record of how it was made
 
 Applying a delta file adds the factors to the base model's W in the file's order, with
-``memit.add_factors``: the same operations as the session or run that made them, so the weights
+``weights.replay``: the same operations as the session or run that made them, so the weights
 come out bit for bit. A model whose weights differ from the fingerprint is refused: the factors
 were computed for those weights and mean nothing for others.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ..errors import CromeError
 from ..models import LoadedModel, weights_fingerprint
-from .memit import add_factors
+from ..models.fingerprint import tensor_sha
+from .weights import Factors, replay
 
 FORMAT, VERSION = "crome-delta", 1
 
 
 def layer_sha(lm: LoadedModel, layer: int) -> str:
     """sha256 of one layer's W as stored (first 16 hex digits)."""
-    return hashlib.sha256(lm.mlp_out(layer).weight.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    return tensor_sha(lm.mlp_out(layer).weight.detach())
 
 
 def fingerprint(lm: LoadedModel, layers) -> dict:
@@ -45,7 +43,7 @@ class DeltaEdit:
 
     requests: list[dict]                         # prompt, subject, target_new
     method: str
-    factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+    factors: Factors = field(repr=False)
     record: dict = field(default_factory=dict)   # seed, hparams, templates, key statistics, diagnostics
 
     def to_meta(self) -> dict:
@@ -122,9 +120,7 @@ def check_base(lm: LoadedModel, meta: dict, source: str = "the delta file") -> N
 def apply_edits(lm: LoadedModel, meta: dict, edits: list[DeltaEdit], source: str = "the delta file") -> None:
     """Check ``lm`` against the file's fingerprint, then add every edit's factors in order."""
     check_base(lm, meta, source)
-    for e in edits:
-        for layer, (a, b) in e.factors.items():
-            add_factors(lm, layer, a, b)
+    replay(lm, (e.factors for e in edits))
 
 
 def apply_delta(lm: LoadedModel, path: str | Path) -> tuple[dict, list[DeltaEdit]]:

@@ -1,7 +1,7 @@
-"""Fast paths: the same numbers as the straightforward computation, a fraction of the work.
+"""The fast v* runner: the same numbers as the straightforward computation, a fraction of the work.
 
-``FastRunner`` replaces ``compute_value.ReferenceRunner`` in the v* optimisation;
-``PerplexityMonitor`` replaces ``measure.perplexity`` after edits at one layer.
+``FastRunner`` replaces ``compute_value.ReferenceRunner`` in the v* optimisation (the same idea,
+for perplexity after an edit, is ``scoring.monitor.PerplexityMonitor``).
 
 δ is added to W's output at layer L at the subject's last token p. Nothing before
 p ever sees it, and no layer below L does. So, once per edit:
@@ -19,27 +19,13 @@ loss reads. No weight gradients are ever built.
 from __future__ import annotations
 
 import inspect
-import math
-from contextlib import contextmanager
 
 import torch
 
-from ..hooks import add_at, record, run_until, widen
+from ..hooks import add_at, record, short_circuit
 from ..models import LoadedModel
+from ..request import pad_right
 from .compute_value import Batch
-from .request import pad_right
-
-
-@contextmanager
-def _short_circuit(layers: list[torch.nn.Module], output):
-    """Make ``layers`` return ``output`` without computing anything."""
-    for layer in layers:
-        layer.forward = lambda *args, **kwargs: output
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
 
 
 class FastRunner:
@@ -111,94 +97,8 @@ class FastRunner:
 
     def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         skip = self.layers[: self.layer] if self.below is not None else []
-        with _short_circuit(skip, self.below), add_at(self.site, self.rows, self.zero, delta):
+        with short_circuit(skip, self.below), add_at(self.site, self.rows, self.zero, delta):
             hidden = self._base_forward()
         log_probs = torch.log_softmax(self.lm.logits(hidden[self.read_rows, self.read_pos]), dim=-1)
         target_lp = log_probs[torch.arange(self.n_t, device=log_probs.device), self.t_ids]
         return target_lp, log_probs[self.n_t:], log_probs[:self.n_t].detach().max(-1).values
-
-
-class PerplexityMonitor:
-    """Perplexity of a fixed text set, measured again cheaply after edits at ``layer``.
-
-    An edit at layer L changes nothing below L. The texts are tokenised once, the
-    output of layer L-1 is recorded once (with the unedited model), and each later
-    call runs only layers ≥ L and the output layer. ``baseline`` is the unedited
-    model's perplexity. The numbers equal ``measure.perplexity`` (same token
-    weighting; batches sorted by length, so up to float rounding).
-    """
-
-    def __init__(self, lm: LoadedModel, texts: list[str], layer: int, batch_size: int = 10, max_length: int = 256):
-        lm.check_layer(layer)
-        self.lm, self.layer = lm, layer
-        self.texts, self.batch_size, self.max_length = texts, batch_size, max_length
-        self.below_monitors: dict[int, PerplexityMonitor] = {}
-        self.layers = [lm.module(lm.arch.layer_name(i)) for i in range(lm.num_layers)]
-        tokens = sorted((lm.tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts), key=len)
-        self.batches = []  # texts of similar length batched together: little padding
-        for start in range(0, len(tokens), batch_size):
-            seqs = tokens[start:start + batch_size]
-            ids, mask = pad_right(seqs, lm.tokenizer.pad_token_id, lm.device)
-            below = None
-            if layer > 0:
-                with torch.no_grad():
-                    below = run_until(lm.model, self.layers[layer - 1], input_ids=ids, attention_mask=mask).output
-            self.batches.append((ids, mask, below))
-        self.baseline = self()
-
-    def at(self, layer: int) -> "PerplexityMonitor":
-        """A monitor that sees an edit at ``layer``: this one for layers at or above its own (it
-        recomputes every layer from its own up), else one for ``layer`` on the same texts, made once."""
-        if layer >= self.layer:
-            return self
-        if layer not in self.below_monitors:
-            self.below_monitors[layer] = PerplexityMonitor(self.lm, self.texts, layer, self.batch_size, self.max_length)
-        return self.below_monitors[layer]
-
-    @torch.no_grad()
-    def __call__(self) -> float:
-        nll, count = 0.0, 0
-        for ids, mask, below in self.batches:
-            skip = self.layers[: self.layer] if below is not None else []
-            with _short_circuit(skip, below):
-                logits = widen(self.lm.model(input_ids=ids, attention_mask=mask).logits[:, :-1])
-            m = mask[:, 1:].bool()
-            nll += float(torch.nn.functional.cross_entropy(logits[m], ids[:, 1:][m], reduction="sum").double())
-            count += int(m.sum())
-        return math.exp(nll / count)
-
-    @torch.no_grad()
-    def each(self, overlay, max_rows: int = 64) -> list[float]:
-        """The perplexity under each edit of ``overlay`` (``edit.Overlay``, W untouched): several
-        edits share one forward pass, each on its own copy of a batch of texts, up to ``max_rows`` rows."""
-        if overlay.layer < self.layer:
-            return self.at(overlay.layer).each(overlay, max_rows)
-        k = len(overlay)
-        nll, count = [0.0] * k, 0
-        for ids, mask, below in self.batches:
-            b = len(ids)
-            count += int(mask[:, 1:].sum())
-            step = max(1, max_rows // b)
-            for first in range(0, k, step):
-                group = list(range(first, min(first + step, k)))
-                n = len(group)
-                skip = self.layers[: self.layer] if below is not None else []
-                owners = [e for e in group for _ in range(b)]
-                with _short_circuit(skip, _repeat(below, n)), overlay.rows(self.lm, owners):
-                    hidden = self.lm.model.base_model(input_ids=ids.repeat(n, 1),
-                                                      attention_mask=mask.repeat(n, 1)).last_hidden_state
-                m = mask[:, 1:].bool()
-                for j, e in enumerate(group):  # the output layer one edit at a time: logits are large
-                    logits = self.lm.logits(hidden[j * b:(j + 1) * b, :-1])
-                    nll[e] += float(torch.nn.functional.cross_entropy(logits[m], ids[:, 1:][m],
-                                                                      reduction="sum").double())
-        return [math.exp(x / count) for x in nll]
-
-
-def _repeat(output, n: int):
-    """A layer's recorded output for n copies of its batch (a tensor, or a tuple led by one)."""
-    if output is None or n == 1:
-        return output
-    if isinstance(output, tuple):
-        return (output[0].repeat(n, *[1] * (output[0].dim() - 1)),) + output[1:]
-    return output.repeat(n, *[1] * (output.dim() - 1))

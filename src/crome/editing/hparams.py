@@ -28,6 +28,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from ..errors import CromeError
+from .methods import Method, method
+
 
 @dataclass(frozen=True)
 class Hparams:
@@ -84,3 +87,17 @@ def defaults_for(name: str, num_layers: int) -> Hparams:
     if name in DEFAULTS:
         return DEFAULTS[name]
     return Hparams(layer=depth_rule(num_layers))
+
+
+def memit_layers(hp: Hparams, num_layers: int) -> tuple[int, ...]:
+    """``hp.memit_layers``, else five layers centred on ROME's layer (GPT-J: ROME 5, MEMIT 3–8)."""
+    layers = hp.memit_layers or tuple(range(max(0, hp.layer - 2), min(num_layers, hp.layer + 3)))
+    if list(layers) != sorted(set(layers)) or not all(0 <= x < num_layers for x in layers):
+        raise CromeError(f"MEMIT layers must be distinct, ascending and in 0..{num_layers - 1}: {list(layers)}")
+    return tuple(layers)
+
+
+def edited_layers(name: str | Method, hp: Hparams, num_layers: int) -> tuple[int, ...]:
+    """The layers an edit with the method changes, ascending: a perplexity monitor or a guard's probe
+    must start at the first."""
+    return memit_layers(hp, num_layers) if method(name).batch else (hp.layer,)

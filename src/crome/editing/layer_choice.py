@@ -34,14 +34,22 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from importlib import resources
+from dataclasses import asdict, dataclass
 
 from ..cache import cached
 from ..errors import CromeError
 from ..models import LoadedModel, cache_dir
+from ..request import EditRequest
+from ..scoring.measure import score_targets
+from ..scoring.texts import corpus_path
+from . import locate
+from .edit import apply_edit, finish_edit, prepare_edits
+from .efficacy import EfficacyCheck
 from .hparams import DEFAULTS, Hparams, defaults_for, depth_rule
-from .request import EditRequest
+from .methods import FALLBACK_METHOD
+from .mom2 import stats_for
+from .records import LayerChoice
+from .templates import context_templates
 
 MIN_FACTS = 3
 RULE_VERSION = 3   # part of the cache key: a changed rule recomputes cached choices
@@ -50,16 +58,6 @@ TRIAL_EDITS = 4        # trial edits per candidate layer, half with first-token 
 MAX_TRIAL_UPDATE = 1.0  # ‖ΔW‖/‖W‖ above this (an update larger than W) fails a trial: no clean edit on
                         # either real model came near it (docs/MODELS.md, "Layer choice")
 FACTS_FILE = "facts.tsv"
-
-
-@dataclass
-class LayerChoice:
-    layer: int
-    rule: str                          # "user", "table", "auto" (causal trace) or "depth" (20% rule)
-    detail: dict = field(default_factory=dict)
-
-    def record(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,7 @@ class Fact:
 
 def load_facts() -> list[Fact]:
     """The fact list that ships with crome."""
-    text = (resources.files("crome") / "corpus" / FACTS_FILE).read_text(encoding="utf-8")
+    text = corpus_path(FACTS_FILE).read_text(encoding="utf-8")
     facts = []
     for line in text.splitlines():
         if line.strip() and not line.startswith("#"):
@@ -82,8 +80,6 @@ def load_facts() -> list[Fact]:
 
 def known_facts(lm: LoadedModel, facts: list[Fact]) -> list[Fact]:
     """The facts whose answer is the model's top-1 prediction (its first token)."""
-    from ..evaluation.measure import score_targets
-
     scores = score_targets(lm, [(f.prompt.replace("{}", f.subject) if "{}" in f.prompt else f.prompt, f.answer)
                                 for f in facts])
     return [f for f, s in zip(facts, scores) if s.hits[0]]
@@ -120,19 +116,17 @@ def editability(lm: LoadedModel, layer: int, requests: list[EditRequest], seed: 
     The layer is editable when every trial edit takes, none has diagnostics that say it is unlikely to
     take (``Diagnostics.unlikely_to_take``: an attention-sink bare key, an outsized value shift: the same
     rule ``crome edit`` warns with) and none is larger than ``MAX_TRIAL_UPDATE``·‖W‖."""
-    from .edit import apply_edit, finish_edit, prepare_edits, resolve_stats
-    from .guard import EfficacyCheck
-
     hp = defaults_for(lm.name, lm.num_layers).with_(layer=layer, mom2_samples=samples)
-    prepared = prepare_edits(lm, requests, hparams=hp, seed=seed, layer_choice=LayerChoice(layer, "trial"))
-    stats = resolve_stats(lm, hp)
+    templates = context_templates(lm, seed, hp.template_lengths, hp.template_starts)
+    prepared = prepare_edits(lm, requests, hp, templates, seed, layer_choice=LayerChoice(layer, "trial"))
+    stats = stats_for(lm, hp)
     trials = []
     for p in prepared:
         check = EfficacyCheck(lm, p.request, p.templates)
-        edit, took = finish_edit(lm, p, "crome", stats), False
+        edit, took = finish_edit(lm, p, FALLBACK_METHOD, stats), False
         if edit.diagnostics.finite:
             with apply_edit(lm, edit):
-                took = check.after("crome").took
+                took = check.after(FALLBACK_METHOD).took
         d = edit.diagnostics
         warned = d.unlikely_to_take()
         trials.append(dict(subject=p.request.subject, target_new=p.request.target_new,
@@ -186,8 +180,6 @@ def auto_layer(lm: LoadedModel, seed: int = 0, n_facts: int = 20, window: int | 
 
 def _auto_layer(lm: LoadedModel, facts, seed: int, n_facts: int, window: int, samples: int | None) -> LayerChoice:
     """``auto_layer``'s work, uncached."""
-    from ..analysis.trace import trace_fact
-
     start = time.perf_counter()
     known_all = known_facts(lm, facts)
     known = known_all[:n_facts]
@@ -199,7 +191,7 @@ def _auto_layer(lm: LoadedModel, facts, seed: int, n_facts: int, window: int, sa
         L = lm.num_layers
         effects = [0.0] * L
         for f in known:
-            t = trace_fact(lm, f.prompt, f.subject, f.answer, seed=seed, window=window, kinds=("mlp",),
+            t = locate.trace_fact(lm, f.prompt, f.subject, f.answer, seed=seed, window=window, kinds=("mlp",),
                            last_subject_only=True, first_layer=1)
             for layer in range(L):
                 effects[layer] += t.effects["mlp"][layer][t.subject_last] / len(known)

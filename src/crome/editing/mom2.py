@@ -35,10 +35,13 @@ import torch
 
 from ..cache import cached
 from ..errors import CromeError
-from ..evaluation.texts import load_texts
 from ..hooks import run_until
 from ..models import LoadedModel, cache_dir, dtype_name, file_digest
-from .request import pad_right
+from ..models.fingerprint import tensor_sha
+from ..request import pad_right
+from ..scoring.texts import load_texts
+from .hparams import memit_layers
+from .methods import Method
 
 MODEL_SOURCE = "model"
 SAMPLER = "sampled-v2"  # per-row generators, large batches, native bf16 where the hardware has it
@@ -197,9 +200,8 @@ def key_stats(lm: LoadedModel, layer: int, corpus: str | Path | None = None, sam
     c = shrink(total / count, lam).float()
     if not torch.isfinite(c).all():
         raise CromeError(f"key statistics from {label} are not finite")
-    digest = hashlib.sha256(c.numpy().tobytes()).hexdigest()[:16]
     return KeyStats(mom2=c.to(lm.device), source=label, source_hash=source_hash, layer=layer, n_keys=count,
-                    shrinkage=lam, hash=digest, corpus=str(corpus) if corpus is not None else None)
+                    shrinkage=lam, hash=tensor_sha(c), corpus=str(corpus) if corpus is not None else None)
 
 
 def _to_bytes(obj) -> bytes:
@@ -233,6 +235,33 @@ def _accumulate(lm, layer, rows, samples, batch_size, progress, label):
             if count >= samples:
                 break
     return total.cpu(), fourth, count
+
+
+def stats_for(lm: LoadedModel, hp, mom2: KeyStats | torch.Tensor | None = None, corpus=None,
+              progress: bool = False) -> KeyStats | None:
+    """The key statistics an edit with hyper-parameters ``hp`` uses: None with mom2 adjustment off;
+    ``mom2`` when given (a bare matrix is wrapped); else C from ``corpus``, or from text sampled from
+    the model when there is none (computed once, cached)."""
+    if not hp.mom2_adjustment:
+        if mom2 is not None:
+            raise CromeError("key statistics were given but mom2 adjustment is off (--no-mom2)")
+        return None
+    if mom2 is None:
+        return key_stats(lm, hp.layer, corpus, hp.mom2_samples, shrinkage=hp.mom2_shrinkage, progress=progress)
+    if isinstance(mom2, torch.Tensor):
+        return KeyStats(mom2=mom2, source="matrix given", source_hash="", layer=hp.layer, n_keys=0,
+                        shrinkage=0.0, hash=tensor_sha(mom2))
+    return mom2
+
+
+def layer_stats(lm: LoadedModel, m: Method, hp, corpus=None, progress: bool = False,
+                known: KeyStats | None = None) -> dict[int, KeyStats]:
+    """C at every layer a batch method ``m`` edits (``known``: the one already computed for ``hp.layer``)."""
+    if not hp.mom2_adjustment:
+        m.require_stats()
+    return {x: known if known is not None and x == known.layer else
+            stats_for(lm, dataclasses.replace(hp, layer=x), corpus=corpus, progress=progress)
+            for x in memit_layers(hp, lm.num_layers)}
 
 
 def second_moment(lm: LoadedModel, layer: int, corpus: str | Path, samples: int = 20000, **kwargs) -> torch.Tensor:

@@ -14,16 +14,12 @@ from __future__ import annotations
 import torch
 
 from .compute_key import Keys
-
-# Which key/value each method treats as "current": data, not branches.
-CURRENT_KEY = {
-    "rome": ("k_bare", "v_bare"),
-    "crome": ("k_mean", "v_mean"),
-}
+from .methods import Method, method
 
 
-def current(keys: Keys, method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    k_name, v_name = CURRENT_KEY[method]
+def current(keys: Keys, name: str | Method) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key and value the method treats as "current" (``Method.current_key``): data, not branches."""
+    k_name, v_name = method(name).current_key
     return getattr(keys, k_name), getattr(keys, v_name)
 
 

@@ -2,33 +2,23 @@
 
 After update n (one ROME edit, or one MEMIT batch) the run writes ``<out>.factors/update-n.pt``
 before its records: the cases it holds and, per edited layer, factors (a, b) with ΔW = a bᵀ
-(rank one per edit and layer). Resuming replays them in order with ``memit.add_factors``, the
+(rank one per edit and layer). Resuming replays them in order with ``weights.replay``, the
 same operations in the same order as the run, so the weights come back bit for bit; each
-record's ``weights_sha`` (a hash of the edited layers after its update) checks that. An
+record's ``weights_sha`` (``weights.weights_sha``, a hash of the edited layers after its update) checks that. An
 AlphaEdit run also keeps its projections (``null-space.pt``) and each update's keys, from
 which the running key sum is rebuilt in the same order.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import torch
 
-from ..editing.memit import add_factors
+from ..editing import weights
 from ..errors import CromeError
-from ..hooks import widen
 from ..models import LoadedModel
-
-
-def weights_sha(lm: LoadedModel, layers) -> str:
-    """sha256 of the edited layers' W (float32, or float64 for a float64 model), first 16 hex digits."""
-    h = hashlib.sha256()
-    for layer in sorted(layers):
-        h.update(widen(lm.mlp_out(layer).weight.detach()).cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 class FactorStore:
@@ -111,6 +101,4 @@ def _load(path: Path):
 
 def replay(lm: LoadedModel, saved: list[dict]) -> None:
     """Add the updates (``FactorStore.read``'s, in order) to the weights, as the run added them."""
-    for update in saved:
-        for layer, (a, b) in update["layers"].items():
-            add_factors(lm, layer, a, b)
+    weights.replay(lm, (update["layers"] for update in saved))

@@ -23,8 +23,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..editing.request import EditRequest
 from ..errors import CromeError
+from ..request import EditRequest
 
 DATA_ENV = "CROME_DATA"
 

@@ -19,23 +19,28 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
-from ..editing.guard import VERIFY_THRESHOLD
+from ..editing.context import RunContext, RunSettings
 from ..editing.hparams import Hparams
-from ..editing.memit import BATCH_METHODS, memit_layers
+from ..editing.layer_choice import resolve
+from ..editing.methods import DEFAULT_METHOD, method
+from ..editing.mom2 import layer_stats, stats_for
 from ..editing.null_space import NullSpace
+from ..editing.rules import rule_for
+from ..editing.templates import context_templates
+from ..editing.verify import VERIFY_THRESHOLD, Verifier
 from ..errors import CromeError
-from ..models import LoadedModel, LoadOptions
-from .context import RunContext, RunSettings
+from ..models import LoadedModel, LoadOptions, load_model
+from ..scoring.texts import load_texts, perplexity_source
+from .cases import evaluate_cases, prepare_together
 from .datasets import Case, load_cases, select
 from .datasets import resolve as resolve_data
-from .evaluate import default_edits_per_pass, evaluate_cases, prepare_together, run
-from .options import check_options
-from .texts import load_texts, perplexity_source
+from .evaluate import run
+from .options import cases_per_chunk, check_options, default_edits_per_pass
 
 Status = Callable[[str], contextlib.AbstractContextManager]
 
 
-def _quiet(_message: str) -> contextlib.AbstractContextManager:
+def quiet(_message: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
@@ -45,7 +50,7 @@ class EvalJob:
 
     data: str
     out: str
-    method: str = "crome"
+    method: str = DEFAULT_METHOD
     model: str | None = None
     layer: int | str | None = None
     seed: int = 0
@@ -98,13 +103,13 @@ class EvalJob:
         """K, the cases whose edits are computed and measured together: ``edits_per_pass``, else
         the measured default for the device; 1 for sequential runs and MEMIT (whose batches are
         ``batch_size``; ``check_options`` refuses K > 1 there)."""
-        if self.sequential or self.method in BATCH_METHODS:
+        if self.sequential or method(self.method).batch:
             return 1
         return self.edits_per_pass or default_edits_per_pass(device_type)
 
     def cases_per_chunk(self, device_type: str) -> int:
         """Cases handled together: a MEMIT batch, or K edits per pass."""
-        return self.batch_size if self.method in BATCH_METHODS else self.per_pass(device_type)
+        return cases_per_chunk(method(self.method), self.batch_size, self.per_pass(device_type))
 
     def absolute(self) -> "EvalJob":
         """The same job with every file it names made absolute (workers may run elsewhere)."""
@@ -169,21 +174,14 @@ def cases_of(job: EvalJob, load_dataset=load_cases) -> tuple[list[Case], list[st
 
 
 def load(job: EvalJob, device=None, progress: bool = True) -> LoadedModel:
-    from ..models import load_model
-
     return load_model(job.model, device=device, progress=progress, **job.load_options.kwargs())
 
 
-def model_setup(lm: LoadedModel, job: EvalJob, status: Status = _quiet, say: Callable[[str], None] | None = None):
+def model_setup(lm: LoadedModel, job: EvalJob, status: Status = quiet, say: Callable[[str], None] | None = None):
     """The layer, hyper-parameters and key statistics for ``job``'s edits on ``lm``: (hparams, choice, stats).
     ``status(message)`` wraps the slow steps (a spinner); with ``say``, the key statistics say
     where they come from and show a progress bar when they are computed."""
-    from ..editing.edit import resolve_stats
-    from ..editing.layer_choice import resolve
-
-    corpus = job.mom2_corpus
-    if corpus and not Path(corpus).is_file():
-        corpus = str(resolve_data(corpus))
+    corpus = _corpus(job)
     traced = " (causal trace on crome's fact list, once per model)" if job.layer in (None, "auto") else ""
     with status("choosing the layer" + traced):
         hp, choice = resolve(lm, None, job.layer, job.seed)
@@ -191,25 +189,26 @@ def model_setup(lm: LoadedModel, job: EvalJob, status: Status = _quiet, say: Cal
     if say and hp.mom2_adjustment:
         say(f"key statistics for layer {hp.layer} from {corpus or 'text sampled from the model'} "
             f"(computed once, then cached)")
-    return hp, choice, resolve_stats(lm, hp, corpus=corpus, progress=say is not None)
+    return hp, choice, stats_for(lm, hp, corpus=corpus, progress=say is not None)
 
 
-def memit_stats(lm: LoadedModel, job: EvalJob, hp: Hparams, stats, status: Status = _quiet, say=None) -> dict:
-    """C at every layer MEMIT edits (``stats``: the one already computed for ``hp.layer``)."""
-    return {layer: stats if layer == hp.layer else model_setup(lm, replace(job, layer=layer), status, say)[2]
-            for layer in memit_layers(hp, lm.num_layers)}
+def _corpus(job: EvalJob) -> str | None:
+    """The key statistics' corpus file, a relative name also looked up under $CROME_DATA."""
+    corpus = job.mom2_corpus
+    if corpus and not Path(corpus).is_file():
+        corpus = str(resolve_data(corpus))
+    return corpus
 
 
-def prepare(lm: LoadedModel, job: EvalJob, status: Status = _quiet, say=None, texts=...) -> RunContext:
+def prepare(lm: LoadedModel, job: EvalJob, status: Status = quiet, say=None, texts=...) -> RunContext:
     """Layer, key statistics, context templates, perplexity texts and the run's settings (no
     model-bound checks yet: ``with_checks`` adds them where the cases run). ``texts``: the
     perplexity texts when the caller has read them (None: no perplexity); by default read from
     the job's ``ppl_data``."""
-    from ..editing.templates import context_templates
-
+    m = method(job.method)
     hp, choice, stats = model_setup(lm, job, status, say)
-    if job.method in BATCH_METHODS:
-        stats = memit_stats(lm, job, hp, stats, status, say)
+    if m.batch:
+        stats = layer_stats(lm, m, hp, _corpus(job), say is not None, known=stats)
     with status("context templates"):
         templates = context_templates(lm, job.seed, hp.template_lengths, hp.template_starts)
     ppl = perplexity_source(job.ppl_data)
@@ -222,7 +221,7 @@ def prepare(lm: LoadedModel, job: EvalJob, status: Status = _quiet, say=None, te
                            key_stats_source=_source(stats), dtype=lm.dtype, batch_size=job.batch_size,
                            gen_em=job.gen_em)
     null_space = None
-    if job.method in BATCH_METHODS and BATCH_METHODS[job.method].null_space:
+    if m.null_space:
         with status("AlphaEdit's null-space projections"):
             null_space = NullSpace.from_stats(stats, hp.null_space_energy)
     return RunContext(settings, hp, templates, load_texts(ppl) if texts is ... else texts, stats, choice,
@@ -236,12 +235,10 @@ def _source(stats) -> str:
 
 
 def guard_setup(lm: LoadedModel, layer: int, guard: str, threshold: float = VERIFY_THRESHOLD,
-                rule_file: str | None = None, probe: str | None = None, status: Status = _quiet,
+                rule_file: str | None = None, probe: str | None = None, status: Status = quiet,
                 efficacy: bool = True):
     """The guard's rule (for ``refuse``, or when a rule file is named) and verifier (``verify``,
     ``fallback``) for edits from ``layer`` up."""
-    from ..editing.guard import Verifier, rule_for
-
     rule = rule_for(lm.name, rule_file) if guard == "refuse" or rule_file else None
     verifier = None
     if guard in ("verify", "fallback"):
@@ -250,7 +247,7 @@ def guard_setup(lm: LoadedModel, layer: int, guard: str, threshold: float = VERI
     return rule, verifier
 
 
-def with_checks(lm: LoadedModel, ctx: RunContext, job: EvalJob, status: Status = _quiet) -> RunContext:
+def with_checks(lm: LoadedModel, ctx: RunContext, job: EvalJob, status: Status = quiet) -> RunContext:
     """``ctx`` with the job's guard (rule, verifier) and the perplexity monitor, built on ``lm``
     (unedited: their baselines are taken now)."""
     rule, verifier = guard_setup(lm, ctx.layers(lm.num_layers)[0], job.guard, job.guard_threshold, job.guard_rule,
@@ -272,7 +269,7 @@ class CaseRunner:
         return [(record.to_dict(), seconds) for record, _ in out]
 
 
-def run_job(job: EvalJob, progress=None, status: Status = _quiet, say=None, lm: LoadedModel | None = None,
+def run_job(job: EvalJob, progress=None, status: Status = quiet, say=None, lm: LoadedModel | None = None,
             cases: list[Case] | None = None):
     """Run ``job`` in this process: returns (every record of its results file, context, model).
     ``cases``: the job's cases when the caller has loaded them already (``cases_of``)."""

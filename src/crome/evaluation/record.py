@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from ..editing.guard import GuardDecision
-from .context import RunSettings
+from ..editing.context import RunSettings
+from ..editing.records import GuardDecision
 
 
 class _Unset:

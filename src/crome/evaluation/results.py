@@ -10,8 +10,8 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from ..editing.context import RunSettings
 from ..errors import CromeError
-from .context import RunSettings
 
 
 class ResultsFile:

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..editing.edit import WeightsHandle
+from ..editing.context import RunContext
 from ..editing.null_space import NullSpace
+from ..editing.weights import WeightsHandle, weights_sha
 from ..errors import CromeError
 from ..hooks import widen
 from ..models import LoadedModel
-from .checkpoint import FactorStore, replay, weights_sha
-from .context import RunContext
+from ..scoring.measure import generation_matches, ppl_fields, score_targets, with_prefix
+from ..scoring.metrics import prob
+from .checkpoint import FactorStore, replay
 from .datasets import Case
-from .measure import generation_matches, ppl_fields, score_targets, with_prefix
-from .metrics import prob
 from .record import CaseRecord
 from .results import ResultsFile
 

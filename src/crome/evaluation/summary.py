@@ -11,7 +11,7 @@ import math
 import statistics
 from pathlib import Path
 
-from .metrics import harmonic_mean, mean_ci
+from ..scoring.metrics import harmonic_mean, mean_ci
 from .results import ResultsFile, timing_path
 
 SPLITS = (("all", None), ("first-token subject", True), ("other subjects", False))

@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+from ..editing.methods import DEFAULT_METHOD, method
 from ..errors import CromeError
 from .session import GUARDS, MAX_PROMPT, MAX_TEXT, MAX_TOKENS, METHODS, EditOutcome, EditSession
 
-METHOD_LABELS = {"crome": "C-ROME", "rome": "ROME", "memit": "MEMIT (list)", "cmemit": "C-MEMIT (list)"}
+# the dropdown's labels: the table's, "(list)" after a batch method's (it also takes the list of facts)
+METHOD_LABELS = {m: method(m).label + (" (list)" if method(m).batch else "") for m in METHODS}
+BATCH_LABELS = " / ".join(method(m).label for m in METHODS if method(m).batch)
+PAGE_TITLE = __name__.partition(".")[0]      # the package's name (a string equal to a method's name is the table's)
 HISTORY_COLUMNS = ["number", "method", "layers", "facts", "verdict", "ppl_after", "update_ratio"]
 
 
@@ -64,102 +69,134 @@ def monitor_plot(session: EditSession):
     return fig
 
 
-def build_app(session: EditSession, export_dir: str | Path = "crome-exports"):
-    """The Gradio Blocks of ``crome serve`` (not launched)."""
-    import gradio as gr
+class Handlers:
+    """The page's handlers over one session; each turns a ``CromeError`` into one line on the page."""
 
-    export_dir = Path(export_dir)
+    def __init__(self, session: EditSession, export_dir: Path):
+        self.session, self.export_dir = session, export_dir
 
-    def on_edit(prompt, subject, target, method, guard, batch):
+    def history(self):
+        return history_rows(self.session), monitor_plot(self.session)
+
+    def edit(self, prompt, subject, target, method, guard, batch):
         try:
-            out = session.edit(prompt, subject, target, method, guard, batch)
+            out = self.session.edit(prompt, subject, target, method, guard, batch)
         except CromeError as e:
-            return (f"**Error:** {e}", "", [], [], history_rows(session), monitor_plot(session))
+            return (f"**Error:** {e}", "", [], [], *self.history())
         verdict = ("" if out.applied else "**Not applied.** ") + out.message
         diagnostics = "\n".join(f"- {line}" for line in out.diagnostics) or "_(a MEMIT list: see the numbers)_"
         generations = [[p, b, a] for p, b, a in out.generations]
-        return verdict, diagnostics, numbers_table(out), generations, history_rows(session), monitor_plot(session)
+        return verdict, diagnostics, numbers_table(out), generations, *self.history()
 
-    def on_ask(prompt, tokens):
+    def ask(self, prompt, tokens):
         try:
-            for base, edited in session.ask(prompt, tokens):
+            for base, edited in self.session.ask(prompt, tokens):
                 yield base, edited, ""
         except CromeError as e:
             yield "", "", f"**Error:** {e}"
 
-    def on_undo(number):
+    def undo(self, number):
         try:
             if number is None:
                 raise CromeError("give the number of the edit to undo")
-            ppl = session.undo(int(number))
+            ppl = self.session.undo(int(number))
             message = f"Edit {int(number)} undone" + (f"; perplexity now {ppl:.4g}." if ppl else ".")
         except CromeError as e:
             message = f"**Error:** {e}"
-        return message, history_rows(session), monitor_plot(session)
+        return message, *self.history()
 
-    def on_delta():
+    def delta(self):
         try:
-            export_dir.mkdir(parents=True, exist_ok=True)
-            path = session.export_delta(export_dir / f"edits-{time.strftime('%Y%m%d-%H%M%S')}.crome")
+            self.export_dir.mkdir(parents=True, exist_ok=True)
+            path = self.session.export_delta(self.export_dir / f"edits-{time.strftime('%Y%m%d-%H%M%S')}.crome")
             return path, f"Wrote {path}: apply it with `crome apply {path} --model … --save OUT`."
         except (CromeError, OSError) as e:
             return None, f"**Error:** {e}"
 
-    def on_model():
+    def model(self):
         try:
-            path = session.export_model(export_dir / f"model-{time.strftime('%Y%m%d-%H%M%S')}")
+            path = self.session.export_model(self.export_dir / f"model-{time.strftime('%Y%m%d-%H%M%S')}")
             return f"Saved the edited model (Hugging Face format) to {path}."
         except (CromeError, OSError) as e:
             return f"**Error:** {e}"
 
-    with gr.Blocks(title="crome") as app:
+
+def edit_tab(gr) -> SimpleNamespace:
+    """The Edit tab: a fact (or a list of facts), method and guard in; verdict, diagnostics, numbers out."""
+    with gr.Tab("Edit"):
+        with gr.Row():
+            prompt = gr.Textbox(label="Prompt ({} marks the subject)", value="The mother tongue of {} is",
+                                max_length=MAX_PROMPT, elem_id="prompt")
+            subject = gr.Textbox(label="Subject", value="Danielle Darrieux", max_length=MAX_TEXT, elem_id="subject")
+            target = gr.Textbox(label="New target", value="English", max_length=MAX_TEXT, elem_id="target")
+        with gr.Row():
+            method = gr.Dropdown([(METHOD_LABELS[m], m) for m in METHODS], value=DEFAULT_METHOD, label="Method")
+            guard = gr.Dropdown(list(GUARDS), value="verify", label="Guard")
+        batch = gr.Textbox(label=f"{BATCH_LABELS}: facts as JSON lines {{prompt, subject, target_new}}",
+                           lines=2, elem_id="batch")
+        go = gr.Button("Edit", variant="primary", elem_id="edit-button")
+        verdict = gr.Markdown(elem_id="verdict")
+        diagnostics = gr.Markdown(elem_id="diagnostics")
+        numbers = gr.Dataframe(headers=["", "before", "after"], label="Numbers", elem_id="numbers")
+        generations = gr.Dataframe(headers=["prompt", "before", "after"], label="Greedy generations",
+                                   elem_id="generations", wrap=True)
+    return SimpleNamespace(prompt=prompt, subject=subject, target=target, method=method, guard=guard, batch=batch,
+                           go=go, verdict=verdict, diagnostics=diagnostics, numbers=numbers, generations=generations)
+
+
+def ask_tab(gr) -> SimpleNamespace:
+    """The Ask tab: one prompt, the unedited and the edited answer side by side."""
+    with gr.Tab("Ask"):
+        question = gr.Textbox(label="Prompt", value="The mother tongue of Danielle Darrieux is",
+                              max_length=MAX_PROMPT, elem_id="question")
+        tokens = gr.Slider(1, MAX_TOKENS, value=20, step=1, label="Tokens")
+        ask = gr.Button("Ask", variant="primary", elem_id="ask-button")
+        with gr.Row():
+            base_answer = gr.Textbox(label="Unedited model", elem_id="base-answer")
+            edited_answer = gr.Textbox(label="Edited model", elem_id="edited-answer")
+        error = gr.Markdown()
+    return SimpleNamespace(question=question, tokens=tokens, ask=ask, base_answer=base_answer,
+                           edited_answer=edited_answer, error=error)
+
+
+def history_tab(gr) -> SimpleNamespace:
+    """The History tab: the applied edits, the perplexity monitor, Undo."""
+    with gr.Tab("History"):
+        history = gr.Dataframe(headers=HISTORY_COLUMNS, label="Applied edits, in order", elem_id="history")
+        plot = gr.Plot(label="Perplexity monitor")
+        with gr.Row():
+            number = gr.Number(label="Edit number", precision=0, elem_id="undo-number")
+            undo = gr.Button("Undo", elem_id="undo-button")
+        message = gr.Markdown(elem_id="undo-message")
+    return SimpleNamespace(history=history, plot=plot, number=number, undo=undo, message=message)
+
+
+def export_tab(gr) -> SimpleNamespace:
+    """The Export tab: a delta file to download, or the edited model saved in the export folder."""
+    with gr.Tab("Export"):
+        delta = gr.Button("Export the edits as a delta file", elem_id="delta-button")
+        delta_file = gr.File(label="Delta file")
+        save = gr.Button("Save the edited model (Hugging Face folder)")
+        message = gr.Markdown(elem_id="export-message")
+    return SimpleNamespace(delta=delta, delta_file=delta_file, save=save, message=message)
+
+
+def build_app(session: EditSession, export_dir: str | Path = "crome-exports"):
+    """The Gradio Blocks of ``crome serve`` (not launched): the four tabs, wired to ``Handlers``."""
+    import gradio as gr
+
+    on = Handlers(session, Path(export_dir))
+    with gr.Blocks(title=PAGE_TITLE) as app:
         gr.Markdown(f"# crome · {session.lm.name}\nEdit a fact, see what it does to the rest of the model, "
                     f"undo it, keep it.")
-        with gr.Tab("Edit"):
-            with gr.Row():
-                prompt = gr.Textbox(label="Prompt ({} marks the subject)", value="The mother tongue of {} is",
-                                    max_length=MAX_PROMPT, elem_id="prompt")
-                subject = gr.Textbox(label="Subject", value="Danielle Darrieux", max_length=MAX_TEXT, elem_id="subject")
-                target = gr.Textbox(label="New target", value="English", max_length=MAX_TEXT, elem_id="target")
-            with gr.Row():
-                method = gr.Dropdown([(METHOD_LABELS[m], m) for m in METHODS], value="crome", label="Method")
-                guard = gr.Dropdown(list(GUARDS), value="verify", label="Guard")
-            batch = gr.Textbox(label="MEMIT / C-MEMIT: facts as JSON lines {prompt, subject, target_new}",
-                               lines=2, elem_id="batch")
-            go = gr.Button("Edit", variant="primary", elem_id="edit-button")
-            verdict = gr.Markdown(elem_id="verdict")
-            diagnostics = gr.Markdown(elem_id="diagnostics")
-            numbers = gr.Dataframe(headers=["", "before", "after"], label="Numbers", elem_id="numbers")
-            generations = gr.Dataframe(headers=["prompt", "before", "after"], label="Greedy generations",
-                                       elem_id="generations", wrap=True)
-        with gr.Tab("Ask"):
-            question = gr.Textbox(label="Prompt", value="The mother tongue of Danielle Darrieux is",
-                                  max_length=MAX_PROMPT, elem_id="question")
-            tokens = gr.Slider(1, MAX_TOKENS, value=20, step=1, label="Tokens")
-            ask = gr.Button("Ask", variant="primary", elem_id="ask-button")
-            with gr.Row():
-                base_answer = gr.Textbox(label="Unedited model", elem_id="base-answer")
-                edited_answer = gr.Textbox(label="Edited model", elem_id="edited-answer")
-            ask_error = gr.Markdown()
-        with gr.Tab("History"):
-            history = gr.Dataframe(headers=HISTORY_COLUMNS, label="Applied edits, in order", elem_id="history")
-            plot = gr.Plot(label="Perplexity monitor")
-            with gr.Row():
-                undo_number = gr.Number(label="Edit number", precision=0, elem_id="undo-number")
-                undo = gr.Button("Undo", elem_id="undo-button")
-            undo_message = gr.Markdown(elem_id="undo-message")
-        with gr.Tab("Export"):
-            delta = gr.Button("Export the edits as a delta file", elem_id="delta-button")
-            delta_file = gr.File(label="Delta file")
-            save = gr.Button("Save the edited model (Hugging Face folder)")
-            export_message = gr.Markdown(elem_id="export-message")
-        go.click(on_edit, [prompt, subject, target, method, guard, batch],
-                 [verdict, diagnostics, numbers, generations, history, plot], api_name="edit")
-        ask.click(on_ask, [question, tokens], [base_answer, edited_answer, ask_error], api_name="ask")
-        undo.click(on_undo, [undo_number], [undo_message, history, plot], api_name="undo")
-        delta.click(on_delta, [], [delta_file, export_message], api_name="export_delta")
-        save.click(on_model, [], [export_message], api_name="export_model")
-        app.load(lambda: (history_rows(session), monitor_plot(session)), [], [history, plot], api_name="history")
+        e, a, h, x = edit_tab(gr), ask_tab(gr), history_tab(gr), export_tab(gr)
+        e.go.click(on.edit, [e.prompt, e.subject, e.target, e.method, e.guard, e.batch],
+                   [e.verdict, e.diagnostics, e.numbers, e.generations, h.history, h.plot], api_name="edit")
+        a.ask.click(on.ask, [a.question, a.tokens], [a.base_answer, a.edited_answer, a.error], api_name="ask")
+        h.undo.click(on.undo, [h.number], [h.message, h.history, h.plot], api_name="undo")
+        x.delta.click(on.delta, [], [x.delta_file, x.message], api_name="export_delta")
+        x.save.click(on.model, [], [x.message], api_name="export_model")
+        app.load(on.history, [], [h.history, h.plot], api_name="history")
     return app
 
 

@@ -3,14 +3,14 @@ refused or rolled back an edit, for someone who has not read the papers."""
 
 from __future__ import annotations
 
-from ..editing.guard import GuardRefused
-from ..editing.request import EditRequest
+from ..editing.records import Diagnostics, GuardRefused
+from ..request import EditRequest
 
 
 def explain_diagnostics(d) -> list[str]:
     """One line per collapse-relevant diagnostic of a ROME/C-ROME edit (``Diagnostics``); a MEMIT
-    list has none of these (an empty list)."""
-    if d is None:
+    list has none of these (``BatchDiagnostics`` or None: an empty list)."""
+    if not isinstance(d, Diagnostics):
         return []
     lines = [
         f"denominator k·u = {d.denominator:.3g}: the update divides by it; near zero, the update explodes "

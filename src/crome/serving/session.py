@@ -2,7 +2,7 @@
 
 ``EditSession`` keeps the base W of every layer an edit has touched and the applied edits' factors
 in order. Its invariant: the edited layers' W equal the base plus the applied edits' factors, added
-in order (``memit.add_factors``). It holds after an edit, after undoing *any* edit, and in a fresh
+in order (``weights.replay``). It holds after an edit, after undoing *any* edit, and in a fresh
 process that applies the exported delta file (``editing/delta.py``), so all three give the same bits.
 
 One lock serialises everything that touches the weights: an edit, an undo, an export, and each
@@ -21,18 +21,23 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..editing import methods as table
+from ..editing import weights
 from ..editing.delta import DeltaEdit, fingerprint, write_delta
-from ..editing.guard import GuardRefused
-from ..editing.memit import BATCH_METHODS, add_factors
-from ..editing.request import EditRequest, parse_requests
+from ..editing.records import GuardRefused
 from ..errors import CromeError
-from ..evaluation.measure import generate
+from ..request import EditRequest, requests_from_input
+from ..scoring.measure import generate
 from .explain import explain_diagnostics, explain_refusal
 
 # Bounds on what a page may send (characters; requests in one MEMIT list; tokens).
 MAX_TEXT, MAX_PROMPT, MAX_REQUESTS, MAX_TOKENS = 200, 500, 20, 100
-METHODS = ("crome", "rome", "memit", "cmemit")
-GUARDS = ("verify", "off", "refuse")
+# The page's choices: the table's served methods, the default first; the guard actions they take,
+# verify (the page's default) first, without fallback (the page applies the method it names or nothing).
+SERVED = tuple(m for m in table.METHODS.values() if m.served)
+METHODS = tuple(sorted((m.name for m in SERVED), key=lambda name: name != table.DEFAULT_METHOD))
+GUARDS = tuple(sorted((g for g in table.GUARD_ACTIONS if g != "fallback" and any(g in m.guards for m in SERVED)),
+                      key=lambda g: g != "verify"))
 
 
 def bounded(name: str, text: str | None, limit: int) -> str:
@@ -43,9 +48,16 @@ def bounded(name: str, text: str | None, limit: int) -> str:
     return text
 
 
-def factors_of(edit) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """An edit's ΔW as factors per layer, on the CPU (ROME's Λ uᵀ, or a MEMIT batch's (a, b))."""
-    return {int(x): (a.detach().cpu(), b.detach().cpu()) for x, (a, b) in edit.factors.items()}
+def choice(method: str, guard: str) -> table.Method:
+    """The table's entry for the page's ``method``, checked with ``guard`` (one line for a bad pair)."""
+    m = table.method(method)
+    if m.name not in METHODS:
+        raise CromeError(f"{m.label} is not offered here: choose one of {', '.join(METHODS)}")
+    if guard not in GUARDS:
+        raise CromeError(f"unknown guard '{guard}': choose {', '.join(GUARDS)}")
+    if guard not in m.guards:
+        raise CromeError(f"{m.label} takes the guard {' or '.join(g for g in GUARDS if g in m.guards)}")
+    return m
 
 
 @dataclass
@@ -77,10 +89,10 @@ class EditSession:
     """The model, the base weights of the touched layers, the applied edits, one lock."""
 
     def __init__(self, lm, job, texts: list[str] | None = None, gen_tokens: int = 20, status=None):
-        from ..evaluation.jobs import _quiet
+        from ..evaluation.jobs import quiet
 
         self.lm, self.job, self.texts, self.gen_tokens = lm, job, texts, gen_tokens
-        self.status = status or _quiet
+        self.status = status or quiet
         self.lock = threading.RLock()
         self.base: dict[int, torch.Tensor] = {}
         self.applied: list[Applied] = []
@@ -91,7 +103,7 @@ class EditSession:
         self._fingerprint: dict | None = None
         self.ppl_base = None
         if texts:
-            self.ppl_base = self.context("crome", "off").monitor.baseline
+            self.ppl_base = self.context(table.DEFAULT_METHOD, "off").monitor.baseline
 
     # ------------------------------------------------------------ weights
     def _snapshot(self, layers) -> None:
@@ -105,9 +117,7 @@ class EditSession:
         with torch.no_grad():
             for layer, w in self.base.items():
                 self.lm.mlp_out(layer).weight.copy_(w)
-        for e in self.applied if edits is None else edits:
-            for layer, (a, b) in e.delta.factors.items():
-                add_factors(self.lm, layer, a, b)
+        weights.replay(self.lm, (e.delta.factors for e in (self.applied if edits is None else edits)))
 
     @contextmanager
     def unedited(self):
@@ -124,10 +134,7 @@ class EditSession:
         monitor's and the guard's baselines are the unedited model)."""
         from ..evaluation.jobs import prepare, with_checks
 
-        if method not in METHODS:
-            raise CromeError(f"unknown method '{method}': choose {', '.join(METHODS)}")
-        if guard not in GUARDS:
-            raise CromeError(f"unknown guard '{guard}': choose {', '.join(GUARDS)}")
+        choice(method, guard)
         with self.lock:
             if (method, guard) not in self._contexts:
                 job = replace(self.job, method=method, guard=guard)
@@ -146,26 +153,30 @@ class EditSession:
         if not self.texts:
             return None
         with self.lock:
-            monitor = self.context("crome", "off").monitor
+            monitor = self.context(table.DEFAULT_METHOD, "off").monitor
             return monitor.at(min(self.base))() if self.base else monitor.baseline
 
     # ------------------------------------------------------------ edit, undo
     def requests(self, prompt: str, subject: str, target: str, method: str, batch: str = "") -> list[EditRequest]:
-        """The page's fields as requests (one line of error for a bad one), before any lock."""
-        if method in BATCH_METHODS and batch and batch.strip():
-            requests = parse_requests(bounded("list of facts", batch, MAX_REQUESTS * (MAX_PROMPT + 3 * MAX_TEXT)),
-                                      "the list of facts")
+        """The page's fields as requests (one line of error for a bad one), before any lock: the list of
+        facts for a batch method when there is one, else the fact's fields (``requests_from_input``)."""
+        batch_method = table.method(method).batch
+        if batch_method and batch and batch.strip():
+            requests = requests_from_input(batch=True, source="the list of facts",
+                                           listed=bounded("list of facts", batch,
+                                                          MAX_REQUESTS * (MAX_PROMPT + 3 * MAX_TEXT)))
             if len(requests) > MAX_REQUESTS:
                 raise CromeError(f"{len(requests)} facts in one update; at most {MAX_REQUESTS}")
             return requests
-        return [EditRequest.create(bounded("prompt", prompt, MAX_PROMPT), bounded("subject", subject, MAX_TEXT),
-                                   bounded("new target", target, MAX_TEXT))]
+        return requests_from_input(bounded("prompt", prompt, MAX_PROMPT), bounded("subject", subject, MAX_TEXT),
+                                   bounded("new target", target, MAX_TEXT), batch=batch_method)
 
-    def edit(self, prompt: str = "", subject: str = "", target: str = "", method: str = "crome",
+    def edit(self, prompt: str = "", subject: str = "", target: str = "", method: str = table.DEFAULT_METHOD,
              guard: str = "verify", batch: str = "") -> EditOutcome:
         """Compute, judge and apply one edit (or one MEMIT list); the history keeps it."""
         from ..evaluation.report import edit_and_report
 
+        choice(method, guard)
         requests = self.requests(prompt, subject, target, method, batch)
         with self.lock:
             ctx = self.context(method, guard)
@@ -187,9 +198,10 @@ class EditSession:
                                           "model is unchanged.", report=report.to_dict(), ppl_before=ppl_before)
             self._numbers += 1
             record = report.to_dict()
-            applied = Applied(self._numbers, DeltaEdit([r.to_dict() for r in requests], method, factors_of(edit),
-                                                       _provenance(record)),
-                              record, explain_diagnostics(getattr(edit, "diagnostics", None)), None)
+            delta = DeltaEdit([r.to_dict() for r in requests], method, weights.on_cpu(edit.factors),
+                              _provenance(record))
+            applied = Applied(self._numbers, delta, record,
+                              explain_diagnostics(getattr(edit, "diagnostics", None)), None)
             self.applied.append(applied)
             self._rebuild()
             applied.ppl_after = self.perplexity()
@@ -234,9 +246,9 @@ class EditSession:
         ids = self.lm.tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.lm.device)
         seqs, done = [ids, ids], [False, False]
         for _ in range(n):
-            for i, weights in enumerate((self.unedited, self._current)):
+            for i, state in enumerate((self.unedited, self._current)):
                 if not done[i]:
-                    with weights():
+                    with state():
                         seqs[i] = _next_token(self.lm, seqs[i])
                     done[i] = int(seqs[i][0, -1]) == self.lm.tokenizer.eos_token_id
             yield self._decode(seqs[0], ids), self._decode(seqs[1], ids)

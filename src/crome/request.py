@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..errors import CromeError
+from .errors import CromeError
 
 SLOT = "{}"
 
@@ -89,6 +89,32 @@ def parse_requests(text: str, source: str = "requests") -> list[EditRequest]:
     if not requests:
         raise CromeError(f"{source}: no requests")
     return requests
+
+
+def requests_from_input(prompt: str | None = None, subject: str | None = None, target: str | None = None,
+                        target_true: str | None = None, *, batch: bool, listed=None, source: str = "requests",
+                        batch_methods: tuple[str, ...] = ()) -> list[EditRequest]:
+    """The facts of one edit, by the one rule ``crome edit`` and ``crome serve``'s page share: either one
+    fact's fields (``prompt``, ``subject``, ``target``: None when not given, ``target_true`` optional),
+    or ``listed``, a list of facts edited as one update, which only a ``batch`` method takes: its text
+    (JSON list or JSON lines, named ``source`` in errors) or a path to a file of it (``os.PathLike``).
+    ``batch_methods``: the methods the error for a list with another method names. The rule's own
+    errors name ``crome edit``'s flags; the page picks one of its inputs before calling (a list only for
+    a batch method, its fields always strings), so it meets only those of the facts themselves."""
+    import os
+
+    if listed is not None and not batch:
+        raise CromeError("--requests edits several facts as one update: use --method " + ", ".join(batch_methods))
+    given = [x for x in (prompt, subject, target) if x is not None]
+    if listed is not None and given:
+        raise CromeError("give either --requests or --prompt/--subject/--target, not both")
+    if listed is None and len(given) < 3:
+        raise CromeError("an edit needs --prompt, --subject and --target (or --requests with MEMIT)")
+    if isinstance(listed, os.PathLike):
+        return load_requests(listed)
+    if listed is not None:
+        return parse_requests(listed, source)
+    return [EditRequest.create(prompt, subject, target, target_true)]
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,13 @@ from ..errors import CromeError
 DEFAULT_CORPUS = "english_passages.txt"
 
 
+def corpus_path(name: str) -> Path:
+    """A file that ships with crome in its ``corpus`` folder."""
+    return Path(str(resources.files(__name__.split(".")[0]) / "corpus" / name))
+
+
 def default_corpus_path() -> Path:
-    return Path(str(resources.files("crome") / "corpus" / DEFAULT_CORPUS))
+    return corpus_path(DEFAULT_CORPUS)
 
 
 def perplexity_source(path: str | Path | None = None) -> Path:

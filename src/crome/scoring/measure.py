@@ -9,14 +9,16 @@ queried in one, which restores efficacy on first-token subjects).
 from __future__ import annotations
 
 import math
+import random
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from ..editing.request import pad_right, target_ids
+from ..errors import CromeError
 from ..hooks import widen
 from ..models import LoadedModel
+from ..request import pad_right, target_ids
 
 # A model is called collapsed when its perplexity grows by more than this factor.
 # Healthy single edits move perplexity by a few percent; collapsed ROME edits
@@ -202,3 +204,19 @@ class Prefixed:
 def template_prefix(template: str) -> str:
     """The prefix text of a context template "<text>. {}"."""
     return template.replace("{}", "").strip()
+
+
+TEST_PREFIXES = ("none", "fixed", "random")
+
+
+def choose_test_prefix(mode: str, templates: list[str], seed: int = 0, case_id: str = "") -> str | None:
+    """The one rule for the prefix prepended at test time: none, the first sampled context template's
+    text (``fixed``), or one of the edit's context templates drawn with (seed, case_id) (``random``)."""
+    if mode not in TEST_PREFIXES:
+        raise CromeError(f"unknown test prefix '{mode}': choose one of {', '.join(TEST_PREFIXES)}")
+    sampled = [t for t in templates if template_prefix(t)]
+    if mode == "none" or not sampled:
+        return None
+    if mode == "fixed":
+        return template_prefix(sampled[0])
+    return template_prefix(random.Random(f"{seed}:{case_id}").choice(sampled))

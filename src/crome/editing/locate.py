@@ -1,4 +1,4 @@
-"""Causal tracing (ROME's "locate" step, Meng et al. 2022 §2).
+"""Locate: causal tracing, ROME's step that finds where a fact is recalled (Meng et al. 2022 §2).
 
 For a known fact: run the prompt clean, then with Gaussian noise added to the subject's
 token embeddings (3 × the embeddings' standard deviation, seeded), and then corrupted
@@ -13,6 +13,8 @@ kind, layer and token position:
 All restorations of one fact run in a few batched forward passes (one row per
 (kind, layer, position)). Positions are reported in ROME's six groups: first, middle
 and last subject token, first subsequent token, further tokens, last token.
+``layer_choice`` picks the edited layer from these effects; ``crome.analysis.trace_plot``
+plots them.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..editing.request import EditRequest, locate
 from ..hooks import forward_hook, record, widen
 from ..models import LoadedModel
+from ..request import EditRequest, locate, target_ids
 
 KINDS = ("hidden", "mlp", "attn")
 GROUPS = ("first subject token", "middle subject tokens", "last subject token",
@@ -111,8 +113,6 @@ def trace_fact(lm: LoadedModel, prompt: str, subject: str, answer: str, seed: in
     """Indirect effects of every (kind, layer, position); with ``last_subject_only`` only the
     subject's last token is restored (the other positions' effects stay 0). Windows of MLP and
     attention layers start at ``first_layer`` at the lowest."""
-    from ..editing.request import target_ids
-
     req = EditRequest.create(prompt, subject, answer)
     loc = locate(lm.tokenizer, req)
     ids = torch.tensor([loc.ids], device=lm.device)

@@ -1,0 +1,97 @@
+"""The table of methods: every fact about an editing method, in one record each.
+
+A method is a step (how the update is computed) and a handful of facts about it:
+
+* ``step``: ``rank_one``, ROME's closed form, one fact into one layer (``edit.py``); or ``batch``,
+  MEMIT's least-squares solve of several facts over several layers (``memit.py``);
+* ``reads``: where the update reads the "current" key and value (ROME) or the residual stream (MEMIT):
+  ``bare``, the unprefixed prompt (the reference implementations), or ``mean``, the mean over the same
+  context templates as k̄ (consistent: "The Fall of ROME");
+* ``needs_c``: the solve cannot run without key statistics C;
+* ``null_space``: AlphaEdit's projected solve against the running sum of earlier edits' keys;
+* ``guards``: the guard actions it takes (a batch is judged as a whole: off or verify);
+* ``served``: offered on ``crome serve``'s page.
+
+A consistent method's edit is learned for prefixed contexts, so its efficacy is checked after the
+test-time prefix (``prefixed_test``). Adding a method is one entry here plus its step file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import CromeError
+
+STEPS = ("rank_one", "batch")
+GUARD_ACTIONS = ("off", "refuse", "verify", "fallback")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    step: str
+    reads: str
+    needs_c: bool
+    null_space: bool = False
+    served: bool = False
+
+    @property
+    def batch(self) -> bool:
+        """Several facts as one update over several layers (MEMIT's step)."""
+        return self.step == "batch"
+
+    @property
+    def consistent(self) -> bool:
+        return self.reads == "mean"
+
+    @property
+    def prefixed_test(self) -> bool:
+        """Efficacy is read after the test-time prefix: the edit was learned for prefixed contexts."""
+        return self.consistent
+
+    @property
+    def current_key(self) -> tuple[str, str]:
+        """The ``Keys`` fields ROME's update takes as k_cur and v_cur."""
+        return f"k_{self.reads}", f"v_{self.reads}"
+
+    @property
+    def guards(self) -> tuple[str, ...]:
+        return ("off", "verify") if self.batch else GUARD_ACTIONS
+
+    def require_stats(self, missing: list[int] | None = None) -> None:
+        """The one rule for a method whose solve needs C and has none (at ``missing`` layers)."""
+        where = f" at layers {missing}" if missing else ""
+        raise CromeError(f"{self.label}'s solve needs key statistics (C){where}: drop --no-mom2")
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("rome", "ROME", "rank_one", "bare", needs_c=False, served=True),
+    Method("crome", "C-ROME", "rank_one", "mean", needs_c=False, served=True),
+    Method("memit", "MEMIT", "batch", "bare", needs_c=True, served=True),
+    Method("cmemit", "C-MEMIT", "batch", "mean", needs_c=True, served=True),
+    Method("alphaedit", "AlphaEdit", "batch", "bare", needs_c=True, null_space=True),
+    Method("calphaedit", "C-AlphaEdit", "batch", "mean", needs_c=True, null_space=True),
+)}
+DEFAULT_METHOD = "crome"
+DEFAULT_BATCH_METHOD = "cmemit"
+# the method the guard falls back to, and the one trial edits of ``--layer auto`` make: consistent, one fact
+FALLBACK_METHOD = "crome"
+# ``crome demo``: the reference and its consistent fix, side by side
+DEMO_METHODS = ("rome", "crome")
+# the reference implementation (bare keys): the method whose first-token collapse ``crome analyze
+# first-token`` edits again with random text before the subject
+REFERENCE_METHOD = "rome"
+SINGLE_METHODS = tuple(m.name for m in METHODS.values() if not m.batch)
+BATCH_METHODS = tuple(m.name for m in METHODS.values() if m.batch)
+
+
+def method(name: str | Method, step: str | None = None) -> Method:
+    """The table's entry for ``name`` (with ``step``: only a method of that step), or one line naming
+    the choices."""
+    m = name if isinstance(name, Method) else METHODS.get(name) if isinstance(name, str) else None
+    if m is None or (step is not None and m.step != step):
+        names = [x for x, v in METHODS.items() if step is None or v.step == step]
+        kind = "batch " if step == "batch" else ""
+        raise CromeError(f"unknown {kind}method '{getattr(name, 'name', name)}': choose one of {', '.join(names)}")
+    return m
