@@ -9,9 +9,11 @@ Protocols (``--protocol``):
   A: 100 edits per update (AlphaEdit's protocol; batch methods only);
   B: 1 edit per update, the harder one.
 
-A run name is a method (crome, memit, cmemit, alphaedit, calphaedit) with options joined by "+":
+A run name is a method (crome, memit, cmemit, alphaedit, calphaedit, memory) with options joined by "+":
 ``mpes`` (MPES early stopping), ``norm<μ>`` (ENCORE's norm bound, μ as ``--norm-weight``),
-``e<share>`` (AlphaEdit's null-space energy share), e.g. ``calphaedit+mpes+norm1``.
+``e<share>`` (AlphaEdit's null-space energy share), ``nas`` (NAS norm-anchor scaling), ``t<n>`` (n
+context templates: the bare prompt and n − 1 sampled ones of 5 tokens, instead of 21), e.g.
+``calphaedit+mpes+norm1`` or ``calphaedit+mpes+nas+t6``.
 A run stops at ``--n`` edits, or earlier at ``--cap`` edits once its perplexity has passed
 2× (so that a collapsing method spends no more time than the comparison needs).
 
@@ -48,19 +50,28 @@ def job_for(name: str, protocol: str, args):
     for flag in flags:
         if flag == "mpes":
             hparams["mpes"] = True
+        elif flag == "nas":
+            hparams["nas"] = True
+        elif flag.startswith("t") and flag[1:].isdigit():      # t6: the bare prompt and 5 sampled templates
+            hparams["template_lengths"] = [[5, int(flag[1:]) - 1]]
         elif flag.startswith("norm"):
             hparams["norm_weight"] = float(flag[4:])
+        elif flag.startswith("tau"):                            # tau0.8: the memory's gate threshold
+            hparams["memory_threshold"] = float(flag[3:])
         elif flag.startswith("e"):
             hparams["null_space_energy"] = float(flag[1:])
         else:
             raise SystemExit(f"unknown run option {flag!r} in {name!r}")
-    batch = method not in ("rome", "crome")
+    from crome.editing.methods import method as entry
+
+    batch = entry(method).batch
     if protocol == "A" and not batch:
         raise SystemExit(f"protocol A edits 100 facts per update: {method} edits one")
     out = Path(args.out_dir) / protocol / f"{name}.jsonl"
     return EvalJob(data=args.data, out=str(out), method=method, ppl_data=args.ppl_data, sequential=True,
                    monitor_every=args.monitor_every or BATCH[protocol] * (1 if protocol == "A" else 10),
-                   retained_every=args.retained_every, gen_tokens=0, gen_em=True, resume=True,
+                   retained_every=args.retained_every, retained_sample=args.retained_sample, gen_tokens=0,
+                   gen_em=True, resume=True,
                    batch_size=BATCH[protocol] if batch else 1, seed=args.seed, hparams=hparams).absolute()
 
 
@@ -261,7 +272,9 @@ def main() -> None:
     ap.add_argument("--monitor-every", type=int, default=None,
                     help="Perplexity and ||W|| every k-th edit (default: 10 in B, every update in A).")
     ap.add_argument("--retained-every", type=int, default=100,
-                    help="Retained ES and generation EM (they re-score every edit so far) every k-th edit.")
+                    help="Retained ES and generation EM (they re-score the edits so far) every k-th edit.")
+    ap.add_argument("--retained-sample", type=int, default=0,
+                    help="... on at most this many earlier edits, spread over the run (0: all of them).")
     add_run_options(ap, str(DATA / "counterfact" / "counterfact-train.json"), str(DATA / "me-ppl" / "ME-PPL_50.json"), "runs/lifelong",
                     "docs/results/lifelong")
     args = ap.parse_args()

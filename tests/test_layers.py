@@ -28,7 +28,7 @@ EDITING_LAYERS = {
     "templates": 1, "mom2": 1,                                          # key statistics
     "weights": 2, "delta": 2,                                           # weights and factors
     "compute_key": 3, "compute_value": 3, "fast": 3, "update": 3,       # the edit steps
-    "null_space": 3, "edit": 3, "memit": 3,
+    "null_space": 3, "norm_anchor": 3, "edit": 3, "memit": 3, "memory": 3,
     "efficacy": 4,
     "locate": 5, "layer_choice": 5,
     "rules": 6, "verify": 6, "fallback": 6,                             # the guard's parts

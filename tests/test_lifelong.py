@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import FLAT, TEMPLATES, TEXTS, save_tiny, settings, stats_for, tiny_model, write
-from test_sequential import MORE, Killed, final_weights, killing_after
+from test_sequential import MORE, final_weights, killed_and_resumed
 
 from crome import CromeError, EditRequest
 from crome.cli import main
@@ -25,8 +25,6 @@ from crome.editing.null_space import NullSpace, alphaedit_solve, outer_sum, proj
 from crome.editing.weights import factor_update
 from crome.evaluation.checkpoint import FactorStore
 from crome.evaluation.datasets import load_cases
-from crome.evaluation.evaluate import run
-from crome.evaluation.results import ResultsFile
 from crome.scoring.measure import answer_matches, generation_matches
 
 REQUESTS = [EditRequest.create("{} is the capital of", "Paris", "Germany"),
@@ -150,13 +148,7 @@ def test_a_killed_alphaedit_run_resumes_with_its_projections_and_key_sum(tokeniz
     def ctx():
         return RunContext(s, HP, TEMPLATES, TEXTS, stats=stats, null_space=NullSpace.from_stats(stats, 0.3))
 
-    whole, part = tmp_path / "whole.jsonl", tmp_path / "part.jsonl"
-    reference = run(lm, cases, ctx(), whole)
-    with pytest.raises(Killed):
-        run(lm, cases, ctx(), part, progress=killing_after(3))
-    assert 0 < len(ResultsFile(part).read()) < len(cases)
-    run(lm, cases, ctx(), part, resume=True)
-    assert part.read_bytes() == whole.read_bytes()
+    reference, whole, part = killed_and_resumed(lm, cases, ctx, tmp_path)
     a, b = final_weights(lm, whole, layers), final_weights(lm, part, layers)
     assert all(torch.equal(a[x], b[x]) for x in layers)
     store = FactorStore(part)
@@ -334,3 +326,69 @@ def test_v_star_batches_go_in_chunks_with_the_same_values(tokenizer, monkeypatch
     chunked = compute_v_stars(lm, requests, 1, TEMPLATES, v0, hp, FastRunner)
     assert calls == [2, 1]
     assert all(torch.allclose(a.delta, b.delta, atol=1e-5) and a.steps == b.steps for a, b in zip(whole, chunked))
+
+
+# ---------------------------------------------------------------- issue 37: NAS, retained sample
+
+def test_nas_rescales_v_star_to_the_anchor_and_skips_an_outlier():
+    from crome.editing.norm_anchor import NormAnchor, trimmed_mean
+
+    anchor = NormAnchor(norm=3.0, layer=1, trials=4, skip=2.0)
+    scaled, ratio = anchor.scale(torch.tensor([0.0, 4.0, 3.0]))
+    assert float(scaled.norm()) == pytest.approx(3.0) and ratio == pytest.approx(5.0 / 3.0)
+    assert torch.allclose(scaled / scaled.norm(), torch.tensor([0.0, 0.8, 0.6]))
+    skipped, ratio = anchor.scale(torch.tensor([0.0, 6.5, 0.0]))
+    assert skipped is None and ratio > 2.0
+    assert trimmed_mean([1.0] * 19 + [100.0]) == 1.0          # the top 5% left out
+
+
+@pytest.mark.parametrize("method", ["alphaedit", "calphaedit"])
+def test_an_alphaedit_edit_with_nas_has_v_star_at_the_anchor_or_skips_it(tokenizer, method):
+    """z = h − v0 + v*, ‖v*‖ = m̄; an outlier (‖v*‖ > 2 m̄) is not edited (z = h) and recorded."""
+    from crome.editing import memit
+    from crome.editing.methods import method as entry
+    from crome.editing.norm_anchor import norm_anchor, reads
+
+    lm = tiny_model("llama", tokenizer)
+    hp = replace(HP, nas=True, nas_trials=2)
+    stats = stats_for(lm, HP.memit_layers)
+    consistent = entry(method).consistent
+    anchor = norm_anchor(lm, REQUESTS, entry(method), hp, TEMPLATES, use_cache=False)
+    assert anchor.layer == 1 and anchor.trials == 2 and anchor.norm > 0
+    v0, h = reads(lm, REQUESTS, 1, TEMPLATES, consistent)
+    edit, handle = memit.apply_memit(lm, REQUESTS, method, hp, stats, TEMPLATES, anchor=anchor)
+    handle.restore()
+    for i, r in enumerate(edit.per_request):
+        assert not r["nas_skipped"]
+        assert float((edit.targets[i] - h[i] + v0[i]).norm()) == pytest.approx(anchor.norm, rel=1e-4)
+    tiny_anchor = replace(anchor, norm=anchor.norm / 10)           # every v* is now an outlier
+    edit, handle = memit.apply_memit(lm, REQUESTS, method, hp, stats, TEMPLATES, anchor=tiny_anchor)
+    handle.restore()
+    assert all(r["nas_skipped"] and r["nas_ratio"] > 2 for r in edit.per_request)
+    assert torch.allclose(edit.targets, h.cpu(), atol=1e-6)
+    with pytest.raises(CromeError, match="needs its norm anchor"):
+        memit.apply_memit(lm, REQUESTS, method, hp, stats, TEMPLATES)
+
+
+def test_cli_eval_with_nas_records_the_anchor_fields_and_refuses_rome(folder, tmp_path):
+    data = write(tmp_path, FLAT)
+    out = tmp_path / "nas.jsonl"
+    common = ["--model", str(folder), "--layer", "1", "--memit-layers", "0-1", "--mom2-samples", "200"]
+    r = CliRunner().invoke(main, ["eval", "--data", str(data), "--method", "alphaedit", "--out", str(out), "--nas",
+                                  "--sequential", "--gen-tokens", "0", "--retained-sample", "2", *common])
+    assert r.exit_code == 0, r.output
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert records[0]["hparams"]["nas"] and all("nas_ratio" in x for x in records)
+    assert records[0]["retained_sample"] == 2 and records[-1]["retained_efficacy"] is not None
+    r = CliRunner().invoke(main, ["eval", "--data", str(data), "--method", "crome", "--out", str(tmp_path / "x.jsonl"),
+                                  "--nas", *common])
+    assert r.exit_code != 0 and "--nas rescales the batch step" in r.output
+
+
+def test_the_retained_sample_is_spread_over_the_run_and_the_same_at_every_count():
+    from crome.evaluation.sequential import spread
+
+    items = list(range(10))
+    assert spread(items, 0) == items and spread(items, 20) == items
+    assert spread(items, 4) == [0, 3, 6, 9] and spread(items, 4) == spread(list(items), 4)
+    assert spread(items, 1) == [9]

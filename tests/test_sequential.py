@@ -34,6 +34,20 @@ def killing_after(n):
     return progress
 
 
+def killed_and_resumed(lm, cases, ctx, tmp_path, kill_at=3):
+    """An uninterrupted run and one killed before case ``kill_at + 1`` and resumed, each with a fresh
+    context ``ctx()``: (the uninterrupted run's records, its results file, the resumed one's). The two
+    results files are checked byte for byte."""
+    whole, part = tmp_path / "whole.jsonl", tmp_path / "part.jsonl"
+    reference = run(lm, cases, ctx(), whole)
+    with pytest.raises(Killed):
+        run(lm, cases, ctx(), part, progress=killing_after(kill_at))
+    assert 0 < len(ResultsFile(part).read()) < len(cases)
+    run(lm, cases, ctx(), part, resume=True)
+    assert part.read_bytes() == whole.read_bytes()
+    return reference, whole, part
+
+
 def final_weights(lm, out, layers):
     """The weights after the last update of a finished run: replayed from its checkpoint."""
     from crome.evaluation.checkpoint import replay

@@ -195,6 +195,9 @@ def _lifelong_opts(f):
         click.option("--mpes", is_flag=True,
                      help="Stop the v* optimisation once the target is the most probable token on every prompt "
                           "(ENCORE's MPES)."),
+        click.option("--nas", is_flag=True,
+                     help="MEMIT/AlphaEdit: rescale every value vector v* to the mean norm of trial v*s on the "
+                          "unedited model, and skip an outlier (over 2x): NAS, norm-anchor scaling."),
         click.option("--norm-weight", type=float, default=None,
                      help="MEMIT/AlphaEdit: bound the update's norm, a ridge mu*mean(eig C)*I in the solve "
                           "(ENCORE; default 0: off)."),
@@ -243,7 +246,7 @@ def _job(o: dict, **fixed):
 
 def _hparams(o: dict, memit: str | None) -> dict:
     """The hyper-parameters the flags override (those given)."""
-    given = {name: o.pop(name, None) for name in ("mpes", "norm_weight", "null_space_energy", "alphaedit_l2")}
+    given = {name: o.pop(name, None) for name in ("mpes", "nas", "norm_weight", "null_space_energy", "alphaedit_l2")}
     if memit:
         given["memit_layers"] = _layers(memit)
     return {k: v for k, v in given.items() if v not in (None, False)}
@@ -284,11 +287,13 @@ def _writable_folder(path: str | None, flag: str) -> None:
 @_lifelong_opts
 def edit(**o):
     """Edit one fact (or, with MEMIT, a file of them), check it (the guard), and report what it did to the model."""
+    from .evaluation.options import check_options
     from .evaluation.report import edit_and_report
     from .scoring.texts import perplexity_source
 
     requests = _edit_requests(o)
     job = _job(o)
+    check_options(job.method, save=bool(o["save_dir"]))
     _writable(o["out_path"])
     _writable_folder(o["save_dir"], "--save")
     lm, ctx = _context(job, ppl=not o["no_ppl"])
@@ -473,6 +478,9 @@ def _print_demo(result) -> None:
               help="Join a Ray cluster: 'auto' or HOST:PORT (default: start a local Ray).")
 @click.option("--threads", type=int, default=None,
               help="Torch threads per worker on CPU (default: the CPUs split evenly).")
+@click.option("--retained-sample", type=int, default=0, show_default=True,
+              help="With --sequential: retained efficacy on at most N earlier edits, evenly spread over the run "
+                   "so far (the same ones at every resume), so that its cost stays flat; 0: every earlier edit.")
 @click.option("--gen-em", is_flag=True,
               help="Also score generation-based exact match: greedy generation after the edit prompt, its "
                    "paraphrases and (with --sequential) every earlier edit's prompt.")
@@ -489,7 +497,7 @@ def eval_(**o):
     _writable(out_path)
     _writable(md_path)
     run_opts = ("data", "n_cases", "test_prefix", "resume", "skip_invalid", "sequential", "monitor_every",
-                "retained_every", "gen_tokens", "edits_per_pass", "batch_size", "gen_em")
+                "retained_every", "retained_sample", "gen_tokens", "edits_per_pass", "batch_size", "gen_em")
     job = _job(o, out=out_path, case_ids=tuple(case_ids.split(",")) if case_ids else None,
                **{k: o[k] for k in run_opts})
     cases, skipped, dataset_path = cases_of(job)

@@ -21,6 +21,7 @@ from .layer_choice import resolve
 from .memit import BatchEdit
 from .methods import DEFAULT_BATCH_METHOD, DEFAULT_METHOD, method
 from .mom2 import KeyStats, layer_stats, stats_for
+from .norm_anchor import NormAnchor
 from .null_space import NullSpace
 from .records import LayerChoice
 from .rules import GuardRule
@@ -102,15 +103,18 @@ def compute_edit(lm: LoadedModel, request: EditRequest, name: str = DEFAULT_METH
 def apply_memit(lm: LoadedModel, requests: list[EditRequest], name: str = DEFAULT_BATCH_METHOD, *,
                 hparams: Hparams | None = None, stats: dict[int, KeyStats] | None = None,
                 templates: list[str] | None = None, seed: int = 0, runner_cls=None,
-                null_space: NullSpace | None = None) -> tuple[BatchEdit, WeightsHandle]:
+                null_space: NullSpace | None = None,
+                anchor: NormAnchor | None = None) -> tuple[BatchEdit, WeightsHandle]:
     """Compute and apply a batch method's edit (``memit.apply_memit``), defaults filled in: the model's
-    hyper-parameters, C at every edited layer (computed once, cached), sampled templates."""
+    hyper-parameters, C at every edited layer (computed once, cached), sampled templates. ``anchor``:
+    NAS's norm anchor, with ``hparams.nas`` (``norm_anchor.norm_anchor``)."""
     m = method(name, "batch")
     hp, _, templates = resolved(lm, hparams, None, seed, templates)
     if stats is None:
         stats = layer_stats(lm, m, hp)
     runner = {} if runner_cls is None else dict(runner_cls=runner_cls)
-    return memit.apply_memit(lm, requests, m, hp, stats, templates, seed, null_space=null_space, **runner)
+    return memit.apply_memit(lm, requests, m, hp, stats, templates, seed, null_space=null_space, anchor=anchor,
+                             **runner)
 
 
 def guarded_apply(lm: LoadedModel, request: EditRequest, name: str, action: str = "off", *,

@@ -18,8 +18,10 @@ from dataclasses import dataclass, replace
 from ..errors import CromeError
 from ..scoring.monitor import PerplexityMonitor
 from .hparams import Hparams, edited_layers
+from .memory import EditMemory
 from .methods import Method, method
 from .mom2 import KeyStats
+from .norm_anchor import NormAnchor
 from .null_space import NullSpace
 from .records import LayerChoice
 from .rules import GuardRule
@@ -41,6 +43,7 @@ class RunSettings:
     sequential: bool = False
     monitor_every: int = 1
     retained_every: int = 0         # sequential: retained efficacy every k-th edit (0: with the perplexity)
+    retained_sample: int = 0        # sequential: retained efficacy on at most this many earlier edits (0: all)
     guard: str = "off"
     guard_threshold: float | None = None
     key_stats_source: str = "off"   # source of C (mom2 adjustment), or "off"
@@ -63,6 +66,8 @@ class RunContext:
     verifier: Verifier | None = None                         # verify, fallback
     monitor: PerplexityMonitor | None = None                 # built by ``with_monitor``
     null_space: NullSpace | None = None                      # AlphaEdit: projections, running key sum
+    anchor: NormAnchor | None = None                         # NAS: the norm anchor of v*
+    memory: EditMemory | None = None                         # a memory method: the gated memory, on the model
 
     @property
     def method(self) -> Method:

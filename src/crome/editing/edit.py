@@ -24,7 +24,7 @@ from .fast import FastRunner
 from .hparams import Hparams
 from .methods import Method, method
 from .mom2 import KeyStats
-from .records import Diagnostics, LayerChoice
+from .records import Diagnostics, LayerChoice, OneFact
 from .update import current, rank_one_update
 from .weights import Factors, WeightsHandle, add_delta, check_finite
 
@@ -43,7 +43,7 @@ class EditVectors:
 
 
 @dataclass
-class Edit:
+class Edit(OneFact):
     """A computed rank-one edit (ΔW is [d_out, d_in]) and everything needed to reproduce it."""
 
     request: EditRequest
@@ -63,14 +63,6 @@ class Edit:
     def factors(self) -> Factors:
         """ΔW as factors, layer -> (a, b) with ΔW = a bᵀ (as a MEMIT ``BatchEdit`` holds them)."""
         return {self.layer: (self.vectors.lam[:, None], self.vectors.u[:, None])}
-
-    @property
-    def layers(self) -> tuple[int, ...]:
-        return (self.layer,)
-
-    @property
-    def requests(self) -> list[EditRequest]:
-        return [self.request]
 
     @property
     def finite(self) -> bool:

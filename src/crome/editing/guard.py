@@ -29,6 +29,7 @@ from .edit import Edit, EditHandle, Prepared, apply_edit, finish_edit, prepare_e
 from .efficacy import EfficacyCheck
 from .fallback import at_layer, attempts
 from .memit import BatchEdit, apply_memit
+from .memory import MemoryEdit, MemoryHandle, memory_edit, store
 from .methods import GUARD_ACTIONS, Method, method
 from .mom2 import layer_stats, stats_for
 from .records import GuardDecision, GuardRefused
@@ -62,7 +63,35 @@ def guarded(lm: LoadedModel, requests: list[EditRequest], ctx: RunContext, *, pr
     if len(requests) != 1:
         raise CromeError(f"{ctx.method.name} edits one fact at a time; several facts as one update: a batch "
                          f"method")
+    if ctx.method.gated:
+        return guard_memory(lm, requests[0], ctx, prepared=prepared)
     return guard_single(lm, requests[0], ctx, prepared=prepared, neighbours=neighbours)
+
+
+def guard_memory(lm: LoadedModel, request: EditRequest, ctx: RunContext, *,
+                 prepared: Prepared | None = None) -> tuple[MemoryEdit, MemoryHandle, GuardDecision]:
+    """A memory method's edit through the guard: its keys and v* as ROME's, stored in the run's memory
+    (``ctx.memory``), then, with ``verify``, probe perplexity and efficacy (on the bare prompt). Raises
+    ``GuardRefused`` with the entry taken out again."""
+    m, action = ctx.method, ctx.settings.guard
+    if ctx.memory is None:
+        raise CromeError(f"{m.label} keeps its edits in the run's memory: the run context has none")
+    decision = GuardDecision.start(action, m.name, None, ctx.verifier)
+    if prepared is None:
+        prepared = prepare_edit(lm, request, ctx.hparams, ctx.templates, ctx.settings.seed,
+                                layer_choice=ctx.layer_choice)
+    edit = memory_edit(prepared, m.name, stats_for(lm, prepared.hparams, ctx.stats))
+    verifying = action == "verify"
+    check = EfficacyCheck(lm, request, prepared.templates) if verifying and ctx.verifier.efficacy else None
+    if verifying:
+        ctx.verifier.monitor.at(edit.layer)
+    handle = store(ctx.memory, edit, ctx.memory.next_number())
+    if verifying:
+        problem = verify_or_roll_back(handle, ctx.verifier, decision, edit.layer, check, m)
+        if problem:
+            decision.guard_action = "rolled back"
+            raise GuardRefused(f"guard rolled back the {m.name} edit: {problem}", edit, decision)
+    return edit, handle, decision
 
 
 def guard_single(lm: LoadedModel, request: EditRequest, ctx: RunContext, *, prepared: Prepared | None = None,
@@ -142,7 +171,7 @@ def guard_batch(lm: LoadedModel, requests: list[EditRequest],
     decision = GuardDecision.start(action, m.name, rule, ctx.verifier)
     stats = ctx.stats if ctx.stats is not None else layer_stats(lm, m, ctx.hparams)
     edit, handle = apply_memit(lm, requests, m, ctx.hparams, stats, ctx.templates, ctx.settings.seed,
-                               null_space=ctx.null_space)
+                               null_space=ctx.null_space, anchor=ctx.anchor)
     if rule is not None:
         diagnostics = edit.diagnostics
         predicted = decision.guard_predicted_collapse = rule.predicts_collapse(diagnostics)

@@ -60,6 +60,13 @@ class Hparams:
     norm_weight: float = 0.0
     null_space_energy: float = 0.2
     alphaedit_l2: float = 10.0
+    # NAS (``norm_anchor.py``): every v* rescaled to m̄, the mean ‖v*‖ of ``nas_trials`` trial edits on the
+    # unedited model; a v* over ``nas_skip``·m̄ is not edited
+    nas: bool = False
+    nas_trials: int = 50
+    nas_skip: float = 2.0
+    # the gated memory (``memory.py``): an edit fires where W's input is at least this similar to one of its keys
+    memory_threshold: float = 0.85
 
     def to_dict(self) -> dict:
         return asdict(self)

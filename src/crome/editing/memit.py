@@ -43,6 +43,7 @@ from .fast import FastRunner
 from .hparams import Hparams, memit_layers
 from .methods import Method, method
 from .mom2 import KeyStats
+from .norm_anchor import NormAnchor, check_anchor, reads
 from .null_space import NullSpace, alphaedit_solve
 from .records import BatchDiagnostics
 from .weights import Factors, WeightsHandle, add_factors, check_finite, factor_update
@@ -159,13 +160,25 @@ def solver(m: Method, hp: Hparams, stats: dict[int, KeyStats], null_space: NullS
     return solve
 
 
-def _targets(lm: LoadedModel, requests, hp: Hparams, templates, layers, read, runner_cls):
-    """Step 2: z = h + δ after the last layer (δ from the v* optimisation on the residual stream there)."""
+def _targets(lm: LoadedModel, requests, m: Method, hp: Hparams, templates, layers, read, runner_cls,
+             anchor: NormAnchor | None = None):
+    """Step 2: z = h + δ after the last layer (δ from the v* optimisation on the residual stream there);
+    with a NAS ``anchor``, z = h − v0 + v* with v* = v0 + δ rescaled (or z = h: not edited). Returns
+    (z, the v* results, per request the NAS fields)."""
     _, h0, _ = read(layers[0])
     value_hp = replace(hp, clamp_norm_factor=hp.memit_clamp_norm_factor)
     site = lm.module(lm.arch.layer_name(layers[-1]))
     values = compute_v_stars(lm, requests, layers[-1], templates, list(h0), value_hp, runner_cls, site=site)
-    return torch.stack([h + v.delta for h, v in zip(h0, values)]), values
+    z = [h + v.delta for h, v in zip(h0, values)]
+    if anchor is None:
+        return torch.stack(z), values, [{} for _ in requests]
+    v0, _ = reads(lm, requests, layers[-1], templates, m.consistent)
+    nas = []
+    for i, (h, v, a) in enumerate(zip(h0, values, v0)):
+        scaled, ratio = anchor.scale(a + v.delta)
+        z[i] = h if scaled is None else h - a + scaled
+        nas.append(dict(nas_ratio=ratio, nas_skipped=scaled is None))
+    return torch.stack(z), values, nas
 
 
 def _check_stats(m: Method, stats: dict[int, KeyStats], layers) -> None:
@@ -176,15 +189,18 @@ def _check_stats(m: Method, stats: dict[int, KeyStats], layers) -> None:
 
 def apply_memit(lm: LoadedModel, requests: list[EditRequest], name: str | Method, hp: Hparams,
                 stats: dict[int, KeyStats], templates: list[str], seed: int = 0, runner_cls=FastRunner,
-                null_space: NullSpace | None = None) -> tuple[BatchEdit, WeightsHandle]:
+                null_space: NullSpace | None = None,
+                anchor: NormAnchor | None = None) -> tuple[BatchEdit, WeightsHandle]:
     """Compute and apply the batch method ``name``'s edit of ``requests`` at ``memit_layers(hp)`` with
     C by layer ``stats`` and context templates ``templates`` (``seed``: theirs, recorded).
 
     Layers are updated one after another (each layer's residual is read with the layers below
     already edited), so computing is applying. Returns the edit and a handle that restores every
     edited layer; a non-finite update is rolled back and raises. ``null_space``: AlphaEdit's
-    projections and running key sum (a sequential run's); None: made from ``stats``, no earlier edits."""
+    projections and running key sum (a sequential run's); None: made from ``stats``, no earlier edits.
+    ``anchor``: NAS's norm anchor (``Hparams.nas``)."""
     m = method(name, "batch")
+    check_anchor(hp, anchor)
     if not requests:
         raise CromeError("no requests to edit")
     layers = memit_layers(hp, lm.num_layers)
@@ -199,11 +215,11 @@ def apply_memit(lm: LoadedModel, requests: list[EditRequest], name: str | Method
     def read(layer):
         return _read(lm, requests, layer, last, rows, m.consistent)
 
-    z, values = _targets(lm, requests, hp, templates, layers, read, runner_cls)
+    z, values, nas = _targets(lm, requests, m, hp, templates, layers, read, runner_cls, anchor)
     handle, factors, layer_stats, cos = _insert(lm, layers, z, read, solver(m, hp, stats, null_space, weight))
     per_request = [dict(p_target_opt=v.p_target, opt_steps=v.steps, cos_bare_mean=c,
-                        first_token_subject=locate(lm.tokenizer, r).subject_is_first)
-                   for r, v, c in zip(requests, values, cos)]
+                        first_token_subject=locate(lm.tokenizer, r).subject_is_first, **extra)
+                   for r, v, c, extra in zip(requests, values, cos, nas)]
     edit = BatchEdit(requests=list(requests), method=m.name, layers=layers, factors=factors, layer_stats=layer_stats,
                      per_request=per_request, context_templates=list(templates), seed=seed, hparams=hp,
                      seconds=time.perf_counter() - start, key_stats={x: stats[x].record() for x in layers},

@@ -2,18 +2,21 @@
 
 A method is a step (how the update is computed) and a handful of facts about it:
 
-* ``step``: ``rank_one``, ROME's closed form, one fact into one layer (``edit.py``); or ``batch``,
-  MEMIT's least-squares solve of several facts over several layers (``memit.py``);
+* ``step``: ``rank_one``, ROME's closed form, one fact into one layer (``edit.py``); ``batch``,
+  MEMIT's least-squares solve of several facts over several layers (``memit.py``); or ``gated``, a
+  gated memory beside W that keeps each edit's keys and value, the weights untouched (``memory.py``);
 * ``reads``: where the update reads the "current" key and value (ROME) or the residual stream (MEMIT):
   ``bare``, the unprefixed prompt (the reference implementations), or ``mean``, the mean over the same
   context templates as k̄ (consistent: "The Fall of ROME");
 * ``needs_c``: the solve cannot run without key statistics C;
 * ``null_space``: AlphaEdit's projected solve against the running sum of earlier edits' keys;
 * ``guards``: the guard actions it takes (a batch is judged as a whole: off or verify);
-* ``served``: offered on ``crome serve``'s page.
+* ``served``: offered on ``crome serve``'s page;
+* ``bare_test``: its efficacy is checked on the bare prompt even though it is consistent.
 
 A consistent method's edit is learned for prefixed contexts, so its efficacy is checked after the
-test-time prefix (``prefixed_test``). Adding a method is one entry here plus its step file.
+test-time prefix (``prefixed_test``), unless it stores the bare prompt's key too (``bare_test``).
+Adding a method is one entry here plus its step file.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 
 from ..errors import CromeError
 
-STEPS = ("rank_one", "batch")
+STEPS = ("rank_one", "batch", "gated")
 GUARD_ACTIONS = ("off", "refuse", "verify", "fallback")
 
 
@@ -35,11 +38,22 @@ class Method:
     needs_c: bool
     null_space: bool = False
     served: bool = False
+    bare_test: bool = False
 
     @property
     def batch(self) -> bool:
         """Several facts as one update over several layers (MEMIT's step)."""
         return self.step == "batch"
+
+    @property
+    def gated(self) -> bool:
+        """Its edits live in a gated memory beside W (``memory.py``), the weights untouched."""
+        return self.step == "gated"
+
+    @property
+    def in_place(self) -> bool:
+        """Its edits are measured where they are (in W, or in the memory), not as activation overlays."""
+        return self.step != "rank_one"
 
     @property
     def consistent(self) -> bool:
@@ -48,7 +62,7 @@ class Method:
     @property
     def prefixed_test(self) -> bool:
         """Efficacy is read after the test-time prefix: the edit was learned for prefixed contexts."""
-        return self.consistent
+        return self.consistent and not self.bare_test
 
     @property
     def current_key(self) -> tuple[str, str]:
@@ -57,7 +71,7 @@ class Method:
 
     @property
     def guards(self) -> tuple[str, ...]:
-        return ("off", "verify") if self.batch else GUARD_ACTIONS
+        return ("off", "verify") if self.in_place else GUARD_ACTIONS
 
     def require_stats(self, missing: list[int] | None = None) -> None:
         """The one rule for a method whose solve needs C and has none (at ``missing`` layers)."""
@@ -72,6 +86,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("cmemit", "C-MEMIT", "batch", "mean", needs_c=True, served=True),
     Method("alphaedit", "AlphaEdit", "batch", "bare", needs_c=True, null_space=True),
     Method("calphaedit", "C-AlphaEdit", "batch", "mean", needs_c=True, null_space=True),
+    Method("memory", "Gated memory", "gated", "mean", needs_c=True, bare_test=True),
 )}
 DEFAULT_METHOD = "crome"
 DEFAULT_BATCH_METHOD = "cmemit"

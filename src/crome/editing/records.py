@@ -19,6 +19,18 @@ WARN_VALUE_SHIFT = 8.0
 WARN_OUTLIER = 4.0
 
 
+class OneFact:
+    """What a one-fact edit (with ``request`` and ``layer``) shares with a batch: its requests and layers."""
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
+    @property
+    def requests(self) -> list:
+        return [self.request]
+
+
 @dataclass
 class LayerChoice:
     layer: int

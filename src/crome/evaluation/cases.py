@@ -45,7 +45,7 @@ def evaluate_cases(lm: LoadedModel, cases: list[Case], ctx: RunContext, measure_
         rec.before = case_metrics(plain, where)
         rec.before_prefixed = case_metrics(prefixed, where) if prefixed else None
 
-    edit_all = _edit_batch if ctx.method.batch else _edit_each
+    edit_all = _edit_in_place if ctx.method.in_place else _edit_each
     handles, edits, applied = edit_all(lm, cases, recs, ctx, keep, prepared_by_id or {})
     if not applied:
         return list(zip(recs, handles))
@@ -120,9 +120,10 @@ def _edit_each(lm, cases, recs, ctx: RunContext, keep: bool, prepared_by_id: dic
     return handles, edits, applied
 
 
-def _edit_batch(lm, cases, recs, ctx: RunContext, keep: bool, prepared_by_id: dict):
-    """A batch method: the cases as one update, left in W to be measured there (every case shares
-    it). The guard (off or verify) judges the whole update."""
+def _edit_in_place(lm, cases, recs, ctx: RunContext, keep: bool, prepared_by_id: dict):
+    """A batch method (the cases as one update) or the memory (one case): the edit is left where it is
+    made, in W or the memory, and measured there (every case of a batch shares it). The guard (off or
+    verify) judges it whole."""
     ctx.check_checks(lm.num_layers)
     try:
         edit, handle, decision = guarded(lm, [c.request for c in cases], ctx)
@@ -153,7 +154,7 @@ def evaluate_case(lm: LoadedModel, case: Case, ctx: RunContext, measure_ppl: boo
 def prepare_together(lm: LoadedModel, cases: list[Case], ctx: RunContext) -> dict:
     """Keys and v* of independent cases computed together (one batched forward per step), by case id.
     Empty when a case cannot be prepared: each case is then prepared alone and reports its own error."""
-    if len(cases) < 2 or ctx.method.batch:
+    if len(cases) < 2 or ctx.method.in_place:
         return {}
     try:
         prepared = prepare_edits(lm, [c.request for c in cases], ctx.hparams, ctx.templates, ctx.settings.seed,

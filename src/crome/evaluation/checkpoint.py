@@ -31,10 +31,12 @@ class FactorStore:
     def path(self, update: int) -> Path:
         return self.folder / f"update-{update:06d}.pt"
 
-    def write(self, update: int, case_ids: list[str], factors: dict, keys: dict | None = None) -> None:
+    def write(self, update: int, case_ids: list[str], factors: dict, keys: dict | None = None,
+              memory: dict | None = None) -> None:
         """Update ``update``'s factors; ``keys`` (layer -> [B, d_in]): an AlphaEdit run's keys, from
-        which resuming rebuilds the running key sum."""
-        self._save(self.path(update), {"case_ids": list(case_ids), "keys": keys or {},
+        which resuming rebuilds the running key sum; ``memory``: a memory run's entry (number, keys,
+        value), which resuming stores again."""
+        self._save(self.path(update), {"case_ids": list(case_ids), "keys": keys or {}, "entry": memory or {},
                                        "layers": {int(k): (a.detach().cpu(), b.detach().cpu())
                                                   for k, (a, b) in factors.items()}})
 

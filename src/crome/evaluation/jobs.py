@@ -14,6 +14,7 @@ share these steps, so a case's record is the same whichever ran it:
 from __future__ import annotations
 
 import contextlib
+import random
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -22,8 +23,10 @@ from typing import Callable
 from ..editing.context import RunContext, RunSettings
 from ..editing.hparams import Hparams
 from ..editing.layer_choice import resolve
+from ..editing.memory import EditMemory
 from ..editing.methods import DEFAULT_METHOD, method
 from ..editing.mom2 import layer_stats, stats_for
+from ..editing.norm_anchor import norm_anchor
 from ..editing.null_space import NullSpace
 from ..editing.rules import rule_for
 from ..editing.templates import context_templates
@@ -66,6 +69,7 @@ class EvalJob:
     sequential: bool = False
     monitor_every: int = 1
     retained_every: int = 0            # sequential: retained efficacy every k-th edit (0: with the perplexity)
+    retained_sample: int = 0           # sequential: retained efficacy on at most this many earlier edits (0: all)
     gen_tokens: int = 100
     gen_em: bool = False               # generation-based exact match too
     guard: str = "off"
@@ -84,6 +88,8 @@ class EvalJob:
     def __post_init__(self):
         if self.monitor_every < 1:
             raise CromeError("--monitor-every must be at least 1")
+        if self.retained_sample < 0:
+            raise CromeError("--retained-sample must be at least 1 (or 0: every earlier edit)")
         if self.retained_every < 0:
             raise CromeError("--retained-every must be at least 1 (or 0: with the perplexity)")
         if self.n_cases is not None and self.n_cases < 1:
@@ -103,7 +109,7 @@ class EvalJob:
         """K, the cases whose edits are computed and measured together: ``edits_per_pass``, else
         the measured default for the device; 1 for sequential runs and MEMIT (whose batches are
         ``batch_size``; ``check_options`` refuses K > 1 there)."""
-        if self.sequential or method(self.method).batch:
+        if self.sequential or method(self.method).in_place:
             return 1
         return self.edits_per_pass or default_edits_per_pass(device_type)
 
@@ -216,7 +222,8 @@ def prepare(lm: LoadedModel, job: EvalJob, status: Status = quiet, say=None, tex
                            test_prefix=job.test_prefix, data=Path(job.data).name, ppl_data=ppl.name,
                            gen_tokens=job.gen_tokens, sequential=job.sequential,
                            monitor_every=job.monitor_every if job.sequential else 1,
-                           retained_every=job.retained_every if job.sequential else 0, guard=job.guard,
+                           retained_every=job.retained_every if job.sequential else 0,
+                           retained_sample=job.retained_sample if job.sequential else 0, guard=job.guard,
                            guard_threshold=job.guard_threshold if job.guard in ("verify", "fallback") else None,
                            key_stats_source=_source(stats), dtype=lm.dtype, batch_size=job.batch_size,
                            gen_em=job.gen_em)
@@ -224,8 +231,22 @@ def prepare(lm: LoadedModel, job: EvalJob, status: Status = quiet, say=None, tex
     if m.null_space:
         with status("AlphaEdit's null-space projections"):
             null_space = NullSpace.from_stats(stats, hp.null_space_energy)
+    memory = EditMemory.from_stats(stats, hp.memory_threshold).attach(lm) if m.gated else None
     return RunContext(settings, hp, templates, load_texts(ppl) if texts is ... else texts, stats, choice,
-                      null_space=null_space)
+                      null_space=null_space, anchor=_anchor(lm, job, m, hp, templates, status), memory=memory)
+
+
+def _anchor(lm: LoadedModel, job: EvalJob, m, hp: Hparams, templates: list[str], status: Status):
+    """NAS's norm anchor (``Hparams.nas``): trial edits of ``nas_trials`` cases of the job's data, drawn
+    with its seed, on the unedited model (computed once, cached); None without NAS."""
+    if not hp.nas:
+        return None
+    if not job.data:
+        raise CromeError("--nas takes its norm anchor from trial edits of a dataset: crome eval --data FILE")
+    dataset = load_cases(job.data, job.skip_invalid).cases
+    trials = random.Random(job.seed).sample(dataset, min(hp.nas_trials, len(dataset)))
+    with status(f"NAS: the norm anchor from {len(trials)} trial edits (once, then cached)"):
+        return norm_anchor(lm, [c.request for c in trials], m, hp, templates)
 
 
 def _source(stats) -> str:

@@ -19,13 +19,14 @@ def default_edits_per_pass(device_type: str) -> int:
 
 
 def cases_per_chunk(m: Method, batch_size: int, edits_per_pass: int) -> int:
-    """Cases handled together: a batch method's update of ``batch_size`` cases, else K edits per pass."""
-    return batch_size if m.batch else edits_per_pass
+    """Cases handled together: a batch method's update of ``batch_size`` cases, one at a time for a method
+    measured in place (the memory), else K edits per pass."""
+    return batch_size if m.batch else 1 if m.in_place else edits_per_pass
 
 
 def check_options(name: str, *, mom2: bool = True, mom2_corpus: str | None = None, guard: str = "off",
                   batch_size: int = 1, edits_per_pass: int | None = None,
-                  sequential: bool = False, hparams: dict | None = None) -> None:
+                  sequential: bool = False, hparams: dict | None = None, save: bool = False) -> None:
     """Refuse, with one line naming the options, any combination crome cannot run (``hparams``:
     the hyper-parameters the user overrides)."""
     m = method(name)
@@ -35,13 +36,16 @@ def check_options(name: str, *, mom2: bool = True, mom2_corpus: str | None = Non
         m.require_stats()
     check_guard("", m, guard, rule=..., verifier=...)
     _check_sizes(m, batch_size, edits_per_pass, sequential)
+    if save and m.gated:
+        raise CromeError(f"--save writes the weights, and {m.label} leaves them as they are: its edits live in "
+                         f"the memory beside them")
     _check_hparams(m, hparams or {})
 
 
 def _check_sizes(m: Method, batch_size: int, edits_per_pass: int | None, sequential: bool) -> None:
     if edits_per_pass is not None and edits_per_pass < 1:
         raise CromeError("--edits-per-pass must be at least 1")
-    if edits_per_pass is not None and edits_per_pass > 1 and (sequential or m.batch):
+    if edits_per_pass is not None and edits_per_pass > 1 and (sequential or m.in_place):
         raise CromeError("--edits-per-pass computes ROME edits independently: not for sequential runs or MEMIT "
                          "(whose --batch-size edits cases as one update)")
     if batch_size < 1:
@@ -55,6 +59,11 @@ def _check_hparams(m: Method, given: dict) -> None:
     if given.get("norm_weight") and not m.batch:
         raise CromeError("--norm-weight bounds the batch solves (MEMIT, AlphaEdit); ROME's closed form has none: "
                          "use --method " + " or ".join(BATCH_METHODS))
+    if given.get("nas") and not m.batch:
+        raise CromeError("--nas rescales the batch step's value vectors (MEMIT, AlphaEdit): use --method "
+                         + " or ".join(BATCH_METHODS))
+    if given.get("nas_trials", 1) < 1 or given.get("nas_skip", 2.0) <= 1:
+        raise CromeError("--nas needs at least one trial edit and a skip ratio above 1")
     if given.get("norm_weight", 0) < 0:
         raise CromeError("--norm-weight must be at least 0")
     for name in ("null_space_energy", "alphaedit_l2"):

@@ -169,7 +169,7 @@ def edit_and_report(lm: LoadedModel, requests: list[EditRequest], ctx: RunContex
     """The edit ``crome edit`` and ``crome demo`` make: the context's method on ``requests`` (one fact
     for a single-fact method; a batch method edits them all as one update), judged by the context's
     guard, measured by its monitor, and restored unless ``keep``. Returns (report, edit)."""
-    if ctx.method.batch:
+    if ctx.method.in_place:
         return measure_batch_edit(lm, requests, ctx, ppl_data=ppl_data, keep=keep)
     if len(requests) != 1:
         raise CromeError(f"{ctx.method.name} edits one fact at a time; several facts as one update: "

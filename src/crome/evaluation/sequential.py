@@ -43,6 +43,22 @@ def retained_gen_em(lm: LoadedModel, cases: list[Case], prefixes: list[str | Non
     return sum(hits) / len(hits) if hits else float("nan")
 
 
+def _entry(handle) -> dict:
+    """What a memory run's checkpoint keeps of a kept edit: its number, keys and value, as computed
+    (storing them again normalises them the same way)."""
+    return dict(number=handle.number, keys=handle.edit.keys.detach().cpu(), value=handle.edit.delta.detach().cpu())
+
+
+def spread(items: list, n: int) -> list:
+    """At most ``n`` of ``items`` evenly spread from the first to the last (``n`` = 0: all of them): the
+    same ones for the same count, so a retained measurement costs the same at 100 edits and at 10,000."""
+    if not n or len(items) <= n:
+        return list(items)
+    if n == 1:
+        return [items[-1]]
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
+
+
 class SequentialRun:
     """One sequential run on ``lm``: ``resume``, then ``due``/``record`` per update, then ``close``."""
 
@@ -50,6 +66,8 @@ class SequentialRun:
         self.lm, self.results = lm, results
         # an AlphaEdit run's own running key sum, empty at the start (``resume`` rebuilds it)
         self.ctx = replace(ctx, null_space=ctx.null_space.fresh()) if ctx.null_space is not None else ctx
+        if ctx.memory is not None:     # a memory run's own memory, empty at the start, on the model until close
+            self.ctx = replace(self.ctx, memory=ctx.memory.fresh().attach(lm))
         self.layers = ctx.layers(lm.num_layers)
         self.store = FactorStore(results.path)
         self.original = WeightsHandle(lm, self.layers)
@@ -57,8 +75,15 @@ class SequentialRun:
         self.updates = 0
 
     def close(self) -> None:
-        """Give the model its original weights back."""
+        """Give the model its original weights back (and take a memory run's memory off it)."""
         self.original.restore()
+        if self.ctx.memory is not None:
+            self.ctx.memory.detach()
+
+    def sha(self) -> str:
+        """The hash of the edited layers' W, and of a memory run's entries: what each record carries."""
+        sha = weights_sha(self.lm, self.layers)
+        return f"{sha}+{self.ctx.memory.sha()[:16]}" if self.ctx.memory is not None else sha
 
     def resume(self, done: list[dict], cases: list[Case]) -> list[dict]:
         """Bring the weights back to the last finished update of ``done``: the records kept.
@@ -84,7 +109,11 @@ class SequentialRun:
         self.store.drop_after(self.updates)
         replay(self.lm, saved)
         self._restore_null_space(saved)
-        if keep and weights_sha(self.lm, self.layers) != keep[-1].get("weights_sha"):
+        for update in saved:
+            if update.get("entry"):
+                entry = update["entry"]
+                self.ctx.memory.add(int(entry["number"]), entry["keys"], entry["value"])
+        if keep and self.sha() != keep[-1].get("weights_sha"):
             raise CromeError(f"{self.results.path}: its checkpoint does not give the weights its last record saw; "
                              f"start the run anew")
         by_id = {c.case_id: c for c in cases}
@@ -120,7 +149,9 @@ class SequentialRun:
         kept = next((h for _, h in evaluated if h is not None), None)
         null_space = self.ctx.null_space
         keys = kept.keys if kept is not None and null_space is not None else {}
-        self.store.write(self.updates, [c.case_id for c in chunk], kept.factors if kept is not None else {}, keys)
+        memory = _entry(kept) if kept is not None and self.ctx.memory is not None else None
+        self.store.write(self.updates, [c.case_id for c in chunk], kept.factors if kept is not None else {}, keys,
+                         memory)
         if keys:
             null_space.accumulate(keys)
         if kept is None and monitor_now and monitor is not None:
@@ -129,7 +160,7 @@ class SequentialRun:
             fields = dict(ppl_before=monitor.baseline, **ppl_fields(monitor.baseline, monitor()))
             for rec, _ in evaluated:
                 rec.set(**fields)
-        sha = weights_sha(self.lm, self.layers)
+        sha = self.sha()
         for n, ((rec, handle), case) in enumerate(zip(evaluated, chunk)):
             if handle is not None:
                 self.applied.append((case, rec.test_prefix_text))
@@ -152,10 +183,11 @@ class SequentialRun:
         return out
 
     def _retained(self, rec: CaseRecord) -> None:
-        cases = [c for c, _ in self.applied]
+        applied = spread(self.applied, self.ctx.settings.retained_sample)
+        cases = [c for c, _ in applied]
         variants = [("", [None] * len(cases))]
         if self.ctx.settings.test_prefix != "none":
-            variants.append(("_prefixed", [p for _, p in self.applied]))
+            variants.append(("_prefixed", [p for _, p in applied]))
         measures = [("retained_efficacy", retained_efficacy)]
         if self.ctx.settings.gen_em:
             measures.append(("retained_gen_em", retained_gen_em))

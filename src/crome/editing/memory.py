@@ -1,0 +1,237 @@
+"""The memory step: edits kept in a gated memory beside W, the weights never touched.
+
+A key-value memory at one layer's MLP output projection W (the GRACE/WISE/MEMOIR family; crome's
+design, after ROME's own steps). An edit is what ROME's optimisation found, stored instead of
+inserted:
+
+* its keys: the key k (W's input) at the subject's last token, on the bare prompt (k^u) and averaged
+  over the context templates (k̄): the two places "The Fall of ROME" shows a key can sit;
+* its value: δ = v* − v0, the vector the v* optimisation adds to W's output at the subject's last
+  token of every templated prompt (the bare one included), so that the model says the new target.
+
+At every position of every input, W's input k is compared with every stored key by cosine
+similarity after dividing each coordinate by its standard deviation over ordinary text (√diag C,
+so that the few massive-activation coordinates of a first position do not decide it). The best
+match fires when its similarity is at least ``threshold``: δ of its edit is added to W's output
+there. Nothing fires on text far from every key, and then W's output is returned untouched: the
+model is bit for bit the unedited one. Undo removes an edit's entry.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import CromeError
+from ..hooks import forward_hook, widen
+from ..models import LoadedModel
+from ..models.fingerprint import tensor_sha
+from ..request import EditRequest
+from .edit import Prepared
+from .mom2 import KeyStats
+from .records import OneFact
+
+
+@dataclass
+class MemoryEdit(OneFact):
+    """One edit stored in the memory: its request, keys, value and how it came about."""
+
+    request: EditRequest
+    method: str
+    layer: int
+    keys: torch.Tensor = field(repr=False)     # [2, d_in]: k^u and k̄
+    delta: torch.Tensor = field(repr=False)    # [d_out]: δ = v* − v0
+    per_request: list[dict]                    # p_target_opt, opt_steps, first_token_subject, cos_bare_mean
+    context_templates: list[str]
+    seed: int
+    hparams: object
+    seconds: float
+    key_stats: dict | None = None
+    layer_choice: dict | None = None
+
+    @property
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.delta).all() and torch.isfinite(self.keys).all())
+
+    @property
+    def factors(self) -> dict:
+        """A memory edit adds nothing to W."""
+        return {}
+
+    @property
+    def diagnostics(self):
+        return None
+
+    @property
+    def null_space(self) -> None:
+        return None
+
+    def record(self) -> dict:
+        """What every record of the edit carries: W is not updated (ΔW = 0), the memory holds ‖δ‖."""
+        return dict(layers=[self.layer], update_cases=1, finite=self.finite, update_norm=0.0, update_ratio=0.0,
+                    layer_stats={}, key_stats={str(self.layer): self.key_stats} if self.key_stats else {},
+                    value_norm=float(self.delta.norm()), memory_keys=int(self.keys.shape[0]))
+
+
+def memory_edit(prepared: Prepared, name: str, stats: KeyStats | None) -> MemoryEdit:
+    """The memory entry of prepared keys and v* (``edit.prepare_edits``): keys k^u and k̄, value δ."""
+    keys, value = prepared.keys, prepared.value
+    cos = float(torch.nn.functional.cosine_similarity(keys.k_bare, keys.k_mean, dim=0))
+    return MemoryEdit(request=prepared.request, method=name, layer=prepared.hparams.layer,
+                      keys=torch.stack([keys.k_bare, keys.k_mean]).detach(), delta=value.delta.detach(),
+                      per_request=[dict(p_target_opt=value.p_target, opt_steps=value.steps,
+                                        first_token_subject=keys.first_token_subject, cos_bare_mean=cos)],
+                      context_templates=prepared.templates, seed=prepared.seed, hparams=prepared.hparams,
+                      seconds=prepared.seconds, key_stats=stats.record() if stats is not None else None,
+                      layer_choice=prepared.layer_choice)
+
+
+class EditMemory:
+    """The gated memory at one layer: stored keys (unit length in the gate's metric), their edits'
+    values, the threshold. ``attached(lm)`` puts it on W's output; entries can come and go while it is."""
+
+    def __init__(self, layer: int, threshold: float, scale: torch.Tensor):
+        if not -1.0 < threshold <= 1.0:
+            raise CromeError(f"the memory's gate threshold is a cosine similarity in (-1, 1], not {threshold}")
+        self.layer, self.threshold = layer, threshold
+        self.scale = widen(scale.detach()).cpu()                        # √diag C, [d_in]
+        self.numbers: list[int] = []                                      # an edit's number per entry
+        self.keys: dict[int, torch.Tensor] = {}                           # number -> [n, d_in], normalised
+        self.values: dict[int, torch.Tensor] = {}                         # number -> [d_out]
+        self._table = None                                                # (keys, owners, values), rebuilt lazily
+        self._hook = None                                                 # the forward hook while attached
+        self._count = 0                                                   # the largest entry number so far
+
+    @classmethod
+    def from_stats(cls, stats: KeyStats, threshold: float) -> "EditMemory":
+        return cls(stats.layer, threshold, torch.diagonal(stats.mom2).clamp(min=1e-12).sqrt())
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    def next_number(self) -> int:
+        """A number no entry has had: one more than the largest so far."""
+        self._count += 1
+        return self._count
+
+    def fresh(self) -> "EditMemory":
+        """The same gate with no entries (a new run)."""
+        return EditMemory(self.layer, self.threshold, self.scale)
+
+    def normalised(self, keys: torch.Tensor) -> torch.Tensor:
+        x = widen(keys) / self.scale.to(keys.device)
+        return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+    def add(self, number: int, keys: torch.Tensor, value: torch.Tensor) -> None:
+        if number in self.keys:
+            raise CromeError(f"the memory already holds edit {number}")
+        self._count = max(self._count, number)
+        self.numbers.append(number)
+        self.keys[number] = self.normalised(keys.detach().cpu())
+        self.values[number] = widen(value.detach()).cpu()
+        self._table = None
+
+    def remove(self, number: int) -> None:
+        if number not in self.keys:
+            raise CromeError(f"the memory holds no edit {number}")
+        self.numbers.remove(number)
+        del self.keys[number], self.values[number]
+        self._table = None
+
+    def table(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(every stored key [N, d_in], the entry each belongs to [N], the entries' values [E, d_out])."""
+        if self._table is None or self._table[0].device != torch.device(device):
+            keys = torch.cat([self.keys[n] for n in self.numbers]).to(device)
+            owners = torch.tensor([i for i, n in enumerate(self.numbers) for _ in range(len(self.keys[n]))],
+                                  device=device)
+            values = torch.stack([self.values[n] for n in self.numbers]).to(device)
+            self._table = (keys, owners, values)
+        return self._table
+
+    def gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(where the memory fires [...], the entry that fires there [...]) for W's inputs ``x`` [..., d_in]."""
+        keys, owners, _ = self.table(x.device)
+        best, index = (self.normalised(x) @ keys.T).max(-1)
+        return best >= self.threshold, owners[index]
+
+    def hook(self, _module, args, output):
+        """W's output plus the firing entries' values; None (untouched) where nothing fires."""
+        if not self.numbers:
+            return None
+        fire, owner = self.gate(args[0])
+        if not bool(fire.any()):
+            return None
+        _, _, values = self.table(output.device)
+        out = output.clone()
+        out[fire] = (widen(out[fire]) + values[owner[fire]]).to(out.dtype)
+        return out
+
+    def attach(self, lm: LoadedModel) -> "EditMemory":
+        """Put the memory on layer ``layer``'s W until ``detach()`` (entries may come and go meanwhile);
+        empty, it changes nothing."""
+        if self._hook is None:
+            self._hook = lm.mlp_out(self.layer).register_forward_hook(self.hook)
+        return self
+
+    def detach(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    @contextmanager
+    def attached(self, lm: LoadedModel):
+        """The memory on W for the duration of the block."""
+        with forward_hook(lm.mlp_out(self.layer), self.hook):
+            yield self
+
+    def sha(self) -> str:
+        """A hash of the entries, in order (what a sequential run's records check on resume)."""
+        if not self.numbers:
+            return ""
+        return tensor_sha(*(t for n in self.numbers for t in (self.keys[n], self.values[n])))
+
+    def state(self) -> dict:
+        return dict(layer=self.layer, threshold=self.threshold, scale=self.scale, numbers=list(self.numbers),
+                    keys=dict(self.keys), values=dict(self.values))
+
+    @classmethod
+    def from_state(cls, state: dict) -> "EditMemory":
+        memory = cls(int(state["layer"]), float(state["threshold"]), state["scale"])
+        for n in state["numbers"]:
+            memory.numbers.append(int(n))
+            memory._count = max(memory._count, int(n))
+            memory.keys[int(n)], memory.values[int(n)] = state["keys"][n], state["values"][n]
+        return memory
+
+
+class MemoryHandle:
+    """An edit in the memory; ``restore()`` takes it out (the model as it was, bit for bit)."""
+
+    def __init__(self, memory: EditMemory, number: int, edit: MemoryEdit):
+        self.memory, self.number, self.edit = memory, number, edit
+        self.active = True
+        self.factors: dict = {}
+        self.keys: dict = {}
+
+    def restore(self) -> None:
+        if self.active:
+            self.memory.remove(self.number)
+            self.active = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def store(memory: EditMemory, edit: MemoryEdit, number: int) -> MemoryHandle:
+    """Put ``edit`` into ``memory`` as entry ``number``; a non-finite one is refused, the memory unchanged."""
+    if not edit.finite:
+        raise CromeError(f"non-finite memory entry (NaN or inf) at layer {edit.layer}: edit not stored")
+    if edit.layer != memory.layer:
+        raise CromeError(f"the memory is at layer {memory.layer}, the edit at layer {edit.layer}")
+    memory.add(number, edit.keys, edit.delta)
+    return MemoryHandle(memory, number, edit)
