@@ -7,9 +7,9 @@ with ‖W‖, ‖W‖ with ‖v*‖). NAS breaks the loop where v* is solved:
     m̄  = mean ‖v*‖ over trial edits on the unedited model, the top 5% left out
     v* ← v* · m̄ / ‖v*‖,   or no edit when ‖v*‖ > skip · m̄ (skip = 2, the reference code's)
 
-v* = v0 + δ is W's output at the subject's last token plus the optimised δ (ROME's v*; for MEMIT
-and AlphaEdit at the last edited layer, whose target then becomes z = h − v0 + v*). crome reads v0
-where the method reads its current value (bare for the reference, the templates' mean for a
+v* = v0 + δ is W's output at the subject's last token of the last edited layer plus the optimised δ;
+the batch step's target then becomes z = h − v0 + v* (MEMIT, AlphaEdit: the methods ``--nas`` is
+for). crome reads v0 where the method reads h (bare for the reference, the templates' mean for a
 consistent method). The reference code averages over 1,000 trial rewrites; crome takes
 ``Hparams.nas_trials`` of the run's own dataset (seeded), computed once and cached.
 """
@@ -74,18 +74,14 @@ def reads(lm: LoadedModel, requests: list[EditRequest], layer: int, templates: l
 
 def trial_norms(lm: LoadedModel, requests: list[EditRequest], m: Method, hp: Hparams,
                 templates: list[str], runner_cls=FastRunner) -> tuple[int, list[float]]:
-    """(the layer, ‖v0 + δ‖ of each trial edit on the model as it is now), δ solved as the method's
-    step solves it."""
-    if m.batch:
-        layer = memit_layers(hp, lm.num_layers)[-1]
-        v0, h = reads(lm, requests, layer, templates, m.consistent)
-        site = lm.module(lm.arch.layer_name(layer))
-        value_hp = hp.with_(clamp_norm_factor=hp.memit_clamp_norm_factor)
-        values = compute_v_stars(lm, requests, layer, templates, list(h), value_hp, runner_cls, site=site)
-        return layer, [float((a + v.delta).norm()) for a, v in zip(v0, values)]
-    v0, _ = reads(lm, requests, hp.layer, templates, False)
-    values = compute_v_stars(lm, requests, hp.layer, templates, list(v0), hp, runner_cls)
-    return hp.layer, [float(v.v_star.norm()) for v in values]
+    """(the last edited layer, ‖v0 + δ‖ of each trial edit on the model as it is now), δ solved as the
+    batch step solves it."""
+    layer = memit_layers(hp, lm.num_layers)[-1]
+    v0, h = reads(lm, requests, layer, templates, m.consistent)
+    site = lm.module(lm.arch.layer_name(layer))
+    value_hp = hp.with_(clamp_norm_factor=hp.memit_clamp_norm_factor)
+    values = compute_v_stars(lm, requests, layer, templates, list(h), value_hp, runner_cls, site=site)
+    return layer, [float((a + v.delta).norm()) for a, v in zip(v0, values)]
 
 
 def trimmed_mean(norms: list[float], trim: float = TRIM) -> float:
@@ -98,6 +94,8 @@ def norm_anchor(lm: LoadedModel, requests: list[EditRequest], m: Method, hp: Hpa
                 use_cache: bool = True) -> NormAnchor:
     """m̄ from trial edits of ``requests`` on the model as it is now (call it unedited), cached on disk
     by model, method, hyper-parameters, templates and requests."""
+    if not m.batch:
+        raise CromeError(f"NAS rescales the batch step's value vectors: {m.label} has none")
     if not requests:
         raise CromeError("NAS needs trial edits for its norm anchor: give it requests (a run's data)")
     key = json.dumps([lm.identity, m.name, hp.to_dict(), templates, [r.to_dict() for r in requests]], default=str)
