@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -18,6 +19,35 @@ def emit(result: dict, out: str | None, indent: int = 1) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")
+
+
+def run_spec(name: str) -> tuple[str, dict, int | None]:
+    """(method, hyper-parameter overrides, layer) of a run named like ``memory+mpes+t6+L18``: a method
+    (crome, memit, cmemit, alphaedit, calphaedit, memory) and options joined by "+": ``mpes`` (MPES
+    early stopping), ``nas`` (NAS norm anchoring), ``t<n>`` (n context templates: the bare prompt and
+    n - 1 sampled ones of 5 tokens, instead of 21), ``norm<mu>`` (ENCORE's norm bound), ``tau<x>`` (the
+    memory's gate threshold), ``e<share>`` (AlphaEdit's null-space energy share), ``lr<x>`` (v*'s
+    Adam step size), ``L<n>`` (edit layer n instead of the model's default)."""
+    method, *flags = name.split("+")
+    hparams, layer = {}, None
+    for flag in flags:
+        if flag in ("mpes", "nas"):
+            hparams[flag] = True
+        elif re.fullmatch(r"t\d+", flag):
+            hparams["template_lengths"] = [[5, int(flag[1:]) - 1]]
+        elif re.fullmatch(r"lr[\d.]+", flag):
+            hparams["v_lr"] = float(flag[2:])
+        elif re.fullmatch(r"L\d+", flag):
+            layer = int(flag[1:])
+        elif flag.startswith("norm"):
+            hparams["norm_weight"] = float(flag[4:])
+        elif flag.startswith("tau"):
+            hparams["memory_threshold"] = float(flag[3:])
+        elif flag.startswith("e"):
+            hparams["null_space_energy"] = float(flag[1:])
+        else:
+            raise SystemExit(f"unknown run option {flag!r} in {name!r}")
+    return method, hparams, layer
 
 
 def add_run_options(ap, data: str, ppl_data: str, out_dir: str, docs: str) -> None:

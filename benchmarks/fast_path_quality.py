@@ -16,15 +16,10 @@ import math
 import statistics
 from pathlib import Path
 
-from benchlib import DATA, emit
+from benchlib import DATA, emit, run_spec
 
-# run name -> (method, hyper-parameter overrides); the first is the full path, crome's default
-RUNS = {
-    "crome": ("crome", {}),
-    "crome+mpes": ("crome", {"mpes": True}),
-    "crome+mpes+t6": ("crome", {"mpes": True, "template_lengths": [[5, 5]]}),
-    "memory+mpes+t6": ("memory", {"mpes": True, "template_lengths": [[5, 5]]}),
-}
+# run names (benchlib.run_spec); the first is the full path, crome's default
+RUNS = ("crome", "crome+mpes", "crome+mpes+t6", "memory+mpes+t6")
 METRICS = ("es", "ps", "ns", "gen_em", "gen_em_paraphrase")
 
 
@@ -32,10 +27,10 @@ def run_one(name: str, args):
     from crome.evaluation.jobs import EvalJob, run_job
     from crome.evaluation.results import ResultsFile, timing_path
 
-    method, hparams = RUNS[name]
+    method, hparams, layer = run_spec(name)
     out = Path(args.out_dir) / f"{name}.jsonl"
     job = EvalJob(data=args.data, out=str(out), method=method, ppl_data=args.ppl_data, n_cases=args.n,
-                  gen_em=True, gen_tokens=0, resume=True, seed=args.seed, hparams=hparams)
+                  gen_em=True, gen_tokens=0, resume=True, seed=args.seed, hparams=hparams, layer=layer)
     records, _, _ = run_job(job)
     return records, ResultsFile(timing_path(out)).read()
 
@@ -87,7 +82,7 @@ def main() -> None:
     for name, (records, _) in results.items():
         if name != args.runs[0]:
             diffs[name]["ppl_ratio"] = paired([r.get("ppl_ratio") for r in base], [r.get("ppl_ratio") for r in records])
-    emit(dict(n=args.n, data=Path(args.data).name, runs=RUNS, table=table,
+    emit(dict(n=args.n, data=Path(args.data).name, runs={name: run_spec(name) for name in args.runs}, table=table,
               against_full=diffs), args.out)
 
 

@@ -9,11 +9,8 @@ Protocols (``--protocol``):
   A: 100 edits per update (AlphaEdit's protocol; batch methods only);
   B: 1 edit per update, the harder one.
 
-A run name is a method (crome, memit, cmemit, alphaedit, calphaedit, memory) with options joined by "+":
-``mpes`` (MPES early stopping), ``norm<μ>`` (ENCORE's norm bound, μ as ``--norm-weight``),
-``e<share>`` (AlphaEdit's null-space energy share), ``nas`` (NAS norm-anchor scaling), ``t<n>`` (n
-context templates: the bare prompt and n − 1 sampled ones of 5 tokens, instead of 21), e.g.
-``calphaedit+mpes+norm1`` or ``calphaedit+mpes+nas+t6``.
+A run name is a method with options joined by "+" (``benchlib.run_spec`` lists them), e.g.
+``calphaedit+mpes+norm1``, ``calphaedit+mpes+nas+t6`` or ``memory+mpes+t6+L18``.
 A run stops at ``--n`` edits, or earlier at ``--cap`` edits once its perplexity has passed
 2× (so that a collapsing method spends no more time than the comparison needs).
 
@@ -34,7 +31,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchlib import add_run_options, emit, prepared_runs
+from benchlib import add_run_options, emit, prepared_runs, run_spec
 
 DATA = Path(os.environ.get("CROME_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 BATCH = {"A": 100, "B": 1}
@@ -45,23 +42,7 @@ def job_for(name: str, protocol: str, args):
     """The ``EvalJob`` of run ``name`` in ``protocol``."""
     from crome.evaluation.jobs import EvalJob
 
-    method, *flags = name.split("+")
-    hparams = {}
-    for flag in flags:
-        if flag == "mpes":
-            hparams["mpes"] = True
-        elif flag == "nas":
-            hparams["nas"] = True
-        elif flag.startswith("t") and flag[1:].isdigit():      # t6: the bare prompt and 5 sampled templates
-            hparams["template_lengths"] = [[5, int(flag[1:]) - 1]]
-        elif flag.startswith("norm"):
-            hparams["norm_weight"] = float(flag[4:])
-        elif flag.startswith("tau"):                            # tau0.8: the memory's gate threshold
-            hparams["memory_threshold"] = float(flag[3:])
-        elif flag.startswith("e"):
-            hparams["null_space_energy"] = float(flag[1:])
-        else:
-            raise SystemExit(f"unknown run option {flag!r} in {name!r}")
+    method, hparams, layer = run_spec(name)
     from crome.editing.methods import method as entry
 
     batch = entry(method).batch
@@ -70,9 +51,10 @@ def job_for(name: str, protocol: str, args):
     out = Path(args.out_dir) / protocol / f"{name}.jsonl"
     return EvalJob(data=args.data, out=str(out), method=method, ppl_data=args.ppl_data, sequential=True,
                    monitor_every=args.monitor_every or BATCH[protocol] * (1 if protocol == "A" else 10),
-                   retained_every=args.retained_every, retained_sample=args.retained_sample, gen_tokens=0,
+                   retained_every=args.retained_every, retained_sample=args.retained_sample,
+                   scores_every=args.scores_every, gen_tokens=0,
                    gen_em=True, resume=True,
-                   batch_size=BATCH[protocol] if batch else 1, seed=args.seed, hparams=hparams).absolute()
+                   batch_size=BATCH[protocol] if batch else 1, seed=args.seed, hparams=hparams, layer=layer).absolute()
 
 
 def finished(records: list[dict], args) -> str | None:
@@ -275,6 +257,8 @@ def main() -> None:
                     help="Retained ES and generation EM (they re-score the edits so far) every k-th edit.")
     ap.add_argument("--retained-sample", type=int, default=0,
                     help="... on at most this many earlier edits, spread over the run (0: all of them).")
+    ap.add_argument("--scores-every", type=int, default=1,
+                    help="Score every k-th edit's own ES/PS/NS and generation EM (a sample; 1: every edit).")
     add_run_options(ap, str(DATA / "counterfact" / "counterfact-train.json"), str(DATA / "me-ppl" / "ME-PPL_50.json"), "runs/lifelong",
                     "docs/results/lifelong")
     args = ap.parse_args()

@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--monitor-every", type=int, default=10)
     ap.add_argument("--retained-every", type=int, default=10)
     ap.add_argument("--retained-sample", type=int, default=0)
+    ap.add_argument("--scores-every", type=int, default=1)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default=str(DATA / "counterfact" / "counterfact-train.json"))
@@ -106,7 +107,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     result = dict(threads=args.threads, monitor_every=args.monitor_every, retained_every=args.retained_every,
-                  retained_sample=args.retained_sample,
+                  retained_sample=args.retained_sample, scores_every=args.scores_every,
                   runs=[profile_run(name, args) for name in args.runs])
     emit(result, args.out)
 

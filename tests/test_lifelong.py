@@ -392,3 +392,27 @@ def test_the_retained_sample_is_spread_over_the_run_and_the_same_at_every_count(
     assert spread(items, 0) == items and spread(items, 20) == items
     assert spread(items, 4) == [0, 3, 6, 9] and spread(items, 4) == spread(list(items), 4)
     assert spread(items, 1) == [9]
+
+
+def test_scores_every_scores_a_sample_of_edits_and_leaves_the_run_unchanged(folder, tmp_path):
+    """--scores-every 2: the edits' own ES/PS/NS and generation EM on every 2nd edit (and the last), none on
+    the others; the edits themselves (weights, memory) are those of the run that scores every edit."""
+    data = write(tmp_path, FLAT + MORE)
+    common = ["eval", "--data", str(data), "--method", "memory", "--model", str(folder), "--layer", "1",
+              "--mom2-samples", "200", "--sequential", "--gen-tokens", "0", "--gen-em"]
+    runs = {}
+    for every in (1, 2):
+        out = tmp_path / f"every{every}.jsonl"
+        r = CliRunner().invoke(main, [*common, "--out", str(out), "--scores-every", str(every)])
+        assert r.exit_code == 0, r.output
+        runs[every] = [json.loads(x) for x in out.read_text().splitlines()]
+    every, sampled = runs[1], runs[2]
+    assert len(sampled) == len(every) >= 3 and sampled[0]["scores_every"] == 2
+    for n, (a, b) in enumerate(zip(every, sampled), start=1):
+        assert a["weights_sha"] == b["weights_sha"]
+        scored = n % 2 == 0 or n == len(sampled)
+        assert (b["metrics"] is not None) == scored and (b["before"] is not None) == scored
+        if scored:
+            assert b["metrics"] == a["metrics"] and b["metrics_prefixed"]["gen_em"] == a["metrics_prefixed"]["gen_em"]
+    r = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "x.jsonl"), "--scores-every", "0"])
+    assert r.exit_code != 0 and "--scores-every must be at least 1" in r.output

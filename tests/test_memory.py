@@ -15,7 +15,7 @@ from crome.editing.api import context_for, prepare_edit
 from crome.editing.context import RunContext
 from crome.editing.guard import guarded
 from crome.editing.hparams import Hparams
-from crome.editing.memory import EditMemory, memory_edit, store
+from crome.editing.memory import MEMORY_FILE, EditMemory, memory_edit, store
 from crome.editing.methods import method
 from crome.evaluation.checkpoint import FactorStore
 from crome.evaluation.datasets import load_cases
@@ -167,7 +167,17 @@ def test_cli_eval_runs_the_memory_method(tokenizer, tmp_path):
     report = json.loads(r.output[r.output.index("{"):])
     assert report["method"] == "memory" and report["layers"] == [1] and report["update_norm"] == 0.0
     assert report["requests"][0]["p_target_after"] != report["requests"][0]["p_target_before"]
+    saved = tmp_path / "saved"
     r = CliRunner().invoke(main, ["edit", "--prompt", "{} is the capital of", "--subject", "Paris", "--target",
-                                  "Germany", "--method", "memory", "--model", str(folder), "--save",
-                                  str(tmp_path / "saved")])
-    assert r.exit_code == 2 and "its edits live in the memory" in r.output
+                                  "Germany", "--method", "memory", "--model", str(folder), "--layer", "1",
+                                  "--mom2-samples", "200", "--guard", "off", "--json", "--save", str(saved)])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output[r.output.index("{"):])
+    assert (saved / MEMORY_FILE).is_file()
+    from crome.evaluation.jobs import EvalJob, load
+    from crome.scoring.measure import target_probability
+
+    reloaded = load(EvalJob(data="x", out="", model=str(saved)), progress=False)   # the memory comes back on
+    p = target_probability(reloaded, "Paris is the capital of", "Germany")
+    assert p == pytest.approx(report["requests"][0]["p_target_after"], rel=1e-5)
+    assert p != pytest.approx(report["requests"][0]["p_target_before"], rel=1e-3)

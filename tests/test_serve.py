@@ -222,3 +222,48 @@ def test_serve_warns_off_localhost_and_needs_the_ui_extra(tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "gradio", None)
     r = CliRunner().invoke(main, ["serve"])
     assert r.exit_code == 2 and "pip install 'crome[ui]'" in r.output, r.output
+
+
+def test_memory_edits_undo_export_apply_and_save_with_the_same_bits(tmp_path, tokenizer):
+    """The gated memory on the page: its edits sit in the history between in-weights ones, undo gives the
+    model without them bit for bit, the delta file carries them, and ``crome apply`` (or Export model)
+    writes the memory beside the weights, which crome's loader puts back on: the same logits."""
+    from click.testing import CliRunner
+    from conftest import save_tiny
+
+    from crome.cli import main
+    from crome.editing.memory import MEMORY_FILE
+    from crome.evaluation.jobs import load
+    from crome.models import load_model
+
+    folder = save_tiny(tmp_path / "tiny", tokenizer)
+    session = EditSession(load_model(str(folder), progress=False), job(model=str(folder)), texts=TEXTS, gen_tokens=4)
+    probes = [f[0].format(f[1]) for f in FACTS] + ["Rivers run to the sea and the sea is wide."]
+
+    def logits(lm):
+        return [lm.model(input_ids=torch.tensor([lm.tokenizer(t)["input_ids"]])).logits for t in probes]
+
+    base = logits(session.lm)
+    for fact, m in zip(FACTS, ("memory", "crome", "memory")):
+        assert session.edit(*fact, method=m, guard="off").applied
+    edited = logits(session.lm)
+    assert not torch.equal(edited[0], base[0]) and not torch.equal(edited[2], base[2])
+    assert session.memory().numbers == [1, 3] and session.history()[0]["layers"] == [1]
+    delta = session.export_delta(tmp_path / "edits.crome")
+    meta, edits = read_delta(delta)
+    assert [e.entry is not None for e in edits] == [True, False, True] and meta["gate"]["layer"] == 1
+    r = CliRunner().invoke(main, ["apply", delta, "--model", str(folder), "--save", str(tmp_path / "out")])
+    assert r.exit_code == 0 and "2 of them live in the gated memory" in r.output, r.output
+    exported = session.export_model(tmp_path / "exported")
+    for saved in (tmp_path / "out", exported):
+        assert (tmp_path / saved / MEMORY_FILE).is_file()
+        again = load(job(model=str(saved)), progress=False)
+        assert all(torch.equal(a, b) for a, b in zip(logits(again), edited))
+    other = save_tiny(tmp_path / "other", tokenizer, "gpt2")
+    r = CliRunner().invoke(main, ["apply", delta, "--model", str(other), "--save", str(tmp_path / "out2")])
+    assert r.exit_code == 2 and "another model" in r.output, r.output
+    session.undo(3)
+    assert session.memory().numbers == [1]
+    for number in (1, 2):
+        session.undo(number)
+    assert all(torch.equal(a, b) for a, b in zip(logits(session.lm), base)) and len(session.memory()) == 0

@@ -53,12 +53,16 @@ LOAD_OPTIONS = ("dtype", "device_map", "trust_remote_code", "allow_pickle")
 
 
 def _load(model: str | None, options):
-    """The model, loaded with ``options`` (a ``LoadOptions``), behind a spinner."""
+    """The model, loaded with ``options`` (a ``LoadOptions``), behind a spinner (with the gated memory a
+    saved edited model carries, ``memory.attach_saved``)."""
+    from .editing.memory import attach_saved
     from .models import load_model
 
     _quiet_transformers()
     with err.status(f"loading {model or 'the default model'}"):
-        return load_model(model, **options.kwargs())
+        lm = load_model(model, **options.kwargs())
+        attach_saved(lm, model)
+        return lm
 
 
 def _load_options(o: dict):
@@ -287,13 +291,11 @@ def _writable_folder(path: str | None, flag: str) -> None:
 @_lifelong_opts
 def edit(**o):
     """Edit one fact (or, with MEMIT, a file of them), check it (the guard), and report what it did to the model."""
-    from .evaluation.options import check_options
     from .evaluation.report import edit_and_report
     from .scoring.texts import perplexity_source
 
     requests = _edit_requests(o)
     job = _job(o)
-    check_options(job.method, save=bool(o["save_dir"]))
     _writable(o["out_path"])
     _writable_folder(o["save_dir"], "--save")
     lm, ctx = _context(job, ppl=not o["no_ppl"])
@@ -311,7 +313,7 @@ def edit(**o):
                                    refused.edit, refused.decision) from None
             raise
     _warn_unlikely(computed)
-    _edit_output(lm, requests, report, o)
+    _edit_output(lm, requests, report, o, ctx.memory)
 
 
 def _edit_requests(o: dict) -> list:
@@ -323,8 +325,9 @@ def _edit_requests(o: dict) -> list:
                                batch=method(o["method"]).batch, batch_methods=BATCH_METHODS)
 
 
-def _edit_output(lm, requests, report, o: dict) -> None:
-    """Write, save and print what ``crome edit`` did."""
+def _edit_output(lm, requests, report, o: dict, memory=None) -> None:
+    """Write, save and print what ``crome edit`` did (a memory edit: the memory saved beside the weights)."""
+    from .editing.memory import MEMORY_FILE
     from .evaluation.report import BatchReport
     from .models import save_model
 
@@ -335,6 +338,8 @@ def _edit_output(lm, requests, report, o: dict) -> None:
         if not report.applied:
             raise CromeError("non-finite update: nothing to save")
         save_model(lm, o["save_dir"])
+        if memory is not None and len(memory):
+            memory.save(Path(o["save_dir"]) / MEMORY_FILE)
     if o["as_json"]:
         click.echo(json.dumps(result, indent=2))
         return
@@ -481,6 +486,9 @@ def _print_demo(result) -> None:
 @click.option("--retained-sample", type=int, default=0, show_default=True,
               help="With --sequential: retained efficacy on at most N earlier edits, evenly spread over the run "
                    "so far (the same ones at every resume), so that its cost stays flat; 0: every earlier edit.")
+@click.option("--scores-every", type=int, default=1, show_default=True,
+              help="With --sequential: score the own efficacy (ES/PS/NS before and after, generation EM) of every "
+                   "k-th edit only, a sample that keeps long runs cheap; the other edits' records carry none.")
 @click.option("--gen-em", is_flag=True,
               help="Also score generation-based exact match: greedy generation after the edit prompt, its "
                    "paraphrases and (with --sequential) every earlier edit's prompt.")
@@ -497,7 +505,8 @@ def eval_(**o):
     _writable(out_path)
     _writable(md_path)
     run_opts = ("data", "n_cases", "test_prefix", "resume", "skip_invalid", "sequential", "monitor_every",
-                "retained_every", "retained_sample", "gen_tokens", "edits_per_pass", "batch_size", "gen_em")
+                "retained_every", "retained_sample", "scores_every", "gen_tokens", "edits_per_pass", "batch_size",
+                "gen_em")
     job = _job(o, out=out_path, case_ids=tuple(case_ids.split(",")) if case_ids else None,
                **{k: o[k] for k in run_opts})
     cases, skipped, dataset_path = cases_of(job)
@@ -781,15 +790,21 @@ def serve(host, port, export_dir, gen_tokens, **o):
 def apply_cmd(delta, save_dir, model, dtype):
     """Re-apply a delta file (from crome serve's Export) to its base model and save the result."""
     from .editing.delta import apply_edits, read_delta
+    from .editing.memory import MEMORY_FILE, memory_from_delta
     from .models import LoadOptions, save_model
 
     _writable_folder(save_dir, "--save")
     meta, edits = read_delta(delta)         # a bad file fails before the model loads
+    memory = memory_from_delta(meta, edits)
     lm = _load(model, LoadOptions(dtype))
     apply_edits(lm, meta, edits, delta)
     save_model(lm, save_dir)
     facts = sum(len(e.requests) for e in edits)
     out.print(f"applied {len(edits)} edits ({facts} facts) from {delta} to {lm.name}; saved to {save_dir}")
+    if memory is not None:
+        memory.save(Path(save_dir) / MEMORY_FILE)
+        out.print(f"{len(memory)} of them live in the gated memory: {MEMORY_FILE} beside the weights, which crome "
+                  f"puts back on when it loads the folder (plain transformers loads the weights without them)")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ class RunSettings:
     monitor_every: int = 1
     retained_every: int = 0         # sequential: retained efficacy every k-th edit (0: with the perplexity)
     retained_sample: int = 0        # sequential: retained efficacy on at most this many earlier edits (0: all)
+    scores_every: int = 1           # sequential: every k-th edit's own efficacy scored (ES/PS/NS, generation EM)
     guard: str = "off"
     guard_threshold: float | None = None
     key_stats_source: str = "off"   # source of C (mom2 adjustment), or "off"

@@ -2,8 +2,10 @@
 model's fingerprint and the settings, in one safetensors file (no pickle: safe to open).
 
     tensors   "edit-0003.layer-06.a" [d_out, r], "edit-0003.layer-06.b" [d_in, r]  (ΔW = a bᵀ)
-    metadata  {"crome_delta": JSON}: format, version, model, fingerprint, and per edit its
-              request(s), method, layers and the record of how it was made
+              a gated-memory edit: "edit-0003.memory.keys" [2, d_in], "edit-0003.memory.value" [d_out],
+              and its memory's gate once: "gate.scale" [d_in] (√diag C)
+    metadata  {"crome_delta": JSON}: format, version, model, fingerprint, the gate's layer and
+              threshold, and per edit its request(s), method, layers and the record of how it was made
 
 Applying a delta file adds the factors to the base model's W in the file's order, with
 ``weights.replay``: the same operations as the session or run that made them, so the weights
@@ -45,13 +47,16 @@ class DeltaEdit:
     method: str
     factors: Factors = field(repr=False)
     record: dict = field(default_factory=dict)   # seed, hparams, templates, key statistics, diagnostics
+    entry: dict | None = field(default=None, repr=False)   # a memory edit: its "keys" and "value"
 
     def to_meta(self) -> dict:
-        return dict(requests=self.requests, method=self.method, layers=sorted(self.factors), record=self.record)
+        return dict(requests=self.requests, method=self.method, layers=sorted(self.factors), record=self.record,
+                    gated=self.entry is not None)
 
 
-def write_delta(path: str | Path, lm_name: str, base: dict, edits: list[DeltaEdit]) -> Path:
-    """Write ``edits`` (in order) with the base model's ``fingerprint`` to ``path``, atomically."""
+def write_delta(path: str | Path, lm_name: str, base: dict, edits: list[DeltaEdit], gate: dict | None = None) -> Path:
+    """Write ``edits`` (in order) with the base model's ``fingerprint`` to ``path``, atomically.
+    ``gate``: the memory's layer, threshold and scale, when memory edits are among them."""
     from safetensors.torch import save_file
 
     tensors = {}
@@ -59,8 +64,17 @@ def write_delta(path: str | Path, lm_name: str, base: dict, edits: list[DeltaEdi
         for layer, (a, b) in e.factors.items():
             tensors[f"edit-{i:04d}.layer-{layer:02d}.a"] = a.detach().cpu().contiguous()
             tensors[f"edit-{i:04d}.layer-{layer:02d}.b"] = b.detach().cpu().contiguous()
+        if e.entry is not None:
+            for part in ("keys", "value"):
+                tensors[f"edit-{i:04d}.memory.{part}"] = e.entry[part].detach().cpu().contiguous()
+    if any(e.entry is not None for e in edits):
+        if gate is None:
+            raise CromeError("memory edits need their memory's gate (layer, threshold, scale) in the delta file")
+        tensors["gate.scale"] = gate["scale"].detach().cpu().contiguous()
     meta = dict(format=FORMAT, version=VERSION, model=lm_name, fingerprint=base,
                 edits=[e.to_meta() for e in edits])
+    if "gate.scale" in tensors:
+        meta["gate"] = dict(layer=int(gate["layer"]), threshold=float(gate["threshold"]))
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"crome_delta": json.dumps(meta)})
@@ -89,6 +103,8 @@ def read_delta(path: str | Path) -> tuple[dict, list[DeltaEdit]]:
     if meta.get("version") != VERSION:
         raise CromeError(f"{path} is a version {meta.get('version')} delta file; this crome reads version {VERSION}")
     try:
+        if meta.get("gate"):
+            meta["gate"]["scale"] = tensors["gate.scale"]
         return meta, [_edit(i, e, tensors) for i, e in enumerate(meta["edits"])]
     except (KeyError, TypeError, ValueError) as bad:
         raise CromeError(f"{path}: malformed delta file (an edit lacks or mangles {bad})") from None
@@ -99,7 +115,8 @@ def _edit(i: int, e: dict, tensors: dict) -> DeltaEdit:
         return f"edit-{i:04d}.layer-{layer:02d}.{part}"
 
     factors = {int(x): (tensors[name(int(x), "a")], tensors[name(int(x), "b")]) for x in e["layers"]}
-    return DeltaEdit(list(e["requests"]), str(e["method"]), factors, dict(e.get("record", {})))
+    entry = {part: tensors[f"edit-{i:04d}.memory.{part}"] for part in ("keys", "value")} if e.get("gated") else None
+    return DeltaEdit(list(e["requests"]), str(e["method"]), factors, dict(e.get("record", {})), entry)
 
 
 def check_base(lm: LoadedModel, meta: dict, source: str = "the delta file") -> None:

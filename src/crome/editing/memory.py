@@ -19,8 +19,10 @@ model is bit for bit the unedited one. Undo removes an edit's entry.
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -32,6 +34,9 @@ from ..request import EditRequest
 from .edit import Prepared
 from .mom2 import KeyStats
 from .records import OneFact
+
+# A saved edited model's memory: next to its weights, read by crome's loader (``attach_saved``).
+MEMORY_FILE, MEMORY_FORMAT = "crome-memory.safetensors", "crome-memory"
 
 
 @dataclass
@@ -196,6 +201,41 @@ class EditMemory:
         return dict(layer=self.layer, threshold=self.threshold, scale=self.scale, numbers=list(self.numbers),
                     keys=dict(self.keys), values=dict(self.values))
 
+    def save(self, path: str | Path) -> Path:
+        """The memory as one safetensors file (no pickle), atomically: the gate (layer, threshold,
+        √diag C) and every entry's stored keys and value, in order."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {"scale": self.scale.contiguous()}
+        for n in self.numbers:
+            tensors[f"entry-{n}.keys"] = self.keys[n].contiguous()
+            tensors[f"entry-{n}.value"] = self.values[n].contiguous()
+        meta = dict(format=MEMORY_FORMAT, layer=self.layer, threshold=self.threshold, numbers=self.numbers)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"crome_memory": json.dumps(meta)})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "EditMemory":
+        """A memory ``save`` wrote; anything else gets a one-line ``CromeError``."""
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads((f.metadata() or {}).get("crome_memory", "null"))
+            tensors = load_file(str(path))
+            if not isinstance(meta, dict) or meta.get("format") != MEMORY_FORMAT:
+                raise ValueError("no crome memory metadata")
+            numbers = [int(n) for n in meta["numbers"]]
+            return cls.from_state(dict(layer=meta["layer"], threshold=meta["threshold"], scale=tensors["scale"],
+                                       numbers=numbers, keys={n: tensors[f"entry-{n}.keys"] for n in numbers},
+                                       values={n: tensors[f"entry-{n}.value"] for n in numbers}))
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+            raise CromeError(f"{path} is not a crome memory file ({str(e).splitlines()[0] if str(e) else e})") from None
+
     @classmethod
     def from_state(cls, state: dict) -> "EditMemory":
         memory = cls(int(state["layer"]), float(state["threshold"]), state["scale"])
@@ -235,3 +275,32 @@ def store(memory: EditMemory, edit: MemoryEdit, number: int) -> MemoryHandle:
         raise CromeError(f"the memory is at layer {memory.layer}, the edit at layer {edit.layer}")
     memory.add(number, edit.keys, edit.delta)
     return MemoryHandle(memory, number, edit)
+
+
+def memory_from_delta(meta: dict, edits: list) -> EditMemory | None:
+    """The memory of a delta file's memory edits (``delta.read_delta``), entries in the file's order;
+    None when it has none. Their keys and values are stored as the session stored them: the same bits."""
+    entries = [e.entry for e in edits if e.entry is not None]
+    if not entries:
+        return None
+    gate = meta.get("gate")
+    if not gate:
+        raise CromeError("malformed delta file: memory edits without their gate (layer, threshold, scale)")
+    memory = EditMemory(int(gate["layer"]), float(gate["threshold"]), gate["scale"])
+    for number, entry in enumerate(entries, start=1):
+        memory.add(number, entry["keys"], entry["value"])
+    return memory
+
+
+def attach_saved(lm: LoadedModel, source: str | None) -> EditMemory | None:
+    """The memory saved with the model folder ``source`` (``MEMORY_FILE``), put on ``lm``; None without one.
+    A memory that does not fit the model (layer, width) is refused with one line."""
+    path = Path(source) / MEMORY_FILE if source else None
+    if path is None or not path.is_file():
+        return None
+    memory = EditMemory.load(path)
+    width = lm.weight(min(memory.layer, lm.num_layers - 1)).shape[1]
+    if memory.layer >= lm.num_layers or memory.scale.shape != (width,):
+        raise CromeError(f"{path} is a memory for layer {memory.layer} of width {memory.scale.shape[0]}; "
+                         f"{lm.name} has {lm.num_layers} layers of width {width}")
+    return memory.attach(lm)

@@ -86,7 +86,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("cmemit", "C-MEMIT", "batch", "mean", needs_c=True, served=True),
     Method("alphaedit", "AlphaEdit", "batch", "bare", needs_c=True, null_space=True),
     Method("calphaedit", "C-AlphaEdit", "batch", "mean", needs_c=True, null_space=True),
-    Method("memory", "Gated memory", "gated", "mean", needs_c=True, bare_test=True),
+    Method("memory", "Gated memory", "gated", "mean", needs_c=True, served=True, bare_test=True),
 )}
 DEFAULT_METHOD = "crome"
 DEFAULT_BATCH_METHOD = "cmemit"

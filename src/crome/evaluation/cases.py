@@ -26,7 +26,8 @@ def _record(case: Case, ctx: RunContext, prefix: str | None) -> CaseRecord:
 
 
 def evaluate_cases(lm: LoadedModel, cases: list[Case], ctx: RunContext, measure_ppl: bool = True, keep: bool = False,
-                   prepared_by_id: dict | None = None) -> list[tuple[CaseRecord, EditHandle | None]]:
+                   prepared_by_id: dict | None = None, score: bool = True
+                   ) -> list[tuple[CaseRecord, EditHandle | None]]:
     """Edit and measure independent cases: [(record, handle or None)] in case order.
 
     Each case is edited (the guard judges it, with the edit in W) and W restored; then every
@@ -34,14 +35,15 @@ def evaluate_cases(lm: LoadedModel, cases: list[Case], ctx: RunContext, measure_
     as an activation hook (``Overlay``), the way writing ΔW into W would compute them.
     ``keep`` (one case, or a MEMIT batch: a sequential run) leaves the edit in W, measured there;
     its handle is returned. ``prepared_by_id``: each case's ``Prepared`` (keys and v*) when computed
-    together (``prepare_together``), by case id."""
+    together (``prepare_together``), by case id. ``score=False`` (a sequential run's ``scores_every``)
+    leaves out the cases' own efficacy, before and after (ES/PS/NS, generation EM)."""
     s = ctx.settings
     if keep and len(cases) != 1 and not ctx.method.batch:
         raise CromeError("a kept edit is measured in the weights: one case at a time")
     prefixes = [choose_test_prefix(s.test_prefix, ctx.templates, s.seed, c.case_id) for c in cases]
     recs = [_record(c, ctx, p) for c, p in zip(cases, prefixes)]
-    scored = CaseScorer(lm, cases, prefixes)
-    for rec, (plain, prefixed), (_, where) in zip(recs, scored.befores, scored.groups):
+    scored = CaseScorer(lm, cases, prefixes) if score else None
+    for rec, (plain, prefixed), (_, where) in zip(recs, scored.befores, scored.groups) if score else ():
         rec.before = case_metrics(plain, where)
         rec.before_prefixed = case_metrics(prefixed, where) if prefixed else None
 
@@ -64,9 +66,9 @@ def evaluate_cases(lm: LoadedModel, cases: list[Case], ctx: RunContext, measure_
     return list(zip(recs, handles))
 
 
-def _measure(lm, cases, recs, ctx: RunContext, scored: CaseScorer, applied, overlay, measure_ppl: bool) -> None:
-    """The edited models' metrics, perplexity and fluency into the applied cases' records."""
-    for i, (plain, prefixed) in zip(applied, scored(applied, overlay)):
+def _measure(lm, cases, recs, ctx: RunContext, scored: CaseScorer | None, applied, overlay, measure_ppl: bool) -> None:
+    """The edited models' metrics (``scored`` None: none), perplexity and fluency into the applied cases' records."""
+    for i, (plain, prefixed) in zip(applied, scored(applied, overlay)) if scored is not None else ():
         where, before = scored.groups[i][1], scored.befores[i]
         recs[i].metrics = case_metrics(plain, where, before[0])
         if prefixed:
@@ -77,7 +79,7 @@ def _measure(lm, cases, recs, ctx: RunContext, scored: CaseScorer, applied, over
         for i, ppl in zip(applied, ppls):
             recs[i].set(**ppl_fields(monitor.baseline, ppl))
     s = ctx.settings
-    if s.gen_em:
+    if s.gen_em and scored is not None:
         generation_em(lm, [cases[i] for i in applied], [recs[i] for i in applied], scored, applied, overlay)
     for slot, i in enumerate(applied):
         if cases[i].generation_prompts and s.gen_tokens:

@@ -63,8 +63,9 @@ def run(lm: LoadedModel, cases: list[Case], ctx: RunContext, out, resume: bool =
             monitor_now = seq is None or seq.due(s.monitor_every, n_done, len(chunk), last)
             retain_now = seq.due(s.retained_every, n_done, len(chunk), last) if seq and s.retained_every \
                 else monitor_now
+            score_now = seq is None or seq.due(s.scores_every, n_done, len(chunk), last)
             evaluated = evaluate_cases(lm, chunk, ctx, measure_ppl=monitor_now, keep=seq is not None,
-                                       prepared_by_id=prepare_together(lm, chunk, ctx))
+                                       prepared_by_id=prepare_together(lm, chunk, ctx), score=score_now)
             if seq:
                 seq.record(evaluated, chunk, n_done, monitor_now, retain_now)
             seconds = (time.perf_counter() - start) / len(chunk)

@@ -23,7 +23,7 @@ from typing import Callable
 from ..editing.context import RunContext, RunSettings
 from ..editing.hparams import Hparams
 from ..editing.layer_choice import resolve
-from ..editing.memory import EditMemory
+from ..editing.memory import EditMemory, attach_saved
 from ..editing.methods import DEFAULT_METHOD, method
 from ..editing.mom2 import layer_stats, stats_for
 from ..editing.norm_anchor import norm_anchor
@@ -70,6 +70,7 @@ class EvalJob:
     monitor_every: int = 1
     retained_every: int = 0            # sequential: retained efficacy every k-th edit (0: with the perplexity)
     retained_sample: int = 0           # sequential: retained efficacy on at most this many earlier edits (0: all)
+    scores_every: int = 1              # sequential: every k-th edit's own ES/PS/NS and generation EM scored
     gen_tokens: int = 100
     gen_em: bool = False               # generation-based exact match too
     guard: str = "off"
@@ -90,6 +91,8 @@ class EvalJob:
             raise CromeError("--monitor-every must be at least 1")
         if self.retained_sample < 0:
             raise CromeError("--retained-sample must be at least 1 (or 0: every earlier edit)")
+        if self.scores_every < 1:
+            raise CromeError("--scores-every must be at least 1")
         if self.retained_every < 0:
             raise CromeError("--retained-every must be at least 1 (or 0: with the perplexity)")
         if self.n_cases is not None and self.n_cases < 1:
@@ -180,7 +183,10 @@ def cases_of(job: EvalJob, load_dataset=load_cases) -> tuple[list[Case], list[st
 
 
 def load(job: EvalJob, device=None, progress: bool = True) -> LoadedModel:
-    return load_model(job.model, device=device, progress=progress, **job.load_options.kwargs())
+    """``job``'s model (with the gated memory a saved edited model carries, ``memory.attach_saved``)."""
+    lm = load_model(job.model, device=device, progress=progress, **job.load_options.kwargs())
+    attach_saved(lm, job.model)
+    return lm
 
 
 def model_setup(lm: LoadedModel, job: EvalJob, status: Status = quiet, say: Callable[[str], None] | None = None):
@@ -223,7 +229,8 @@ def prepare(lm: LoadedModel, job: EvalJob, status: Status = quiet, say=None, tex
                            gen_tokens=job.gen_tokens, sequential=job.sequential,
                            monitor_every=job.monitor_every if job.sequential else 1,
                            retained_every=job.retained_every if job.sequential else 0,
-                           retained_sample=job.retained_sample if job.sequential else 0, guard=job.guard,
+                           retained_sample=job.retained_sample if job.sequential else 0,
+                           scores_every=job.scores_every if job.sequential else 1, guard=job.guard,
                            guard_threshold=job.guard_threshold if job.guard in ("verify", "fallback") else None,
                            key_stats_source=_source(stats), dtype=lm.dtype, batch_size=job.batch_size,
                            gen_em=job.gen_em)

@@ -26,7 +26,7 @@ def cases_per_chunk(m: Method, batch_size: int, edits_per_pass: int) -> int:
 
 def check_options(name: str, *, mom2: bool = True, mom2_corpus: str | None = None, guard: str = "off",
                   batch_size: int = 1, edits_per_pass: int | None = None,
-                  sequential: bool = False, hparams: dict | None = None, save: bool = False) -> None:
+                  sequential: bool = False, hparams: dict | None = None) -> None:
     """Refuse, with one line naming the options, any combination crome cannot run (``hparams``:
     the hyper-parameters the user overrides)."""
     m = method(name)
@@ -36,9 +36,6 @@ def check_options(name: str, *, mom2: bool = True, mom2_corpus: str | None = Non
         m.require_stats()
     check_guard("", m, guard, rule=..., verifier=...)
     _check_sizes(m, batch_size, edits_per_pass, sequential)
-    if save and m.gated:
-        raise CromeError(f"--save writes the weights, and {m.label} leaves them as they are: its edits live in "
-                         f"the memory beside them")
     _check_hparams(m, hparams or {})
 
 

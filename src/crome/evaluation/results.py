@@ -115,7 +115,7 @@ def timing_path(out: str | os.PathLike) -> Path:
 
 # How often a sequential run measures: a resumed run may change it (each record carries its own), since
 # measuring changes no weight. A long run can thin out retained efficacy, whose cost grows with the edits.
-CADENCE = ("monitor_every", "retained_every", "retained_sample")
+CADENCE = ("monitor_every", "retained_every", "retained_sample", "scores_every")
 
 
 def check_resumable(done: list[dict], settings: RunSettings | None, out: Path, resume: bool) -> None:

@@ -2,7 +2,8 @@
 
 ``EditSession`` keeps the base W of every layer an edit has touched and the applied edits' factors
 in order. Its invariant: the edited layers' W equal the base plus the applied edits' factors, added
-in order (``weights.replay``). It holds after an edit, after undoing *any* edit, and in a fresh
+in order (``weights.replay``), and the gated memory (when the memory method was used) holds exactly
+the applied memory edits' entries. It holds after an edit, after undoing *any* edit, and in a fresh
 process that applies the exported delta file (``editing/delta.py``), so all three give the same bits.
 
 One lock serialises everything that touches the weights: an edit, an undo, an export, and each
@@ -24,6 +25,7 @@ import torch
 from ..editing import methods as table
 from ..editing import weights
 from ..editing.delta import DeltaEdit, fingerprint, write_delta
+from ..editing.memory import MEMORY_FILE
 from ..editing.records import GuardRefused
 from ..errors import CromeError
 from ..request import EditRequest, requests_from_input
@@ -113,11 +115,24 @@ class EditSession:
                 self.base[layer] = self.lm.mlp_out(layer).weight.detach().clone()
 
     def _rebuild(self, edits: list[Applied] | None = None) -> None:
-        """W = base + the factors of ``edits`` (default: the applied ones), added in order."""
+        """W = base + the factors of ``edits`` (default: the applied ones), added in order; the memory
+        holds their memory entries, numbered as the history numbers them."""
+        edits = self.applied if edits is None else edits
         with torch.no_grad():
             for layer, w in self.base.items():
                 self.lm.mlp_out(layer).weight.copy_(w)
-        weights.replay(self.lm, (e.delta.factors for e in (self.applied if edits is None else edits)))
+        weights.replay(self.lm, (e.delta.factors for e in edits))
+        memory = self.memory()
+        if memory is not None:
+            for number in list(memory.numbers):
+                memory.remove(number)
+            for e in edits:
+                if e.delta.entry is not None:
+                    memory.add(e.number, e.delta.entry["keys"], e.delta.entry["value"])
+
+    def memory(self):
+        """The session's gated memory (on the model since the memory method was first used), or None."""
+        return next((ctx.memory for ctx in self._prepared.values() if ctx.memory is not None), None)
 
     @contextmanager
     def unedited(self):
@@ -198,8 +213,9 @@ class EditSession:
                                           "model is unchanged.", report=report.to_dict(), ppl_before=ppl_before)
             self._numbers += 1
             record = report.to_dict()
+            entry = dict(keys=edit.keys.detach().cpu(), value=edit.delta.detach().cpu()) if ctx.method.gated else None
             delta = DeltaEdit([r.to_dict() for r in requests], method, weights.on_cpu(edit.factors),
-                              _provenance(record))
+                              _provenance(record), entry)
             applied = Applied(self._numbers, delta, record,
                               explain_diagnostics(getattr(edit, "diagnostics", None)), None)
             self.applied.append(applied)
@@ -228,7 +244,8 @@ class EditSession:
     def history(self) -> list[dict]:
         """The applied edits in order, as the page's table rows."""
         with self.lock:
-            return [dict(number=e.number, method=e.delta.method, layers=sorted(e.delta.factors),
+            return [dict(number=e.number, method=e.delta.method,
+                         layers=sorted(e.delta.factors) or e.report.get("layers"),
                          facts="; ".join(f"{r['prompt'].replace('{}', r['subject'])} → {r['target_new']}"
                                          for r in e.delta.requests),
                          verdict=e.report.get("guard_action"), ppl_after=e.ppl_after,
@@ -277,14 +294,21 @@ class EditSession:
         with self.lock:
             if not self.applied:
                 raise CromeError("no edits to export")
-            return str(write_delta(path, self.lm.name, self.base_fingerprint(), [e.delta for e in self.applied]))
+            memory = self.memory()
+            gate = dict(layer=memory.layer, threshold=memory.threshold, scale=memory.scale) if memory else None
+            return str(write_delta(path, self.lm.name, self.base_fingerprint(), [e.delta for e in self.applied], gate))
 
     def export_model(self, path) -> str:
-        """The edited model as a Hugging Face folder (as ``crome edit --save``)."""
+        """The edited model as a Hugging Face folder (as ``crome edit --save``), with the memory's entries
+        beside the weights when there are any (``MEMORY_FILE``: crome's loader puts them back on)."""
         from ..models import save_model
 
         with self.lock:
-            return str(save_model(self.lm, path))
+            saved = save_model(self.lm, path)
+            memory = self.memory()
+            if memory is not None and len(memory):
+                memory.save(saved / MEMORY_FILE)
+            return str(saved)
 
 
 @torch.no_grad()
