@@ -28,13 +28,15 @@ def run_spec(name: str) -> tuple[str, dict, int | None]:
     n - 1 sampled ones of 5 tokens, instead of 21), ``norm<mu>`` (ENCORE's norm bound), ``tau<x>`` (the
     memory's gate threshold), ``e<share>`` (AlphaEdit's null-space energy share), ``lr<x>`` (v*'s
     Adam step size), ``L<n>`` (edit layer n instead of the model's default)."""
+    from crome.editing.hparams import few_templates
+
     method, *flags = name.split("+")
     hparams, layer = {}, None
     for flag in flags:
         if flag in ("mpes", "nas"):
             hparams[flag] = True
         elif re.fullmatch(r"t\d+", flag):
-            hparams["template_lengths"] = [[5, int(flag[1:]) - 1]]
+            hparams["template_lengths"] = [list(x) for x in few_templates(int(flag[1:]))]
         elif re.fullmatch(r"lr[\d.]+", flag):
             hparams["v_lr"] = float(flag[2:])
         elif re.fullmatch(r"L\d+", flag):

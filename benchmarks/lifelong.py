@@ -145,6 +145,10 @@ def at_edits(records: list[dict], m: int) -> dict:
     last = kept[-1] if kept else {}
     metrics = [r["metrics"] for r in upto if r.get("metrics")]
     prefixed = [r["metrics_prefixed"] for r in upto if r.get("metrics_prefixed")]
+
+    def split(first: bool):
+        return _mean(r["metrics"]["ps"] for r in upto if r.get("metrics") and r.get("first_token_subject") is first)
+
     return dict(edits=m, ppl_ratio=measured[-1]["ppl_ratio"] if measured else None,
                 retained_at=last.get("step"), retained_es=last.get("retained_efficacy"),
                 retained_es_prefixed=last.get("retained_efficacy_prefixed"),
@@ -153,8 +157,23 @@ def at_edits(records: list[dict], m: int) -> dict:
                 weight_ratio=max(v["ratio"] for v in normed[-1]["weight_norms"].values()) if normed else None,
                 es=_mean(x["es"] for x in metrics), ps=_mean(x["ps"] for x in metrics),
                 ns=_mean(x["ns"] for x in metrics), ns_unedited=_mean(r["before"]["ns"] for r in upto if r.get("before")),
+                ps_first_token=split(True), ps_other=split(False),
                 gen_em=_mean(x.get("gen_em") for x in metrics),
-                gen_em_prefixed=_mean(x.get("gen_em") for x in prefixed))
+                gen_em_prefixed=_mean(x.get("gen_em") for x in prefixed),
+                gen_em_paraphrase=_mean(x.get("gen_em_paraphrase") for x in metrics),
+                gen_em_paraphrase_prefixed=_mean(x.get("gen_em_paraphrase") for x in prefixed))
+
+
+def marks(name: str, records: list[dict], timing: list[dict]) -> list[str]:
+    """A Markdown table of one run at 100, 1,000, 3,000 ... edits, with its mean seconds per edit so far
+    (every measurement of the run included)."""
+    rows = [dict(at_edits(records, m), seconds_per_edit=statistics.fmean(t["seconds"] for t in timing[:m]))
+            for m in MARKS if m <= len(records)]
+    if not rows:
+        return []
+    cols = list(rows[0])
+    return [f"{name}:", "", "| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols),
+            *("| " + " | ".join(_cell(row[c]) for c in cols) + " |" for row in rows), ""]
 
 
 def side_by_side(runs: dict[str, list[dict]], step: int = 100) -> tuple[int, list[str]]:
@@ -179,7 +198,7 @@ def report(args) -> None:
 
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
-    table, common = {}, []
+    table, common, at_marks = {}, [], []
     protocols = [p for p in "AB" if any(f.stat().st_size for f in (Path(args.out_dir) / p).glob("*.jsonl"))]
     fig, axes = plt.subplots(len(protocols), 4, figsize=(18, 4 * len(protocols)), squeeze=False)
     for row, protocol in zip(axes, protocols):
@@ -193,6 +212,7 @@ def report(args) -> None:
                 continue
             name = f"{protocol}: {path.stem}"
             table[name] = summarise(records, timing)
+            at_marks += marks(name, records, timing)
             _plot(row, records, path.stem)
             if len(records) >= args.common_from:
                 runs[name] = records
@@ -217,7 +237,7 @@ def report(args) -> None:
             "ns_first_100", "ns_last_100", "weight_ratio_max", "seconds_per_edit", "v_steps_mean"]
     lines = ["| run | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     lines += [f"| {name} | " + " | ".join(_cell(row[c]) for c in cols) + " |" for name, row in table.items()]
-    lines += ["", *common]
+    lines += ["", *common, "Each run at 100, 1,000, 3,000 ... edits:", "", *at_marks]
     (docs / "lifelong.md").write_text("\n".join(lines) + "\n")
     emit(table, str(docs / "lifelong.json"))
     print("\n".join(lines))

@@ -179,6 +179,11 @@ def test_cli_edit_says_did_not_take_or_damaged(tokenizer, tmp_path):
     assert res.exit_code == 3 and "did not take" in res.output and "damaged" not in res.output
     res = CliRunner().invoke(main, base + ["--guard-threshold", "1e-6", "--no-guard-efficacy"])
     assert res.exit_code == 3 and "damaged the model" in res.output and "did not take" not in res.output
+    res = CliRunner().invoke(main, base + ["--guard-threshold", "1e9", "--json"])   # the record of a rolled-back edit
+    record = json.loads(res.stdout)
+    assert res.exit_code == 3 and not record["applied"] and record["guard_took"] is False
+    assert record["guard_action"] == "rolled back" and "did not take" in record["error"]
+    assert record["guard_efficacy"] and "--method" in record["next_step"] and "denominator" in record["diagnostics"]
 
 
 def test_diagnostics_report_the_outlier_ratio_and_value_shift(tiny):

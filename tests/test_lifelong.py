@@ -416,3 +416,18 @@ def test_scores_every_scores_a_sample_of_edits_and_leaves_the_run_unchanged(fold
             assert b["metrics"] == a["metrics"] and b["metrics_prefixed"]["gen_em"] == a["metrics_prefixed"]["gen_em"]
     r = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "x.jsonl"), "--scores-every", "0"])
     assert r.exit_code != 0 and "--scores-every must be at least 1" in r.output
+
+
+def test_cli_templates_and_v_lr_set_the_cheap_v_star(folder, tmp_path):
+    data = write(tmp_path, FLAT)
+    out = tmp_path / "cheap.jsonl"
+    common = ["eval", "--data", str(data), "--method", "memory", "--model", str(folder), "--layer", "1",
+              "--mom2-samples", "200", "--gen-tokens", "0", "--n", "1"]
+    r = CliRunner().invoke(main, [*common, "--out", str(out), "--templates", "6", "--v-lr", "1.0"])
+    assert r.exit_code == 0, r.output
+    record = json.loads(out.read_text().splitlines()[0])
+    assert record["hparams"]["v_lr"] == 1.0 and record["hparams"]["template_lengths"] == [[5, 5]]
+    assert len(record["context_templates"]) == 6 and "{}" in record["context_templates"]
+    for bad in ("0", "3"):
+        r = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "x.jsonl"), "--templates", bad])
+        assert r.exit_code != 0 and "--templates takes 1 + a multiple of 5" in r.output

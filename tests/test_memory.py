@@ -39,7 +39,7 @@ def memory_for(lm) -> EditMemory:
 
 def edit_of(lm, request):
     prepared = prepare_edit(lm, request, hparams=HP, templates=TEMPLATES)
-    return memory_edit(prepared, "memory", None)
+    return memory_edit(lm, prepared, "memory", None)
 
 
 def logits(lm, text):
@@ -128,6 +128,28 @@ def test_the_memory_method_goes_through_the_guard_and_rolls_back(lm):
         check_options("memory", edits_per_pass=2)
 
 
+def test_the_api_gives_a_memory_method_its_own_memory(lm):
+    """``context_for(lm, "memory")`` without a memory: a new one at the edit layer, on the model, gated with
+    that layer's C; without key statistics, one line."""
+    from dataclasses import replace
+
+    from crome.scoring.measure import target_probability
+
+    stats = stats_for(lm, [HP.layer])[HP.layer]
+    before = target_probability(lm, PARIS.text(), PARIS.target_new)
+    ctx = context_for(lm, "memory", HP, templates=TEMPLATES, stats=stats)
+    try:
+        _, handle, _ = guarded(lm, [PARIS], ctx)
+        assert ctx.memory.layer == HP.layer and len(ctx.memory) == 1
+        assert target_probability(lm, PARIS.text(), PARIS.target_new) > before
+        handle.restore()
+        assert len(ctx.memory) == 0 and target_probability(lm, PARIS.text(), PARIS.target_new) == before
+    finally:
+        ctx.memory.detach()
+    with pytest.raises(CromeError, match="needs key statistics"):
+        context_for(lm, "memory", replace(HP, mom2_adjustment=False), templates=TEMPLATES)
+
+
 def test_a_killed_memory_run_resumes_bit_for_bit(lm, tmp_path):
     """Byte-identical records (each carries the memory's hash) and the same entries."""
     stats = stats_for(lm, [HP.layer])
@@ -181,3 +203,25 @@ def test_cli_eval_runs_the_memory_method(tokenizer, tmp_path):
     p = target_probability(reloaded, "Paris is the capital of", "Germany")
     assert p == pytest.approx(report["requests"][0]["p_target_after"], rel=1e-5)
     assert p != pytest.approx(report["requests"][0]["p_target_before"], rel=1e-3)
+
+
+def test_a_key_without_context_needs_the_exact_threshold(lm):
+    """A one-token subject at the start: its bare key is a function of that token alone (the first
+    position's attention-sink key, alike across texts), so it needs ``memory_exact_threshold``; a key
+    with context, and k̄, need ``memory_threshold``. The gate takes the most similar key among those
+    whose threshold is reached."""
+    from crome.editing.memory import key_thresholds
+
+    tok = lm.tokenizer
+    one_token = EditRequest.create("{} is the capital of", "Paris", "Germany")
+    assert len(tok(" Paris")["input_ids"]) == 1 and len(tok("Paris")["input_ids"]) == 1
+    assert key_thresholds(tok, one_token, HP).tolist() == [HP.memory_exact_threshold, HP.memory_threshold]
+    assert key_thresholds(tok, DARRIEUX, HP).tolist() == [HP.memory_threshold] * 2
+    memory = EditMemory(1, 0.5, torch.ones(4))
+    e = torch.eye(4, dtype=torch.float64)
+    memory.add(1, e[0:1], torch.ones(3), torch.tensor([0.999]))
+    memory.add(2, e[1:2], 2 * torch.ones(3), torch.tensor([0.5]))
+    x = torch.stack([e[0] + 0.3 * e[2], e[0], 0.6 * e[0] + 0.8 * e[1], e[0] + 0.01 * e[2], e[3]])
+    fire, owner = memory.gate(x)
+    assert fire.tolist() == [False, True, True, True, False]
+    assert [memory.numbers[i] for i, f in zip(owner.tolist(), fire.tolist()) if f] == [1, 2, 1]

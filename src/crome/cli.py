@@ -199,6 +199,13 @@ def _lifelong_opts(f):
         click.option("--mpes", is_flag=True,
                      help="Stop the v* optimisation once the target is the most probable token on every prompt "
                           "(ENCORE's MPES)."),
+        click.option("--v-lr", type=float, default=None,
+                     help="The v* optimisation's Adam step size (default 0.5; the gated memory's long runs use 1.0: "
+                          "fewer steps, docs/SPEED.md)."),
+        click.option("--templates", "n_templates", type=int, default=None,
+                     help="Context templates of the v* optimisation and k-bar: the bare prompt and N-1 sampled ones of "
+                          "5 tokens, N = 1 + a multiple of 5 (default 21: 10 of 5 and 10 of 10 tokens; MEMIT's "
+                          "reference uses 6)."),
         click.option("--nas", is_flag=True,
                      help="MEMIT/AlphaEdit: rescale every value vector v* to the mean norm of trial v*s on the "
                           "unedited model, and skip an outlier (over 2x): NAS, norm-anchor scaling."),
@@ -250,9 +257,15 @@ def _job(o: dict, **fixed):
 
 def _hparams(o: dict, memit: str | None) -> dict:
     """The hyper-parameters the flags override (those given)."""
-    given = {name: o.pop(name, None) for name in ("mpes", "nas", "norm_weight", "null_space_energy", "alphaedit_l2")}
+    from .editing.hparams import few_templates
+
+    given = {name: o.pop(name, None) for name in ("mpes", "nas", "norm_weight", "null_space_energy", "alphaedit_l2",
+                                                  "v_lr")}
     if memit:
         given["memit_layers"] = _layers(memit)
+    n_templates = o.pop("n_templates", None)
+    if n_templates is not None:
+        given["template_lengths"] = few_templates(n_templates)
     return {k: v for k, v in given.items() if v not in (None, False)}
 
 
@@ -291,7 +304,7 @@ def _writable_folder(path: str | None, flag: str) -> None:
 @_lifelong_opts
 def edit(**o):
     """Edit one fact (or, with MEMIT, a file of them), check it (the guard), and report what it did to the model."""
-    from .evaluation.report import edit_and_report
+    from .evaluation.report import edit_and_report, refused_record
     from .scoring.texts import perplexity_source
 
     requests = _edit_requests(o)
@@ -307,11 +320,14 @@ def edit(**o):
         try:
             report, computed = edit_and_report(lm, requests, ctx, ppl_data=ppl_name, keep=bool(o["save_dir"]))
         except GuardRefused as refused:   # still one line: what the diagnostics said joins the error
-            why = refused.edit.diagnostics.unlikely_to_take() if hasattr(refused.edit, "diagnostics") else None
+            diagnostics = getattr(refused.edit, "diagnostics", None)
+            why = diagnostics.unlikely_to_take() if diagnostics is not None else None
             if why:
-                raise GuardRefused(f"{refused}; the diagnostics said it was unlikely to take: {why}",
-                                   refused.edit, refused.decision) from None
-            raise
+                refused = GuardRefused(f"{refused}; the diagnostics said it was unlikely to take: {why}",
+                                       refused.edit, refused.decision)
+            if o["as_json"]:                  # a script reads why, and how far P(target) got
+                click.echo(json.dumps(refused_record(refused, requests, ctx), indent=2))
+            raise refused from None
     _warn_unlikely(computed)
     _edit_output(lm, requests, report, o, ctx.memory)
 

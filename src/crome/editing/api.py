@@ -19,6 +19,7 @@ from .guard import check_guard, guarded
 from .hparams import Hparams
 from .layer_choice import resolve
 from .memit import BatchEdit
+from .memory import EditMemory
 from .methods import DEFAULT_BATCH_METHOD, DEFAULT_METHOD, method
 from .mom2 import KeyStats, layer_stats, stats_for
 from .norm_anchor import NormAnchor
@@ -46,10 +47,16 @@ def context_for(lm: LoadedModel, name: str = DEFAULT_METHOD, hparams: Hparams | 
                 templates: list[str] | None = None, layer_choice: LayerChoice | None = None, **fields) -> RunContext:
     """A run context for edits outside a prepared run (``report.measure_edit`` from Python): the
     model's resolved defaults unless given; other ``RunContext`` fields (stats, rule, verifier,
-    monitor, texts, null_space) by name."""
+    monitor, texts, null_space, memory) by name. A memory method without a ``memory`` gets a new, empty
+    one, put on the model (``ctx.memory.detach()`` takes it off), gated with its layer's key statistics."""
     m = method(name)
     hp, choice, templates = resolved(lm, hparams, layer, seed, templates, layer_choice)
     settings = RunSettings(method=m.name, model=lm.name, layer=hp.layer, seed=seed, guard=guard)
+    if m.gated and fields.get("memory") is None:
+        stats = stats_for(lm, hp, fields.get("stats"))
+        if stats is None:
+            m.require_stats()
+        fields["memory"] = EditMemory.from_stats(stats, hp.memory_threshold).attach(lm)
     return RunContext(settings, hp, templates, layer_choice=choice, **fields)
 
 

@@ -25,6 +25,7 @@ from ..models.fingerprint import tensor_sha
 from .weights import Factors, replay
 
 FORMAT, VERSION = "crome-delta", 1
+GATED_PARTS = ("keys", "value", "thresholds")   # a gated-memory edit's tensors
 
 
 def layer_sha(lm: LoadedModel, layer: int) -> str:
@@ -65,7 +66,7 @@ def write_delta(path: str | Path, lm_name: str, base: dict, edits: list[DeltaEdi
             tensors[f"edit-{i:04d}.layer-{layer:02d}.a"] = a.detach().cpu().contiguous()
             tensors[f"edit-{i:04d}.layer-{layer:02d}.b"] = b.detach().cpu().contiguous()
         if e.entry is not None:
-            for part in ("keys", "value"):
+            for part in GATED_PARTS:
                 tensors[f"edit-{i:04d}.memory.{part}"] = e.entry[part].detach().cpu().contiguous()
     if any(e.entry is not None for e in edits):
         if gate is None:
@@ -115,7 +116,7 @@ def _edit(i: int, e: dict, tensors: dict) -> DeltaEdit:
         return f"edit-{i:04d}.layer-{layer:02d}.{part}"
 
     factors = {int(x): (tensors[name(int(x), "a")], tensors[name(int(x), "b")]) for x in e["layers"]}
-    entry = {part: tensors[f"edit-{i:04d}.memory.{part}"] for part in ("keys", "value")} if e.get("gated") else None
+    entry = {part: tensors[f"edit-{i:04d}.memory.{part}"] for part in GATED_PARTS} if e.get("gated") else None
     return DeltaEdit(list(e["requests"]), str(e["method"]), factors, dict(e.get("record", {})), entry)
 
 

@@ -25,7 +25,7 @@ from .hparams import Hparams
 from .methods import Method, method
 from .mom2 import KeyStats
 from .records import Diagnostics, LayerChoice, OneFact
-from .update import current, rank_one_update
+from .update import current, insertion_direction, rank_one_update
 from .weights import Factors, WeightsHandle, add_delta, check_finite
 
 
@@ -126,8 +126,8 @@ def finish_edit(lm: LoadedModel, prepared: Prepared, name: str | Method, stats: 
     if stats is not None and stats.layer != hp.layer:
         raise CromeError(f"key statistics are for layer {stats.layer}, the edit is at layer {hp.layer}")
     k_cur, v_cur = current(keys, m)
-    c_inv_k = stats.solve(keys.k_mean) if stats is not None else None
-    delta_w, u, denominator, lam = rank_one_update(keys.k_mean, k_cur, v_cur, value.v_star, c_inv_k)  # step 3
+    direction = insertion_direction(keys, m, stats.solve if stats is not None else None)
+    delta_w, u, denominator, lam = rank_one_update(keys.k_mean, k_cur, v_cur, value.v_star, direction)  # step 3
 
     w = lm.weight(hp.layer)
     update_norm = float(delta_w.norm())

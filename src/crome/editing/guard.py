@@ -80,7 +80,7 @@ def guard_memory(lm: LoadedModel, request: EditRequest, ctx: RunContext, *,
     if prepared is None:
         prepared = prepare_edit(lm, request, ctx.hparams, ctx.templates, ctx.settings.seed,
                                 layer_choice=ctx.layer_choice)
-    edit = memory_edit(prepared, m.name, stats_for(lm, prepared.hparams, ctx.stats))
+    edit = memory_edit(lm, prepared, m.name, stats_for(lm, prepared.hparams, ctx.stats))
     verifying = action == "verify"
     check = EfficacyCheck(lm, request, prepared.templates) if verifying and ctx.verifier.efficacy else None
     if verifying:

@@ -32,6 +32,16 @@ from ..errors import CromeError
 from .methods import Method, method
 
 
+def few_templates(n: int, starts: int = 5) -> tuple[tuple[int, int], ...]:
+    """``template_lengths`` for ``n`` context templates: the bare prompt and n − 1 sampled ones of 5 tokens,
+    the same number after each of the ``starts`` starting words (the default is 21: 10 of 5 and 10 of
+    10 tokens; MEMIT's and AlphaEdit's reference code use 6)."""
+    if n < 1 or (n - 1) % starts:
+        raise CromeError(f"--templates takes 1 + a multiple of {starts} (the bare prompt and as many templates after "
+                         f"each of the {starts} starting words), not {n}")
+    return ((5, n - 1),) if n > 1 else ()
+
+
 @dataclass(frozen=True)
 class Hparams:
     layer: int
@@ -65,8 +75,13 @@ class Hparams:
     nas: bool = False
     nas_trials: int = 50
     nas_skip: float = 2.0
-    # the gated memory (``memory.py``): an edit fires where W's input is at least this similar to one of its keys
+    # the gated memory (``memory.py``): an edit fires where W's input is at least this similar to one of its keys;
+    # a bare key with fewer than ``memory_exact_below`` tokens up to the subject's last (a subject at the start
+    # ending on its first or second token: almost no context, a key like every text's first positions, the
+    # attention sink's) needs ``memory_exact_threshold``, which only the same tokens reach
     memory_threshold: float = 0.85
+    memory_exact_below: int = 3
+    memory_exact_threshold: float = 0.995
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -7,14 +7,21 @@ inserted:
 * its keys: the key k (W's input) at the subject's last token, on the bare prompt (k^u) and averaged
   over the context templates (k̄): the two places "The Fall of ROME" shows a key can sit;
 * its value: δ = v* − v0, the vector the v* optimisation adds to W's output at the subject's last
-  token of every templated prompt (the bare one included), so that the model says the new target.
+  token of every templated prompt (the bare one included), so that the model says the new target;
+* a threshold per key: ``memory_threshold``, except for a bare key with almost no context (a subject
+  at the start of the prompt whose last token is among the first ``memory_exact_below`` = 3). Such a key
+  is a function of one or two tokens, and every text's first positions look alike (attention-sink
+  keys): at 0.85 the one-token subject "Life" fired at the first position of nearly every text, and
+  took a 700-edit run to 1.09x perplexity (``benchmarks/memory_firing.py``). It needs
+  ``memory_exact_threshold`` (0.995), which only the same first tokens reach; a text starting with
+  them has exactly that key, so nothing the bare key should catch is lost.
 
 At every position of every input, W's input k is compared with every stored key by cosine
 similarity after dividing each coordinate by its standard deviation over ordinary text (√diag C,
-so that the few massive-activation coordinates of a first position do not decide it). The best
-match fires when its similarity is at least ``threshold``: δ of its edit is added to W's output
-there. Nothing fires on text far from every key, and then W's output is returned untouched: the
-model is bit for bit the unedited one. Undo removes an edit's entry.
+so that the few massive-activation coordinates of a first position do not decide it). Among the keys
+whose threshold it reaches, the most similar fires: δ of its edit is added to W's output there.
+Nothing fires on text far from every key, and then W's output is returned untouched: the model is
+bit for bit the unedited one. Undo removes an edit's entry.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from ..errors import CromeError
 from ..hooks import forward_hook, widen
 from ..models import LoadedModel
 from ..models.fingerprint import tensor_sha
-from ..request import EditRequest
+from ..request import EditRequest, locate
 from .edit import Prepared
 from .mom2 import KeyStats
 from .records import OneFact
@@ -48,6 +55,7 @@ class MemoryEdit(OneFact):
     layer: int
     keys: torch.Tensor = field(repr=False)     # [2, d_in]: k^u and k̄
     delta: torch.Tensor = field(repr=False)    # [d_out]: δ = v* − v0
+    thresholds: torch.Tensor = field(repr=False)   # [2]: the similarity each key needs to fire
     per_request: list[dict]                    # p_target_opt, opt_steps, first_token_subject, cos_bare_mean
     context_templates: list[str]
     seed: int
@@ -80,12 +88,22 @@ class MemoryEdit(OneFact):
                     value_norm=float(self.delta.norm()), memory_keys=int(self.keys.shape[0]))
 
 
-def memory_edit(prepared: Prepared, name: str, stats: KeyStats | None) -> MemoryEdit:
+def key_thresholds(tokenizer, request: EditRequest, hp) -> torch.Tensor:
+    """The similarity k^u and k̄ each need to fire: ``memory_threshold``, or ``memory_exact_threshold`` for a
+    bare key whose subject's last token is among the prompt's first ``memory_exact_below`` tokens."""
+    bare_context = locate(tokenizer, request).subject_last + 1
+    exact = bare_context < hp.memory_exact_below
+    return torch.tensor([hp.memory_exact_threshold if exact else hp.memory_threshold, hp.memory_threshold],
+                        dtype=torch.float64)
+
+
+def memory_edit(lm: LoadedModel, prepared: Prepared, name: str, stats: KeyStats | None) -> MemoryEdit:
     """The memory entry of prepared keys and v* (``edit.prepare_edits``): keys k^u and k̄, value δ."""
     keys, value = prepared.keys, prepared.value
     cos = float(torch.nn.functional.cosine_similarity(keys.k_bare, keys.k_mean, dim=0))
     return MemoryEdit(request=prepared.request, method=name, layer=prepared.hparams.layer,
                       keys=torch.stack([keys.k_bare, keys.k_mean]).detach(), delta=value.delta.detach(),
+                      thresholds=key_thresholds(lm.tokenizer, prepared.request, prepared.hparams),
                       per_request=[dict(p_target_opt=value.p_target, opt_steps=value.steps,
                                         first_token_subject=keys.first_token_subject, cos_bare_mean=cos)],
                       context_templates=prepared.templates, seed=prepared.seed, hparams=prepared.hparams,
@@ -105,7 +123,8 @@ class EditMemory:
         self.numbers: list[int] = []                                      # an edit's number per entry
         self.keys: dict[int, torch.Tensor] = {}                           # number -> [n, d_in], normalised
         self.values: dict[int, torch.Tensor] = {}                         # number -> [d_out]
-        self._table = None                                                # (keys, owners, values), rebuilt lazily
+        self.thresholds: dict[int, torch.Tensor] = {}                     # number -> [n]: each key's threshold
+        self._table = None                                                # (keys, owners, values, thresholds)
         self._hook = None                                                 # the forward hook while attached
         self._count = 0                                                   # the largest entry number so far
 
@@ -129,37 +148,44 @@ class EditMemory:
         x = widen(keys) / self.scale.to(keys.device)
         return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
-    def add(self, number: int, keys: torch.Tensor, value: torch.Tensor) -> None:
+    def add(self, number: int, keys: torch.Tensor, value: torch.Tensor, thresholds: torch.Tensor | None = None) -> None:
+        """Store edit ``number``'s keys [n, d_in] and value; ``thresholds`` [n]: each key's (default: the memory's)."""
         if number in self.keys:
             raise CromeError(f"the memory already holds edit {number}")
         self._count = max(self._count, number)
         self.numbers.append(number)
         self.keys[number] = self.normalised(keys.detach().cpu())
         self.values[number] = widen(value.detach()).cpu()
+        self.thresholds[number] = (torch.full((len(keys),), self.threshold, dtype=torch.float64) if thresholds is None
+                                   else thresholds.detach().cpu().to(torch.float64))
         self._table = None
 
     def remove(self, number: int) -> None:
         if number not in self.keys:
             raise CromeError(f"the memory holds no edit {number}")
         self.numbers.remove(number)
-        del self.keys[number], self.values[number]
+        del self.keys[number], self.values[number], self.thresholds[number]
         self._table = None
 
-    def table(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(every stored key [N, d_in], the entry each belongs to [N], the entries' values [E, d_out])."""
+    def table(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(every stored key [N, d_in], the entry each belongs to [N], the entries' values [E, d_out], each
+        key's threshold [N])."""
         if self._table is None or self._table[0].device != torch.device(device):
             keys = torch.cat([self.keys[n] for n in self.numbers]).to(device)
             owners = torch.tensor([i for i, n in enumerate(self.numbers) for _ in range(len(self.keys[n]))],
                                   device=device)
             values = torch.stack([self.values[n] for n in self.numbers]).to(device)
-            self._table = (keys, owners, values)
+            thresholds = torch.cat([self.thresholds[n] for n in self.numbers]).to(device=device, dtype=keys.dtype)
+            self._table = (keys, owners, values, thresholds)
         return self._table
 
     def gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(where the memory fires [...], the entry that fires there [...]) for W's inputs ``x`` [..., d_in]."""
-        keys, owners, _ = self.table(x.device)
-        best, index = (self.normalised(x) @ keys.T).max(-1)
-        return best >= self.threshold, owners[index]
+        """(where the memory fires [...], the entry that fires there [...]) for W's inputs ``x`` [..., d_in]:
+        among the keys whose threshold the similarity reaches, the most similar."""
+        keys, owners, _, thresholds = self.table(x.device)
+        sims = self.normalised(x) @ keys.T
+        best, index = sims.masked_fill(sims < thresholds, -torch.inf).max(-1)
+        return best > -torch.inf, owners[index]
 
     def hook(self, _module, args, output):
         """W's output plus the firing entries' values; None (untouched) where nothing fires."""
@@ -168,7 +194,7 @@ class EditMemory:
         fire, owner = self.gate(args[0])
         if not bool(fire.any()):
             return None
-        _, _, values = self.table(output.device)
+        _, _, values, _ = self.table(output.device)
         out = output.clone()
         out[fire] = (widen(out[fire]) + values[owner[fire]]).to(out.dtype)
         return out
@@ -195,11 +221,11 @@ class EditMemory:
         """A hash of the entries, in order (what a sequential run's records check on resume)."""
         if not self.numbers:
             return ""
-        return tensor_sha(*(t for n in self.numbers for t in (self.keys[n], self.values[n])))
+        return tensor_sha(*(t for n in self.numbers for t in (self.keys[n], self.values[n], self.thresholds[n])))
 
     def state(self) -> dict:
         return dict(layer=self.layer, threshold=self.threshold, scale=self.scale, numbers=list(self.numbers),
-                    keys=dict(self.keys), values=dict(self.values))
+                    keys=dict(self.keys), values=dict(self.values), thresholds=dict(self.thresholds))
 
     def save(self, path: str | Path) -> Path:
         """The memory as one safetensors file (no pickle), atomically: the gate (layer, threshold,
@@ -211,6 +237,7 @@ class EditMemory:
         for n in self.numbers:
             tensors[f"entry-{n}.keys"] = self.keys[n].contiguous()
             tensors[f"entry-{n}.value"] = self.values[n].contiguous()
+            tensors[f"entry-{n}.thresholds"] = self.thresholds[n].contiguous()
         meta = dict(format=MEMORY_FORMAT, layer=self.layer, threshold=self.threshold, numbers=self.numbers)
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"crome_memory": json.dumps(meta)})
@@ -232,7 +259,8 @@ class EditMemory:
             numbers = [int(n) for n in meta["numbers"]]
             return cls.from_state(dict(layer=meta["layer"], threshold=meta["threshold"], scale=tensors["scale"],
                                        numbers=numbers, keys={n: tensors[f"entry-{n}.keys"] for n in numbers},
-                                       values={n: tensors[f"entry-{n}.value"] for n in numbers}))
+                                       values={n: tensors[f"entry-{n}.value"] for n in numbers},
+                                       thresholds={n: tensors[f"entry-{n}.thresholds"] for n in numbers}))
         except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
             raise CromeError(f"{path} is not a crome memory file ({str(e).splitlines()[0] if str(e) else e})") from None
 
@@ -243,6 +271,7 @@ class EditMemory:
             memory.numbers.append(int(n))
             memory._count = max(memory._count, int(n))
             memory.keys[int(n)], memory.values[int(n)] = state["keys"][n], state["values"][n]
+            memory.thresholds[int(n)] = state["thresholds"][n]
         return memory
 
 
@@ -273,7 +302,7 @@ def store(memory: EditMemory, edit: MemoryEdit, number: int) -> MemoryHandle:
         raise CromeError(f"non-finite memory entry (NaN or inf) at layer {edit.layer}: edit not stored")
     if edit.layer != memory.layer:
         raise CromeError(f"the memory is at layer {memory.layer}, the edit at layer {edit.layer}")
-    memory.add(number, edit.keys, edit.delta)
+    memory.add(number, edit.keys, edit.delta, edit.thresholds)
     return MemoryHandle(memory, number, edit)
 
 
@@ -288,7 +317,7 @@ def memory_from_delta(meta: dict, edits: list) -> EditMemory | None:
         raise CromeError("malformed delta file: memory edits without their gate (layer, threshold, scale)")
     memory = EditMemory(int(gate["layer"]), float(gate["threshold"]), gate["scale"])
     for number, entry in enumerate(entries, start=1):
-        memory.add(number, entry["keys"], entry["value"])
+        memory.add(number, entry["keys"], entry["value"], entry["thresholds"])
     return memory
 
 

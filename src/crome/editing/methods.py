@@ -12,7 +12,10 @@ A method is a step (how the update is computed) and a handful of facts about it:
 * ``null_space``: AlphaEdit's projected solve against the running sum of earlier edits' keys;
 * ``guards``: the guard actions it takes (a batch is judged as a whole: off or verify);
 * ``served``: offered on ``crome serve``'s page;
-* ``bare_test``: its efficacy is checked on the bare prompt even though it is consistent.
+* ``bare_test``: its efficacy is checked on the bare prompt even though it is consistent;
+* ``inserts``: the keys a rank-one update writes the new value at: k̄ alone (ROME, C-ROME: u ∝ C⁻¹k̄),
+  or k̄ and k^u together (``dual``: the least-C-norm direction with the same denominator at both, so
+  the edit takes on the bare prompt and after a prefix without mixing the two in one formula).
 
 A consistent method's edit is learned for prefixed contexts, so its efficacy is checked after the
 test-time prefix (``prefixed_test``), unless it stores the bare prompt's key too (``bare_test``).
@@ -39,6 +42,7 @@ class Method:
     null_space: bool = False
     served: bool = False
     bare_test: bool = False
+    inserts: tuple[str, ...] = ("k_mean",)
 
     @property
     def batch(self) -> bool:
@@ -82,6 +86,7 @@ class Method:
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rome", "ROME", "rank_one", "bare", needs_c=False, served=True),
     Method("crome", "C-ROME", "rank_one", "mean", needs_c=False, served=True),
+    Method("dual", "Dual-key C-ROME", "rank_one", "bare", needs_c=False, served=True, inserts=("k_mean", "k_bare")),
     Method("memit", "MEMIT", "batch", "bare", needs_c=True, served=True),
     Method("cmemit", "C-MEMIT", "batch", "mean", needs_c=True, served=True),
     Method("alphaedit", "AlphaEdit", "batch", "bare", needs_c=True, null_space=True),
@@ -92,6 +97,8 @@ DEFAULT_METHOD = "crome"
 DEFAULT_BATCH_METHOD = "cmemit"
 # the method the guard falls back to, and the one trial edits of ``--layer auto`` make: consistent, one fact
 FALLBACK_METHOD = "crome"
+# what to try when an edit did not take on the bare prompt: it writes the bare prompt's key as well as k̄
+BARE_KEY_METHOD = "dual"
 # ``crome demo``: the reference and its consistent fix, side by side
 DEMO_METHODS = ("rome", "crome")
 # the reference implementation (bare keys): the method whose first-token collapse ``crome analyze

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ..errors import CromeError
+from .methods import BARE_KEY_METHOD, FALLBACK_METHOD
 
 # ``crome edit`` warns that an edit is unlikely to take beyond these (docs/MODELS.md, "Layer choice")
 WARN_VALUE_SHIFT = 8.0
@@ -138,6 +139,16 @@ class GuardDecision:
         out = asdict(self)
         del out["guard"]
         return out
+
+    def next_step(self) -> str | None:
+        """What to try after the guard stopped an edit (None: it did not)."""
+        if self.guard_action not in ("rolled back", "refused"):
+            return None
+        if self.guard_took is False:
+            return (f"the edit did not take: try --method {BARE_KEY_METHOD} (it also writes the bare prompt's key), "
+                    f"--layer auto, or another phrasing of the prompt")
+        return (f"the edit would damage the model: try --method {FALLBACK_METHOD} or {BARE_KEY_METHOD} (consistent "
+                f"keys), or another layer (--layer auto)")
 
 
 class GuardRefused(CromeError):

@@ -9,10 +9,12 @@ from ..editing.edit import Edit, apply_edit
 from ..editing.guard import guarded
 from ..editing.memit import BatchEdit
 from ..editing.methods import BATCH_METHODS
+from ..editing.records import GuardRefused
 from ..errors import CromeError
 from ..models import LoadedModel
 from ..request import EditRequest
 from ..scoring.measure import choose_test_prefix, generate, ppl_fields, target_probability
+from .results import json_safe
 
 
 @dataclass
@@ -176,3 +178,17 @@ def edit_and_report(lm: LoadedModel, requests: list[EditRequest], ctx: RunContex
                          f"--method {' or '.join(BATCH_METHODS)}")
     return measure_edit(lm, requests[0], ctx, ppl_data=ppl_data, generate_tokens=generate_tokens, keep=keep)
 
+
+
+def refused_record(refused: GuardRefused, requests: list[EditRequest], ctx: RunContext) -> dict:
+    """What ``crome edit --json`` prints for an edit the guard stopped: not applied, why, what the guard
+    measured (how far P(target) got: ``guard_efficacy``), the edit's diagnostics and what to try next."""
+    s, decision = ctx.settings, refused.decision
+    out = dict(method=s.method, model=s.model, layer=s.layer, seed=s.seed, applied=False, error=str(refused),
+               requests=[r.to_dict() for r in requests])
+    if decision is not None:
+        out.update(decision.record(), next_step=decision.next_step())
+    diagnostics = getattr(refused.edit, "diagnostics", None)
+    if diagnostics is not None:
+        out["diagnostics"] = asdict(diagnostics)
+    return json_safe(out)

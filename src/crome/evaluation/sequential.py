@@ -46,7 +46,8 @@ def retained_gen_em(lm: LoadedModel, cases: list[Case], prefixes: list[str | Non
 def _entry(handle) -> dict:
     """What a memory run's checkpoint keeps of a kept edit: its number, keys and value, as computed
     (storing them again normalises them the same way)."""
-    return dict(number=handle.number, keys=handle.edit.keys.detach().cpu(), value=handle.edit.delta.detach().cpu())
+    return dict(number=handle.number, keys=handle.edit.keys.detach().cpu(), value=handle.edit.delta.detach().cpu(),
+                thresholds=handle.edit.thresholds.detach().cpu())
 
 
 def spread(items: list, n: int) -> list:
@@ -112,7 +113,7 @@ class SequentialRun:
         for update in saved:
             if update.get("entry"):
                 entry = update["entry"]
-                self.ctx.memory.add(int(entry["number"]), entry["keys"], entry["value"])
+                self.ctx.memory.add(int(entry["number"]), entry["keys"], entry["value"], entry.get("thresholds"))
         if keep and self.sha() != keep[-1].get("weights_sha"):
             raise CromeError(f"{self.results.path}: its checkpoint does not give the weights its last record saw; "
                              f"start the run anew")

@@ -128,7 +128,7 @@ class EditSession:
                 memory.remove(number)
             for e in edits:
                 if e.delta.entry is not None:
-                    memory.add(e.number, e.delta.entry["keys"], e.delta.entry["value"])
+                    memory.add(e.number, e.delta.entry["keys"], e.delta.entry["value"], e.delta.entry["thresholds"])
 
     def memory(self):
         """The session's gated memory (on the model since the memory method was first used), or None."""
@@ -213,7 +213,8 @@ class EditSession:
                                           "model is unchanged.", report=report.to_dict(), ppl_before=ppl_before)
             self._numbers += 1
             record = report.to_dict()
-            entry = dict(keys=edit.keys.detach().cpu(), value=edit.delta.detach().cpu()) if ctx.method.gated else None
+            entry = (dict(keys=edit.keys.detach().cpu(), value=edit.delta.detach().cpu(),
+                          thresholds=edit.thresholds.detach().cpu()) if ctx.method.gated else None)
             delta = DeltaEdit([r.to_dict() for r in requests], method, weights.on_cpu(edit.factors),
                               _provenance(record), entry)
             applied = Applied(self._numbers, delta, record,
