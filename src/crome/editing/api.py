@@ -44,7 +44,8 @@ def resolved(lm: LoadedModel, hparams: Hparams | None = None, layer: int | str |
 
 def context_for(lm: LoadedModel, name: str = DEFAULT_METHOD, hparams: Hparams | None = None, *,
                 layer: int | str | None = None, seed: int = 0, guard: str = "off",
-                templates: list[str] | None = None, layer_choice: LayerChoice | None = None, **fields) -> RunContext:
+                templates: list[str] | None = None, layer_choice: LayerChoice | None = None,
+                memory: EditMemory | None = None, **fields) -> RunContext:
     """A run context for edits outside a prepared run (``report.measure_edit`` from Python): the
     model's resolved defaults unless given; other ``RunContext`` fields (stats, rule, verifier,
     monitor, texts, null_space, memory) by name. A memory method without a ``memory`` gets a new, empty
@@ -52,12 +53,12 @@ def context_for(lm: LoadedModel, name: str = DEFAULT_METHOD, hparams: Hparams | 
     m = method(name)
     hp, choice, templates = resolved(lm, hparams, layer, seed, templates, layer_choice)
     settings = RunSettings(method=m.name, model=lm.name, layer=hp.layer, seed=seed, guard=guard)
-    if m.gated and fields.get("memory") is None:
+    if m.gated and memory is None:
         stats = stats_for(lm, hp, fields.get("stats"))
         if stats is None:
             m.require_stats()
-        fields["memory"] = EditMemory.from_stats(stats, hp.memory_threshold).attach(lm)
-    return RunContext(settings, hp, templates, layer_choice=choice, **fields)
+        memory = EditMemory.from_stats(stats, hp.memory_threshold).attach(lm)
+    return RunContext(settings, hp, templates, layer_choice=choice, memory=memory, **fields)
 
 
 def prepare_edits(lm: LoadedModel, requests: list[EditRequest], *, hparams: Hparams | None = None,
