@@ -81,6 +81,11 @@ class MemoryEdit(OneFact):
     def null_space(self) -> None:
         return None
 
+    def entry(self) -> dict:
+        """What re-storing the edit needs (``EditMemory.add``), on the CPU: its keys, value and thresholds."""
+        return dict(keys=self.keys.detach().cpu(), value=self.delta.detach().cpu(),
+                    thresholds=self.thresholds.detach().cpu())
+
     def record(self) -> dict:
         """What every record of the edit carries: W is not updated (ΔW = 0), the memory holds ‖δ‖."""
         return dict(layers=[self.layer], update_cases=1, finite=self.finite, update_norm=0.0, update_ratio=0.0,

@@ -46,8 +46,7 @@ def retained_gen_em(lm: LoadedModel, cases: list[Case], prefixes: list[str | Non
 def _entry(handle) -> dict:
     """What a memory run's checkpoint keeps of a kept edit: its number, keys and value, as computed
     (storing them again normalises them the same way)."""
-    return dict(number=handle.number, keys=handle.edit.keys.detach().cpu(), value=handle.edit.delta.detach().cpu(),
-                thresholds=handle.edit.thresholds.detach().cpu())
+    return dict(number=handle.number, **handle.edit.entry())
 
 
 def spread(items: list, n: int) -> list:

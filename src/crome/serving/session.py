@@ -213,8 +213,7 @@ class EditSession:
                                           "model is unchanged.", report=report.to_dict(), ppl_before=ppl_before)
             self._numbers += 1
             record = report.to_dict()
-            entry = (dict(keys=edit.keys.detach().cpu(), value=edit.delta.detach().cpu(),
-                          thresholds=edit.thresholds.detach().cpu()) if ctx.method.gated else None)
+            entry = edit.entry() if ctx.method.gated else None
             delta = DeltaEdit([r.to_dict() for r in requests], method, weights.on_cpu(edit.factors),
                               _provenance(record), entry)
             applied = Applied(self._numbers, delta, record,
