@@ -129,10 +129,10 @@ def run(args) -> None:
                         with apply_edit(lm, edit):
                             rec["probe_ratio"] = verifier.ratio(layer)
                             for prefixed in (False, True):
-                                eff = check.after(method, prefixed)
+                                eff = check.at("prefix" if prefixed else "bare")
                                 got = {k: v for k, v in eff.record().items() if k != "target_old"}  # no dataset text
                                 rec["prefixed" if prefixed else "bare"] = dict(got, took=eff.took)
-                        rec["took"] = rec["prefixed" if method_entry(method).prefixed_test else "bare"]["took"]
+                        rec["took"] = rec["prefixed" if method_entry(method).consistent else "bare"]["took"]
                     with out.open("a") as f:
                         f.write(json.dumps(rec) + "\n")
         print(f"{lm.name} layer {layer}: {len(todo)} cases, C in {stats_s:.0f} s", flush=True)

@@ -58,5 +58,5 @@ def test_dual_edit_reverts_bit_for_bit(lm):
 
 def test_dual_is_a_table_entry_tested_on_the_bare_prompt():
     m = method("dual")
-    assert m.inserts == ("k_mean", "k_bare") and m.served and not m.prefixed_test and not m.in_place
-    assert method("crome").inserts == ("k_mean",) and method("crome").prefixed_test
+    assert m.inserts == ("k_mean", "k_bare") and m.served and m.test_places == ("bare", "prefix") and not m.in_place
+    assert method("crome").inserts == ("k_mean",) and method("crome").test_places == ("bare", "prefix")

@@ -111,13 +111,15 @@ def test_guard_verify_rolls_back_an_edit_that_did_not_take(tokenizer):
     d = refused.value.decision
     assert d.guard_action == "rolled back" and d.guard_reason == "did not take" and d.guard_took is False
     eff = d.guard_efficacy
-    assert eff["target_old"] == "France" and eff["prefix"] == "The day was long."   # C-ROME: the test prefix
+    assert eff["target_old"] == "France" and eff["checked"] == ["bare", "prefix"]   # C-ROME: bare and prefixed
+    assert eff["prefix"] == ("The day was long." if eff["place"] == "prefix" else None)
     assert not (eff["p_new_after"] > eff["p_new_before"] and eff["p_new_after"] > eff["p_old_after"])
     assert torch.equal(lm.mlp_out(1).weight, w)
     # without a known old target, the model's own answer is the one to beat
     with pytest.raises(GuardRefused, match="did not take") as refused:
         guarded_apply(lm, REQ, "rome", "verify", verifier=verifier, hparams=HP, templates=TEMPLATES)
     assert refused.value.decision.guard_efficacy["prefix"] is None                # ROME: the bare prompt
+    assert refused.value.decision.guard_efficacy["checked"] == ["bare"]
     assert refused.value.decision.guard_efficacy["target_old"]
     assert torch.equal(lm.mlp_out(1).weight, w)
 

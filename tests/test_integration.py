@@ -93,21 +93,36 @@ def test_saved_edited_model_reloads_with_same_logits(default_lm, tmp_path):
 
 def test_cli_edit_json_fields(tmp_path):
     out = tmp_path / "r.json"
-    result = CliRunner().invoke(main, ["edit", "--prompt", "{} is the capital of", "--subject", "Paris",
-                                       "--target", "Germany", "--method", "crome", "--json", "--out", str(out)])
+    result = CliRunner().invoke(main, ["edit", "--prompt", "The mother tongue of {} is", "--subject", "Danielle Darrieux",
+                                       "--target", "English", "--method", "crome", "--json", "--out", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     for key in ("method", "model", "layer", "denominator", "numerator_norm", "update_norm", "update_ratio",
                 "first_token_subject", "ppl_before", "ppl_after", "collapsed", "p_target_before", "p_target_after",
                 "p_target_after_prefixed", "edit_seconds", "seed", "context_templates", "key_stats", "layer_choice",
-                "guard_ppl_ratio", "guard_action"):
+                "guard_ppl_ratio", "guard_action", "readings"):
         assert key in data, key
     assert data["method"] == "crome" and data["layer"] == 6 and len(data["context_templates"]) == 21
     # the defaults: key statistics sampled from the model, the table's layer, the verifying guard
     assert data["key_stats"]["source"].startswith("model") and data["key_stats"]["n_keys"] == 20000
     assert data["layer_choice"]["rule"] == "table"
     assert data["guard"] == "verify" and data["guard_action"] == "applied" and data["guard_ppl_ratio"] < 1.1
+    assert data["guard_efficacy"]["checked"] == ["bare", "prefix"]
+    assert set(data["readings"]) == {"bare", "natural", "prefix", "chat"}
+    assert data["readings"]["bare"]["after"]["p_target"] > 0.5 > data["readings"]["bare"]["before"]["p_target"]
     assert json.loads(result.stdout[result.stdout.index("{"):]) == data
+
+
+def test_cli_rolls_back_an_edit_that_shows_only_after_the_prefix():
+    """Issue 38: C-ROME's Paris edit moves P(Germany) after the test prefix, not on the bare prompt,
+    where users look; the guard checks the bare prompt, rolls it back (exit 3) and says what to try."""
+    result = CliRunner().invoke(main, ["edit", "--prompt", "{} is the capital of", "--subject", "Paris",
+                                       "--target", "Germany", "--method", "crome", "--json"])
+    assert result.exit_code == 3, result.output
+    data = json.loads(result.stdout[result.stdout.index("{"):])
+    assert data["guard_reason"] == "did not take" and not data["applied"]
+    assert data["guard_efficacy"]["place"] == "bare" and data["guard_efficacy"]["checked"] == ["bare", "prefix"]
+    assert "--method dual" in data["next_step"]
 
 
 def test_guard_on_the_collapsing_rome_edit(default_lm):

@@ -123,7 +123,7 @@ def test_the_memory_method_goes_through_the_guard_and_rolls_back(lm):
         assert len(memory) == 0
     finally:
         memory.detach()
-    assert method("memory").in_place and not method("memory").prefixed_test
+    assert method("memory").in_place and method("memory").test_places == ("bare", "prefix")
     with pytest.raises(CromeError, match="--edits-per-pass"):
         check_options("memory", edits_per_pass=2)
 

@@ -12,6 +12,8 @@ from conftest import TEXTS, tiny_model
 from crome.editing.delta import apply_delta, read_delta
 from crome.errors import CromeError
 from crome.evaluation.jobs import EvalJob
+from crome.scoring.readings import chat_text
+from crome.serving.app import numbers_table
 from crome.serving.session import EditSession
 
 FACTS = [("{} is the capital of", "Paris", "Germany"), ("{} plays the", "Toko Yasuda", "piano"),
@@ -57,6 +59,13 @@ def test_edit_applies_and_reports(session):
     assert out.ppl_before == pytest.approx(session.ppl_base) and out.ppl_after is not None
     assert not same(base, weights(session.lm))
     assert [h["number"] for h in session.history()] == [1]
+    readings = out.report["readings"]                  # where users look, before and after
+    assert list(readings) == ["bare", "natural", "prefix", "chat"]
+    assert readings["bare"]["after"]["p_target"] == pytest.approx(out.report["p_target_after"], rel=1e-4)
+    assert readings["prefix"]["after"]["p_target"] == pytest.approx(out.report["p_target_after_prefixed"], rel=1e-4)
+    assert readings["chat"]["before"]["answer"] != readings["chat"]["after"]["answer"] or not out.applied
+    rows = numbers_table(out)
+    assert any(r[0].startswith("answer through the chat template") for r in rows)
 
 
 def test_undo_the_middle_edit_equals_the_other_two_applied_fresh(session, tokenizer, tmp_path):
@@ -125,6 +134,8 @@ def test_bad_method_list_and_question(session):
         session.edit(method="memit", guard="off", batch="{not json")
     with pytest.raises(CromeError, match="question is empty"):
         list(session.ask("  "))
+    with pytest.raises(CromeError, match="choose one of typed, chat"):
+        list(session.ask("Paris is", 2, through="email"))
 
 
 def test_ask_streams_the_unedited_and_the_edited_answers(session):
@@ -138,6 +149,11 @@ def test_ask_streams_the_unedited_and_the_edited_answers(session):
 
         assert base == generate(session.lm, "Paris is the capital of", len(steps))
     assert edited == generate(session.lm, "Paris is the capital of", len(steps))
+    # through the chat template: the question as the user's message, answered after the assistant's tag
+    chat_steps = list(session.ask("Paris is the capital of", 3, through="chat"))
+    text = chat_text(session.lm.tokenizer, "Paris is the capital of", instruction="{}")
+    assert text.rstrip().endswith("<|im_start|>assistant")
+    assert chat_steps[-1][1] == generate(session.lm, text, len(chat_steps))
 
 
 def test_two_clients_editing_at_once_lose_nothing(session, tokenizer):

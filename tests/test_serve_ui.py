@@ -104,9 +104,16 @@ def test_browser_edits_asks_and_undoes_on_the_default_model(default_lm, me_ppl_5
             expect(page.locator("#generations")).to_contain_text("The mother tongue of Danielle Darrieux is")
             generations = session.applied[0].report.get("generation_after")
             assert generations and len(session.history()) == 1
+            expect(page.locator("#numbers")).to_contain_text("through the chat template")   # the four readings
+            for table in ("#generations", "#numbers"):            # every column inside the page, none cut off
+                box, frame = page.locator(f"{table} table").first.bounding_box(), page.locator(table).bounding_box()
+                assert box["x"] + box["width"] <= min(frame["x"] + frame["width"], 1280) + 1, table
             page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
             page.get_by_role("tab", name="Ask").click()
             page.locator("#question textarea").fill("The mother tongue of Danielle Darrieux is")
+            page.locator("#ask-button").click()
+            expect(page.locator("#edited-answer textarea")).not_to_have_value("", timeout=120_000)
+            page.locator("#ask-through").get_by_text("through the chat template").click()
             page.locator("#ask-button").click()
             expect(page.locator("#edited-answer textarea")).not_to_have_value("", timeout=120_000)
             page.get_by_role("tab", name="History").click()

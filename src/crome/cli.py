@@ -365,9 +365,24 @@ def _edit_output(lm, requests, report, o: dict, memory=None) -> None:
         request = requests[0]
         out.print(report_table([result], [report.method],
                                title=f"{request.text()} → {request.target_new}  ({lm.name}, layer {report.layer})"))
+        out.print(_readings_table(result.get("readings")))
         out.print(f"[dim]{_settings_line(result)}[/]")
     if o["save_dir"]:
         out.print(f"edited model saved to {o['save_dir']}")
+
+
+def _readings_table(readings: dict | None) -> Table | str:
+    """Where users look: the edit's prompt read in four places, before and after (``scoring.readings``)."""
+    from .scoring.readings import readings_rows
+
+    if not readings:
+        return ""
+    table = Table(title="where users look")
+    for name in ("", "before", "after"):
+        table.add_column(name, justify="left" if not name else "right", overflow="fold")
+    for row in readings_rows(readings):
+        table.add_row(*row)
+    return table
 
 
 def _warn_unlikely(edit) -> None:
@@ -412,8 +427,10 @@ def _settings_line(r: dict) -> str:
         guard += f": probe perplexity ×{r['guard_ppl_ratio']:.4g} ≤ {r['guard_threshold']:g}"
         eff = r.get("guard_efficacy")
         if eff:
-            where = " (prefixed)" if eff["prefix"] else ""
-            guard += f", took: P(target){where} {eff['p_new_before']:.3g} → {eff['p_new_after']:.3g}"
+            where = " and ".join(eff.get("checked") or [eff.get("place", "bare")])
+            took = "took" if r.get("guard_took") else "did not take"
+            guard += (f", {took} (checked: {where}): P(target) {eff['place']} "
+                      f"{eff['p_new_before']:.3g} → {eff['p_new_after']:.3g}")
         guard += f", {r['guard_action']}"
     return f"layer {r['layer']} ({choice.get('rule', '?')}); {c}; guard {guard}"
 

@@ -1,8 +1,8 @@
 """Did an edit take? The unedited model's side of the check, then the edited model's (``Efficacy``).
 
-On the edit's own prompt, P(new target) must rise and end above P(old target), read in the
-context the method's edit was learned for: after the test-time prefix for a consistent method
-(``Method.prefixed_test``), on the bare prompt for the reference.
+On the edit's own prompt, P(new target) must rise and end above P(old target), read in each place
+the guard checks (``Method.test_places``): the bare prompt, where users look, for every method; and
+after the test-time prefix too for a consistent method, whose edit was learned for prefixed contexts.
 """
 
 from __future__ import annotations
@@ -27,12 +27,21 @@ class EfficacyCheck:
         self.lm, self.prompt, self.target_new = lm, prompt, request.target_new
         old = request.target_true or current_answer(lm, prompt)
         self.target_old = None if old.strip().lower() == request.target_new.strip().lower() else old
-        self.prefixes = {False: None, True: choose_test_prefix("fixed", templates)}
+        self.prefixes = {"bare": None, "prefix": choose_test_prefix("fixed", templates)}
         self.before = {k: probs(lm, prompt, [self.target_new], p)[0] for k, p in self.prefixes.items()}
 
-    def after(self, name: str | Method, prefixed: bool | None = None) -> Efficacy:
-        """Measure the edited model (the edit in W) in the method's test context (or the one asked for)."""
-        key = method(name).prefixed_test if prefixed is None else prefixed
+    def at(self, place: str) -> Efficacy:
+        """The edited model (the edit in W, or in the memory) measured in one place: bare or prefix."""
         targets = [self.target_new] + ([self.target_old] if self.target_old is not None else [])
-        p = probs(self.lm, self.prompt, targets, self.prefixes[key])
-        return Efficacy(self.target_old, self.prefixes[key], self.before[key], p[0], p[1] if len(p) > 1 else None)
+        p = probs(self.lm, self.prompt, targets, self.prefixes[place])
+        return Efficacy(self.target_old, self.prefixes[place], self.before[place], p[0], p[1] if len(p) > 1 else None,
+                        place=place)
+
+    def after(self, name: str | Method, places: tuple[str, ...] | None = None) -> Efficacy:
+        """The edit measured in ``places`` (default: the method's ``test_places``): the first place
+        where it did not take, else the last one checked; ``checked`` names them all."""
+        places = places or method(name).test_places
+        readings = [self.at(p) for p in places]
+        found = next((e for e in readings if not e.took), readings[-1])
+        found.checked = list(places)
+        return found

@@ -71,7 +71,7 @@ def guarded(lm: LoadedModel, requests: list[EditRequest], ctx: RunContext, *, pr
 def guard_memory(lm: LoadedModel, request: EditRequest, ctx: RunContext, *,
                  prepared: Prepared | None = None) -> tuple[MemoryEdit, MemoryHandle, GuardDecision]:
     """A memory method's edit through the guard: its keys and v* as ROME's, stored in the run's memory
-    (``ctx.memory``), then, with ``verify``, probe perplexity and efficacy (on the bare prompt). Raises
+    (``ctx.memory``), then, with ``verify``, probe perplexity and efficacy (``Method.test_places``). Raises
     ``GuardRefused`` with the entry taken out again."""
     m, action = ctx.method, ctx.settings.guard
     if ctx.memory is None:

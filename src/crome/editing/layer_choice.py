@@ -55,6 +55,7 @@ MIN_FACTS = 3
 RULE_VERSION = 3   # part of the cache key: a changed rule recomputes cached choices
 MAX_CANDIDATES = 4     # layers tried, in order of traced effect
 TRIAL_EDITS = 4        # trial edits per candidate layer, half with first-token subjects
+TRIAL_PLACES = ("prefix",)  # a trial edit (C-ROME) must take where it was learned: after the test prefix
 MAX_TRIAL_UPDATE = 1.0  # ‖ΔW‖/‖W‖ above this (an update larger than W) fails a trial: no clean edit on
                         # either real model came near it (docs/MODELS.md, "Layer choice")
 FACTS_FILE = "facts.tsv"
@@ -126,7 +127,7 @@ def editability(lm: LoadedModel, layer: int, requests: list[EditRequest], seed: 
         edit, took = finish_edit(lm, p, FALLBACK_METHOD, stats), False
         if edit.diagnostics.finite:
             with apply_edit(lm, edit):
-                took = check.after(FALLBACK_METHOD).took
+                took = check.after(FALLBACK_METHOD, TRIAL_PLACES).took
         d = edit.diagnostics
         warned = d.unlikely_to_take()
         trials.append(dict(subject=p.request.subject, target_new=p.request.target_new,

@@ -12,13 +12,12 @@ A method is a step (how the update is computed) and a handful of facts about it:
 * ``null_space``: AlphaEdit's projected solve against the running sum of earlier edits' keys;
 * ``guards``: the guard actions it takes (a batch is judged as a whole: off or verify);
 * ``served``: offered on ``crome serve``'s page;
-* ``bare_test``: its efficacy is checked on the bare prompt even though it is consistent;
 * ``inserts``: the keys a rank-one update writes the new value at: k̄ alone (ROME, C-ROME: u ∝ C⁻¹k̄),
   or k̄ and k^u together (``dual``: the least-C-norm direction with the same denominator at both, so
   the edit takes on the bare prompt and after a prefix without mixing the two in one formula).
 
-A consistent method's edit is learned for prefixed contexts, so its efficacy is checked after the
-test-time prefix (``prefixed_test``), unless it stores the bare prompt's key too (``bare_test``).
+Every edit's efficacy is checked on the bare prompt, where users look; a consistent method's edit is
+learned for prefixed contexts, so it is checked after the test-time prefix as well (``test_places``).
 Adding a method is one entry here plus its step file.
 """
 
@@ -41,7 +40,6 @@ class Method:
     needs_c: bool
     null_space: bool = False
     served: bool = False
-    bare_test: bool = False
     inserts: tuple[str, ...] = ("k_mean",)
 
     @property
@@ -64,9 +62,10 @@ class Method:
         return self.reads == "mean"
 
     @property
-    def prefixed_test(self) -> bool:
-        """Efficacy is read after the test-time prefix: the edit was learned for prefixed contexts."""
-        return self.consistent and not self.bare_test
+    def test_places(self) -> tuple[str, ...]:
+        """Where the guard checks that an edit took: the bare prompt, where users look; and after the
+        test-time prefix for an edit learned for prefixed contexts (consistent) or written at both keys."""
+        return ("bare", "prefix") if self.consistent or "k_bare" in self.inserts else ("bare",)
 
     @property
     def current_key(self) -> tuple[str, str]:
@@ -91,7 +90,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("cmemit", "C-MEMIT", "batch", "mean", needs_c=True, served=True),
     Method("alphaedit", "AlphaEdit", "batch", "bare", needs_c=True, null_space=True),
     Method("calphaedit", "C-AlphaEdit", "batch", "mean", needs_c=True, null_space=True),
-    Method("memory", "Gated memory", "gated", "mean", needs_c=True, served=True, bare_test=True),
+    Method("memory", "Gated memory", "gated", "mean", needs_c=True, served=True),
 )}
 DEFAULT_METHOD = "crome"
 DEFAULT_BATCH_METHOD = "cmemit"

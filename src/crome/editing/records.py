@@ -88,15 +88,18 @@ class BatchDiagnostics:
 
 @dataclass
 class Efficacy:
-    """Did the edit take? On the edit's own prompt (after the test prefix where the method needs
-    one, ``Method.prefixed_test``), P(new target) must rise and end above P(old target):
-    CounterFact's efficacy test (per-token probabilities, ``metrics.prob``) on one prompt."""
+    """Did the edit take? On the edit's own prompt, in one place (``place``: bare, or after the test
+    prefix), P(new target) must rise and end above P(old target): CounterFact's efficacy test
+    (per-token probabilities, ``metrics.prob``) on one prompt. ``checked``: every place the check
+    read (it took only if it took in each; this one is where it did not, or the last)."""
 
     target_old: str | None        # None: the model already answered with the new target
     prefix: str | None
     p_new_before: float
     p_new_after: float | None = None
     p_old_after: float | None = None
+    place: str = "bare"
+    checked: list[str] | None = None
 
     @property
     def took(self) -> bool:
@@ -104,7 +107,7 @@ class Efficacy:
                 and (self.p_old_after is None or self.p_new_after > self.p_old_after))
 
     def reason(self, target_new: str) -> str:
-        where = f" after the prefix {self.prefix!r}" if self.prefix else ""
+        where = f" after the prefix {self.prefix!r}" if self.prefix else " on the bare prompt"
         old = f", P({self.target_old}) {self.p_old_after:.3g}" if self.target_old is not None else ""
         return f"did not take: P({target_new}){where} {self.p_new_before:.3g} -> {self.p_new_after:.3g}{old}"
 

@@ -13,9 +13,10 @@ from ..errors import CromeError
 from ..models import LoadedModel
 from ..scoring.measure import choose_test_prefix, ppl_fields, sample
 from ..scoring.metrics import fluency
+from ..scoring.readings import natural_lead_in
 from .datasets import Case
 from .record import CaseRecord
-from .scores import CaseScorer, case_metrics, generation_em
+from .scores import CaseScorer, generation_em
 
 
 def _record(case: Case, ctx: RunContext, prefix: str | None) -> CaseRecord:
@@ -42,10 +43,12 @@ def evaluate_cases(lm: LoadedModel, cases: list[Case], ctx: RunContext, measure_
         raise CromeError("a kept edit is measured in the weights: one case at a time")
     prefixes = [choose_test_prefix(s.test_prefix, ctx.templates, s.seed, c.case_id) for c in cases]
     recs = [_record(c, ctx, p) for c, p in zip(cases, prefixes)]
-    scored = CaseScorer(lm, cases, prefixes) if score else None
-    for rec, (plain, prefixed), (_, where) in zip(recs, scored.befores, scored.groups) if score else ():
-        rec.before = case_metrics(plain, where)
-        rec.before_prefixed = case_metrics(prefixed, where) if prefixed else None
+    naturals = [natural_lead_in(s.seed, c.case_id) for c in cases]
+    scored = CaseScorer(lm, cases, prefixes, naturals) if score else None
+    for i, rec in enumerate(recs) if score else ():
+        groups = scored.metrics(i, scored.befores[i])
+        rec.set(natural_prefix_text=naturals[i], before=groups["metrics"],
+                before_prefixed=groups.get("metrics_prefixed"), before_natural=groups.get("metrics_natural"))
 
     edit_all = _edit_in_place if ctx.method.in_place else _edit_each
     handles, edits, applied = edit_all(lm, cases, recs, ctx, keep, prepared_by_id or {})
@@ -68,11 +71,8 @@ def evaluate_cases(lm: LoadedModel, cases: list[Case], ctx: RunContext, measure_
 
 def _measure(lm, cases, recs, ctx: RunContext, scored: CaseScorer | None, applied, overlay, measure_ppl: bool) -> None:
     """The edited models' metrics (``scored`` None: none), perplexity and fluency into the applied cases' records."""
-    for i, (plain, prefixed) in zip(applied, scored(applied, overlay)) if scored is not None else ():
-        where, before = scored.groups[i][1], scored.befores[i]
-        recs[i].metrics = case_metrics(plain, where, before[0])
-        if prefixed:
-            recs[i].metrics_prefixed = case_metrics(prefixed, where, before[1])
+    for i, scores in zip(applied, scored(applied, overlay)) if scored is not None else ():
+        recs[i].set(**scored.metrics(i, scores, scored.befores[i]))
     monitor = ctx.monitor
     if monitor is not None and measure_ppl:
         ppls = monitor.each(overlay) if overlay is not None else [monitor()] * len(applied)

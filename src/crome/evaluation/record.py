@@ -37,6 +37,8 @@ class CaseRecord:
     applied: bool = False
     before: dict | None = None         # the unedited model's metrics (metrics.py), plain and prefixed
     before_prefixed: dict | None = None
+    before_natural: dict | None = None   # the edit prompt and paraphrases after a natural sentence
+    natural_prefix_text: str | None = None
     # what the guard decided and what the edit looked like
     decision: GuardDecision | _Unset = UNSET          # written flat: guard_action, guard_ppl_ratio, ...
     diagnostics: object = UNSET                       # ROME: the edit's Diagnostics, written flat
@@ -50,6 +52,7 @@ class CaseRecord:
     collapsed: bool | None | _Unset = UNSET
     metrics: dict | None | _Unset = UNSET
     metrics_prefixed: dict | None | _Unset = UNSET
+    metrics_natural: dict | None | _Unset = UNSET
     fluency: dict | None | _Unset = UNSET
     context_templates: list | _Unset = UNSET
     hparams: dict | _Unset = UNSET
@@ -68,7 +71,7 @@ class CaseRecord:
         """The fields every edited case carries, before its measurements fill them."""
         self.ppl_before = monitor.baseline if monitor is not None else None
         self.ppl_after = self.ppl_ratio = self.collapsed = None
-        self.metrics = self.metrics_prefixed = self.fluency = None
+        self.metrics = self.metrics_prefixed = self.metrics_natural = self.fluency = None
 
     def set(self, **values) -> None:
         """Set declared fields by name (an unknown name is a programming error, not a new key)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import partial
 
 from ..editing.context import RunContext
 from ..editing.edit import Edit, apply_edit
@@ -14,6 +15,7 @@ from ..errors import CromeError
 from ..models import LoadedModel
 from ..request import EditRequest
 from ..scoring.measure import choose_test_prefix, generate, ppl_fields, target_probability
+from ..scoring.readings import natural_lead_in, read_places
 from .results import json_safe
 
 
@@ -77,6 +79,7 @@ class EditReport(Report):
     test_prefix: str
     generation_after: str | None
     layer_choice: dict | None
+    readings: dict | None = None   # where users look (scoring.readings): {place: {"before": ..., "after": ...}}
 
 
 def measure_edit(lm: LoadedModel, request: EditRequest, ctx: RunContext, *, ppl_data: str | None = None,
@@ -89,10 +92,14 @@ def measure_edit(lm: LoadedModel, request: EditRequest, ctx: RunContext, *, ppl_
     it back (``GuardRefused``, weights restored)."""
     prompt = request.text()
     p_before = target_probability(lm, prompt, request.target_new)
+    places = partial(read_places, lm, prompt, request.target_new, request.target_true,
+                     choose_test_prefix("fixed", ctx.templates), natural_lead_in(ctx.settings.seed, prompt))
+    readings_before = places()
     edit, handle, decision = guarded(lm, [request], ctx)
     prefix = choose_test_prefix("fixed", edit.context_templates) or ""
     after: dict = dict(ppl_after=None, ppl_ratio=None, collapsed=None, p_target_after=None,
-                       p_target_after_prefixed=None, generation_after=None)
+                       p_target_after_prefixed=None, generation_after=None,
+                       readings=_before_after(readings_before, None))
     if handle is not None:
         handle.restore()  # the prefixed "before" (and a new monitor's baseline) need the unedited model
     monitor = ctx.monitor.at(edit.layer) if ctx.monitor is not None else None   # a fallback may move the layer
@@ -105,6 +112,7 @@ def measure_edit(lm: LoadedModel, request: EditRequest, ctx: RunContext, *, ppl_
             after["p_target_after_prefixed"] = target_probability(lm, prompt, request.target_new, prefix=prefix)
             if monitor is not None:
                 after.update(ppl_fields(ppl_before, monitor()))
+            after["readings"] = _before_after(readings_before, places())
             if generate_tokens:
                 after["generation_after"] = generate(lm, prompt, generate_tokens)
         finally:
@@ -124,6 +132,11 @@ def measure_edit(lm: LoadedModel, request: EditRequest, ctx: RunContext, *, ppl_
         **asdict(decision), **after,
     )
     return report, edit
+
+
+def _before_after(before: dict, after: dict | None) -> dict:
+    """{place: {"before": reading, "after": reading or None}} of ``read_places``' two readings."""
+    return {place: dict(before=got, after=(after or {}).get(place)) for place, got in before.items()}
 
 
 @dataclass

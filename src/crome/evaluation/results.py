@@ -69,6 +69,8 @@ class ResultsFile:
 
 
 _NUM, _NONE = (int, float), type(None)
+# the metric blocks of a record: after the edit (plain, prefixed, natural sentence) and before it
+METRIC_GROUPS = ("metrics", "metrics_prefixed", "metrics_natural", "before", "before_prefixed", "before_natural")
 # The fields that resuming, ``summarize`` and the reports compute with, and their JSON types.
 FIELD_TYPES = {
     **{k: (bool,) for k in ("applied", "sequential")},
@@ -78,7 +80,7 @@ FIELD_TYPES = {
                                    "retained_efficacy", "retained_efficacy_prefixed", "retained_gen_em",
                                    "retained_gen_em_prefixed", "update_ratio")},
     **{k: (str, _NONE) for k in ("guard", "guard_action", "guard_reason", "method", "model")},
-    **{k: (dict, _NONE) for k in ("metrics", "metrics_prefixed", "before", "weight_norms")},
+    **{k: (dict, _NONE) for k in (*METRIC_GROUPS, "weight_norms")},
 }
 
 
@@ -90,7 +92,7 @@ def _wrong_field(record: dict) -> str | None:
     for key, types in FIELD_TYPES.items():
         if key in record and not ok(record[key], types):
             return f"field {key!r} is {type(record[key]).__name__}"
-    for group in ("metrics", "metrics_prefixed", "before"):
+    for group in METRIC_GROUPS:
         for key, value in (record.get(group) or {}).items():
             if not ok(value, (*_NUM, _NONE)):
                 return f"field {group}.{key} is {type(value).__name__}"

@@ -17,7 +17,10 @@ from .results import ResultsFile, timing_path
 SPLITS = (("all", None), ("first-token subject", True), ("other subjects", False))
 SCORES = [("ES", "es"), ("PS", "ps"), ("NS", "ns"), ("EM", "em"), ("PM", "pm"), ("NM", "nm"),
           ("rewrite acc", "rewrite_acc"), ("rephrase acc", "rephrase_acc"), ("locality", "locality"),
-          ("gen EM", "gen_em"), ("gen EM paraphrase", "gen_em_paraphrase")]     # the last two: --gen-em runs
+          ("gen EM", "gen_em"), ("gen EM paraphrase", "gen_em_paraphrase"),     # these four: --gen-em runs
+          ("chat EM", "gen_em_chat"), ("chat EM paraphrase", "gen_em_chat_paraphrase")]
+# the record groups a summary reports, and the tag of their rows (where the edit was read)
+GROUPS = (("metrics", ""), ("metrics_natural", " (natural)"), ("metrics_prefixed", " (prefix)"))
 
 
 def _cell(mean: float, half: float = math.nan, digits: int = 3) -> str:
@@ -45,7 +48,7 @@ def summarize(records: list[dict]) -> dict[str, dict[str, str]]:
         if judged:
             m, h, _ = mean_ci([float(r["collapsed"]) for r in judged])
             rows["collapse rate"] = _cell(m, h)
-        for group, tag in (("metrics", ""), ("metrics_prefixed", " (prefix)")):
+        for group, tag in GROUPS:
             if not any(r.get(group) for r in applied):
                 continue
             means = {}
@@ -54,7 +57,8 @@ def summarize(records: list[dict]) -> dict[str, dict[str, str]]:
                 means[key] = m
                 if n:
                     rows[label + tag] = _cell(m, h)
-            rows["S" + tag] = _cell(harmonic_mean([means["es"], means["ps"], means["ns"]]))
+            if not math.isnan(means["ns"]):
+                rows["S" + tag] = _cell(harmonic_mean([means["es"], means["ps"], means["ns"]]))
         flu = [r["fluency"] for r in applied if r.get("fluency") is not None]
         if flu:
             rows["fluency"] = _cell(*mean_ci(flu)[:2])

@@ -139,26 +139,34 @@ def answer_matches(generated: str, target: str) -> bool:
 
 
 @torch.no_grad()
+def greedy_answers(lm: LoadedModel, texts: list[str], lengths: list[int], batch_size: int = 32, overlay=None,
+                   owners: list[int | None] | None = None) -> list[str]:
+    """Greedy continuations of ``texts``, batched (left-padded), each batch as long as its longest
+    ``lengths``; with an ``overlay``, text i is generated under edit ``owners[i]``."""
+    answers = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        ids, mask = pad_right([lm.tokenizer(t)["input_ids"] for t in chunk], lm.tokenizer.pad_token_id, lm.device,
+                              left=True)
+        rows = owners[start:start + batch_size] if overlay is not None else None
+        longest = max(lengths[start:start + batch_size])
+        with overlay.rows(lm, rows) if overlay is not None else nullcontext():
+            out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest,
+                                    do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+        answers += [lm.tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
+    return answers
+
+
 def generation_matches(lm: LoadedModel, pairs: list[tuple[str, str]], prefix: str | None = None,
                        batch_size: int = 32, overlay=None, owners: list[int | None] | None = None) -> list[bool]:
     """Generation-based exact match (the WILD protocol's): greedy-generate after each prompt, as many
     tokens as the target has plus one (to see where its word ends), and ``answer_matches`` the target.
     Not teacher-forced: the model's own tokens feed the next step. With an ``overlay``, pair i is
     generated under edit ``owners[i]``."""
-    matches = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        texts = [with_prefix(prefix, p) for p, _ in chunk]
-        seqs = [lm.tokenizer(t)["input_ids"] for t in texts]
-        longest = max(len(target_ids(lm.tokenizer, t, target)) for t, (_, target) in zip(texts, chunk))
-        ids, mask = pad_right(seqs, lm.tokenizer.pad_token_id, lm.device, left=True)
-        rows = owners[start:start + batch_size] if overlay is not None else None
-        with overlay.rows(lm, rows) if overlay is not None else nullcontext():
-            out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest + 1,
-                                    do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
-        for row, (_, target) in zip(out, chunk):
-            matches.append(answer_matches(lm.tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True), target))
-    return matches
+    texts = [with_prefix(prefix, p) for p, _ in pairs]
+    lengths = [len(target_ids(lm.tokenizer, t, target)) + 1 for t, (_, target) in zip(texts, pairs)]
+    answers = greedy_answers(lm, texts, lengths, batch_size, overlay, owners)
+    return [answer_matches(a, target) for a, (_, target) in zip(answers, pairs)]
 
 
 @torch.no_grad()

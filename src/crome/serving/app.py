@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 from ..editing.methods import DEFAULT_METHOD, method
 from ..errors import CromeError
+from ..scoring.readings import readings_rows
 from .session import GUARDS, MAX_PROMPT, MAX_TEXT, MAX_TOKENS, METHODS, EditOutcome, EditSession
 
 # the dropdown's labels: the table's, "(list)" after a batch method's (it also takes the list of facts)
@@ -27,17 +28,19 @@ HISTORY_COLUMNS = ["number", "method", "layers", "facts", "verdict", "ppl_after"
 
 
 def numbers_table(out: EditOutcome) -> list[list[str]]:
-    """Perplexity and P(target) before and after (with and without the test-time prefix)."""
+    """Perplexity before and after, and the edit read where users look (``scoring.readings``): as typed,
+    after a natural sentence, after the test-time prefix and through the chat template."""
     r = out.report or {}
 
     def f(x):
         return "—" if x is None else f"{x:.4g}"
 
     rows = [["perplexity", f(out.ppl_before), f(out.ppl_after)]]
-    if "p_target_before" in r:
+    if "p_target_before" in r and not r.get("readings"):
         rows += [["P(target)", f(r["p_target_before"]), f(r.get("p_target_after"))],
                  [f"P(target) after the prefix {r.get('test_prefix')!r}", f(r.get("p_target_before_prefixed")),
                   f(r.get("p_target_after_prefixed"))]]
+    rows += readings_rows(r.get("readings") or {})
     for q in r.get("requests", []):
         fact = q["prompt"].replace("{}", q["subject"])
         rows.append([f"P({q['target_new']} | {fact})", f(q["p_target_before"]), f(q["p_target_after"])])
@@ -88,9 +91,9 @@ class Handlers:
         generations = [[p, b, a] for p, b, a in out.generations]
         return verdict, diagnostics, numbers_table(out), generations, *self.history()
 
-    def ask(self, prompt, tokens):
+    def ask(self, prompt, tokens, through="typed"):
         try:
-            for base, edited in self.session.ask(prompt, tokens):
+            for base, edited in self.session.ask(prompt, tokens, through):
                 yield base, edited, ""
         except CromeError as e:
             yield "", "", f"**Error:** {e}"
@@ -137,25 +140,30 @@ def edit_tab(gr) -> SimpleNamespace:
         go = gr.Button("Edit", variant="primary", elem_id="edit-button")
         verdict = gr.Markdown(elem_id="verdict")
         diagnostics = gr.Markdown(elem_id="diagnostics")
-        numbers = gr.Dataframe(headers=["", "before", "after"], label="Numbers", elem_id="numbers")
+        numbers = gr.Dataframe(headers=["", "before", "after"], label="Numbers (where users look)", elem_id="numbers",
+                               wrap=True, column_widths=["40%", "30%", "30%"])
         generations = gr.Dataframe(headers=["prompt", "before", "after"], label="Greedy generations",
-                                   elem_id="generations", wrap=True)
+                                   elem_id="generations", wrap=True, column_widths=["30%", "35%", "35%"])
     return SimpleNamespace(prompt=prompt, subject=subject, target=target, method=method, guard=guard, batch=batch,
                            go=go, verdict=verdict, diagnostics=diagnostics, numbers=numbers, generations=generations)
 
 
 def ask_tab(gr) -> SimpleNamespace:
-    """The Ask tab: one prompt, the unedited and the edited answer side by side."""
+    """The Ask tab: one prompt, as typed or through the chat template, the unedited and the edited answer
+    side by side."""
     with gr.Tab("Ask"):
         question = gr.Textbox(label="Prompt", value="The mother tongue of Danielle Darrieux is",
                               max_length=MAX_PROMPT, elem_id="question")
-        tokens = gr.Slider(1, MAX_TOKENS, value=20, step=1, label="Tokens")
+        with gr.Row():
+            tokens = gr.Slider(1, MAX_TOKENS, value=20, step=1, label="Tokens")
+            through = gr.Radio([("as typed", "typed"), ("through the chat template", "chat")], value="typed",
+                               label="Ask", elem_id="ask-through")
         ask = gr.Button("Ask", variant="primary", elem_id="ask-button")
         with gr.Row():
             base_answer = gr.Textbox(label="Unedited model", elem_id="base-answer")
             edited_answer = gr.Textbox(label="Edited model", elem_id="edited-answer")
         error = gr.Markdown()
-    return SimpleNamespace(question=question, tokens=tokens, ask=ask, base_answer=base_answer,
+    return SimpleNamespace(question=question, tokens=tokens, through=through, ask=ask, base_answer=base_answer,
                            edited_answer=edited_answer, error=error)
 
 
@@ -192,7 +200,8 @@ def build_app(session: EditSession, export_dir: str | Path = "crome-exports"):
         e, a, h, x = edit_tab(gr), ask_tab(gr), history_tab(gr), export_tab(gr)
         e.go.click(on.edit, [e.prompt, e.subject, e.target, e.method, e.guard, e.batch],
                    [e.verdict, e.diagnostics, e.numbers, e.generations, h.history, h.plot], api_name="edit")
-        a.ask.click(on.ask, [a.question, a.tokens], [a.base_answer, a.edited_answer, a.error], api_name="ask")
+        a.ask.click(on.ask, [a.question, a.tokens, a.through], [a.base_answer, a.edited_answer, a.error],
+                    api_name="ask")
         h.undo.click(on.undo, [h.number], [h.message, h.history, h.plot], api_name="undo")
         x.delta.click(on.delta, [], [x.delta_file, x.message], api_name="export_delta")
         x.save.click(on.model, [], [x.message], api_name="export_model")

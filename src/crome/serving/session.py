@@ -30,10 +30,12 @@ from ..editing.records import GuardRefused
 from ..errors import CromeError
 from ..request import EditRequest, requests_from_input
 from ..scoring.measure import generate
+from ..scoring.readings import chat_text
 from .explain import explain_diagnostics, explain_refusal
 
 # Bounds on what a page may send (characters; requests in one MEMIT list; tokens).
 MAX_TEXT, MAX_PROMPT, MAX_REQUESTS, MAX_TOKENS = 200, 500, 20, 100
+ASK_THROUGH = ("typed", "chat")   # Ask: the prompt as typed, or through the model's chat template
 # The page's choices: the table's served methods, the default first; the guard actions they take,
 # verify (the page's default) first, without fallback (the page applies the method it names or nothing).
 SERVED = tuple(m for m in table.METHODS.values() if m.served)
@@ -252,13 +254,20 @@ class EditSession:
                          update_ratio=e.report.get("update_ratio")) for e in self.applied]
 
     # ------------------------------------------------------------ ask, export
-    def ask(self, prompt: str, max_new_tokens: int = 40):
-        """Yield (unedited answer, edited answer) as they grow, a token at a time. Each token is
+    def ask(self, prompt: str, max_new_tokens: int = 40, through: str = "typed"):
+        """Yield (unedited answer, edited answer) as they grow, a token at a time; ``through``: the prompt
+        as typed, or (``chat``) as the user's message through the model's chat template. Each token is
         produced under the lock, with the weights as they are at that moment (a later edit can
         land between two tokens, never inside one)."""
         prompt = bounded("question", prompt, MAX_PROMPT)
         if not prompt.strip():
             raise CromeError("the question is empty")
+        if through not in ASK_THROUGH:
+            raise CromeError(f"ask through {through!r}? choose one of {', '.join(ASK_THROUGH)}")
+        if through == "chat":
+            prompt = chat_text(self.lm.tokenizer, prompt, instruction="{}")
+            if prompt is None:
+                raise CromeError(f"{self.lm.name} has no chat template: ask as typed")
         n = max(1, min(int(max_new_tokens), MAX_TOKENS))
         ids = self.lm.tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.lm.device)
         seqs, done = [ids, ids], [False, False]

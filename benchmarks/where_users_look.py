@@ -1,0 +1,225 @@
+"""Where users look (issue 38): single edits read in four places, the candidates side by side.
+
+Each method edits the same counterfact-val cases with crome's defaults (key statistics, ``--guard
+verify``, whose check now includes the bare prompt) and ``--gen-em``; the runs share each case's keys
+and v* (computed once: they do not depend on the method), so a case costs one v* optimisation, not one
+per method. Every run's results file is a ``crome eval`` results file (``crome summarize`` reads it)
+and resumes: kill it whenever, the same command continues.
+
+The table reads every case where a user would, an edit the guard rolled back counting as the unedited
+model (its efficacy before the edit; its generation never names the counterfactual target, scored 0):
+
+* bare: ES and generation EM of the prompt as typed; natural: after a natural sentence
+  (``scoring.readings.NATURAL_LEAD_INS``); prefix: after the test-time prefix; chat: the greedy answer
+  through the chat template names the new target first;
+* paraphrases: PS and generation EM; NS; the perplexity ratio on ME-PPL_50 (median, max) and the
+  collapse rate;
+* the first-position check (``--sink``, ``sink.json``): each method's edit of a first-token subject,
+  perplexity ratio on ME-PPL texts as they are (other first tokens) and after the subject (the bare
+  key itself);
+* ``crome→rome``: the per-edit fallback baseline, C-ROME's edit where the guard kept it, else ROME's
+  (from the two runs; no extra edit).
+
+    python benchmarks/where_users_look.py --methods rome crome dual --n 200
+    python benchmarks/where_users_look.py --model $G --methods rome crome dual --n 200
+    python benchmarks/where_users_look.py --report --docs docs/results/where_users_look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+from benchlib import DATA, emit
+
+SPLITS = (("all", None), ("first-token subject", True), ("other subjects", False))
+# (column, record group, metric): the table's readings, the unedited model's where the edit was rolled back
+READINGS = (("bare ES", "metrics", "es"), ("bare gen EM", "metrics", "gen_em"),
+            ("natural ES", "metrics_natural", "es"), ("natural gen EM", "metrics_natural", "gen_em"),
+            ("prefix ES", "metrics_prefixed", "es"), ("prefix gen EM", "metrics_prefixed", "gen_em"),
+            ("chat EM", "metrics", "gen_em_chat"), ("PS", "metrics", "ps"),
+            ("paraphrase gen EM", "metrics", "gen_em_paraphrase"),
+            ("chat EM paraphrase", "metrics", "gen_em_chat_paraphrase"), ("NS", "metrics", "ns"))
+BEFORE = {"metrics": "before", "metrics_natural": "before_natural", "metrics_prefixed": "before_prefixed"}
+FALLBACK = ("crome", "rome")   # the per-edit baseline: the first method's kept edit, else the second's
+
+
+def model_tag(model: str | None) -> str:
+    return Path(model).stem if model else "default"
+
+
+def run(args) -> None:
+    """Edit the first ``--n`` cases with every method, the keys and v* shared, into one results file each."""
+    from crome.evaluation.cases import evaluate_cases, prepare_together
+    from crome.evaluation.jobs import EvalJob, cases_of, load, prepare, with_checks
+    from crome.evaluation.results import ResultsFile, check_resumable
+
+    folder = Path(args.out_dir) / model_tag(args.model)
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = {m: EvalJob(data=args.data, out=str(folder / f"{m}.jsonl"), model=args.model, method=m, seed=args.seed,
+                       ppl_data=args.ppl_data, gen_em=True, gen_tokens=0, guard="verify", n_cases=args.n,
+                       resume=True) for m in args.methods}
+    first = next(iter(jobs.values()))
+    cases = cases_of(first)[0][:args.n]
+    lm = load(first, progress=False)
+    ctxs = {m: with_checks(lm, prepare(lm, job), job).with_monitor(lm) for m, job in jobs.items()}
+    files = {m: ResultsFile(job.out) for m, job in jobs.items()}
+    done = {}
+    for m, f in files.items():
+        records = f.read()
+        check_resumable(records, ctxs[m].settings, f.path, True)
+        done[m] = {r["case_id"] for r in records}
+    if args.sink and not (folder / "sink.json").exists():
+        sink_check(lm, ctxs, cases, ctxs[first.method].texts[:args.sink_texts], args.sink, folder / "sink.json")
+    todo = [c for c in cases if any(c.case_id not in done[m] for m in jobs)]
+    print(f"{lm.name}: {len(todo)} of {len(cases)} cases to edit with {', '.join(jobs)}", flush=True)
+    for at in range(0, len(todo), args.per_pass):
+        chunk, start = todo[at:at + args.per_pass], time.perf_counter()
+        shared = prepare_together(lm, chunk, ctxs[first.method])
+        for m, ctx in ctxs.items():
+            mine = [c for c in chunk if c.case_id not in done[m]]
+            for rec, _ in evaluate_cases(lm, mine, ctx, prepared_by_id=shared):
+                files[m].append(rec.to_dict())
+        print(f"{at + len(chunk)}/{len(todo)} cases, {(time.perf_counter() - start) / len(chunk):.1f} s per case",
+              flush=True)
+
+
+def sink_check(lm, ctxs: dict, cases: list, texts: list[str], n: int, out: Path) -> dict:
+    """Does writing the bare key of a first-token subject move every text's first position? For the first
+    ``n`` first-token-subject cases, each method's edit is applied and the perplexity ratio measured on
+    ``texts`` as they are (other first tokens) and on the same texts after the subject (the same first
+    tokens: the bare key itself). {method: {"other first tokens": [...], "the subject first": [...]}}."""
+    from crome.editing.edit import apply_edit, finish_edit, prepare_edit
+    from crome.editing.mom2 import stats_for
+    from crome.scoring.measure import perplexity
+
+    firsts = [c for c in cases if c.request.text().startswith(c.request.subject)][:n]
+    base_other = perplexity(lm, texts)
+    result = {m: {"other first tokens": [], "the subject first": []} for m in ctxs}
+    for case in firsts:
+        ctx = next(iter(ctxs.values()))
+        prepared = prepare_edit(lm, case.request, ctx.hparams, ctx.templates, ctx.settings.seed)
+        same = [f"{case.request.subject} {t}" for t in texts]
+        base_same = perplexity(lm, same)
+        for m, ctx in ctxs.items():
+            edit = finish_edit(lm, prepared, m, stats_for(lm, prepared.hparams, ctx.stats))
+            with apply_edit(lm, edit):
+                result[m]["other first tokens"].append(round(perplexity(lm, texts) / base_other, 5))
+                result[m]["the subject first"].append(round(perplexity(lm, same) / base_same, 5))
+    summary = {m: {k: dict(median=statistics.median(v), max=max(v), n=len(v)) for k, v in got.items() if v}
+               for m, got in result.items()}
+    emit(dict(cases=[c.case_id for c in firsts], texts=len(texts), ratios=result, summary=summary), str(out))
+    return summary
+
+
+def reading(rec: dict, group: str, key: str) -> float | None:
+    """One reading of a case as the user meets it: the edited model's, or the unedited model's when the
+    guard rolled the edit back (a generation of the counterfactual target: 0)."""
+    if rec.get("applied"):
+        v = (rec.get(group) or {}).get(key)
+    elif key.startswith("gen_em"):
+        return 0.0
+    else:
+        v = (rec.get(BEFORE[group]) or {}).get(key)
+    return None if v is None else float(v)
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return round(statistics.fmean(values), 3) if values else None
+
+
+def table_row(records: list[dict]) -> dict:
+    """The readings of one method on one split, and its perplexity and collapse numbers."""
+    row = {"cases": len(records), "kept": sum(bool(r.get("applied")) for r in records)}
+    for column, group, key in READINGS:
+        row[column] = _mean([reading(r, group, key) for r in records])
+    ratios = [r["ppl_ratio"] for r in records if r.get("applied") and r.get("ppl_ratio") is not None]
+    row["ppl ratio median"] = round(statistics.median(ratios), 4) if ratios else None
+    row["ppl ratio max"] = round(max(ratios), 4) if ratios else None
+    row["collapsed"] = sum(bool(r.get("collapsed")) for r in records)
+    return row
+
+
+def combined(by_method: dict[str, list[dict]]) -> list[dict] | None:
+    """The per-edit fallback baseline: ``FALLBACK[0]``'s record where its edit was kept, else ``FALLBACK[1]``'s."""
+    if not all(m in by_method for m in FALLBACK):
+        return None
+    second = {r["case_id"]: r for r in by_method[FALLBACK[1]]}
+    return [r if r.get("applied") or r["case_id"] not in second else second[r["case_id"]]
+            for r in by_method[FALLBACK[0]] if r["case_id"] in second]
+
+
+def report(args) -> dict:
+    """{model: {split: {method: row}}} from the runs so far (the cases every method has edited, paired),
+    written as JSON and Markdown."""
+    out = {}
+    for folder in sorted(p for p in Path(args.out_dir).iterdir() if p.is_dir()):
+        by_method = {f.stem: [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+                     for f in sorted(folder.glob("*.jsonl")) if not f.name.endswith(".timing.jsonl")}
+        common = set.intersection(*({r["case_id"] for r in recs} for recs in by_method.values()))
+        by_method = {m: [r for r in recs if r["case_id"] in common] for m, recs in by_method.items()}   # paired
+        fallback = combined(by_method)
+        if fallback:
+            by_method["→".join(FALLBACK)] = fallback
+        model = next((recs[0]["model"] for recs in by_method.values() if recs), folder.name)
+        splits = {split: {m: table_row([r for r in recs if first is None or r.get("first_token_subject") is first])
+                          for m, recs in by_method.items()} for split, first in SPLITS}
+        sink = folder / "sink.json"
+        first_position = json.loads(sink.read_text())["summary"] if sink.exists() else {}
+        for kinds in first_position.values():
+            for v in kinds.values():
+                v["median"] = round(v["median"], 4)
+        out[model] = dict(splits=splits, first_position=first_position)
+    if args.docs:
+        emit(out, str(Path(args.docs) / "where_users_look.json"))
+        (Path(args.docs) / "where_users_look.md").write_text(markdown(out))
+    print(markdown(out))
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = []
+    for model, got in result.items():
+        for split, rows in got["splits"].items():
+            if not rows:
+                continue
+            columns = list(next(iter(rows.values())))
+            lines += [f"**{model}, {split}**", "", "| method | " + " | ".join(columns) + " |",
+                      "|---|" + "---:|" * len(columns)]
+            lines += [f"| {m} | " + " | ".join("-" if row[c] is None else str(row[c]) for c in columns) + " |"
+                      for m, row in rows.items()]
+            lines.append("")
+        if got["first_position"]:
+            lines += [f"**{model}, first-position check: perplexity ratio after a first-token subject's edit**", "",
+                      "| method | texts | median | max | edits |", "|---|---|---:|---:|---:|"]
+            lines += [f"| {m} | {kind} | {v['median']} | {v['max']} | {v['n']} |"
+                      for m, kinds in got["first_position"].items() for kind, v in kinds.items()]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="A model id, folder or GGUF file (default: crome's default model).")
+    ap.add_argument("--methods", nargs="+", default=["rome", "crome", "dual"])
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--per-pass", type=int, default=2, help="Cases whose keys and v* are computed together.")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sink", type=int, default=20, help="First-token cases of the first-position check (0: none).")
+    ap.add_argument("--sink-texts", type=int, default=20, help="ME-PPL texts of the first-position check.")
+    ap.add_argument("--data", default=str(DATA / "counterfact" / "counterfact-val.json"))
+    ap.add_argument("--ppl-data", default=str(DATA / "me-ppl" / "ME-PPL_50.json"))
+    ap.add_argument("--out-dir", default="runs/where_users_look")
+    ap.add_argument("--report", action="store_true", help="Write the table from the runs so far.")
+    ap.add_argument("--docs", default=None)
+    args = ap.parse_args()
+    report(args) if args.report else run(args)
+
+
+if __name__ == "__main__":
+    main()
