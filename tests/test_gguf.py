@@ -102,12 +102,13 @@ def test_gguf_file_loads_with_the_source_logits_and_a_changed_file_reconverts(to
                                rtol=1e-4, atol=1e-4)
 
     # end to end through the CLI: --model x.gguf, the auto layer (a random model knows no facts:
-    # the depth rule, recorded), key statistics sampled from the model, the verifying guard
+    # the depth rule, recorded), key statistics sampled from the model, the verifying guard (its probe;
+    # whether a random model's edit takes is not this test's question: --no-guard-efficacy)
     from crome.cli import main
 
     res = CliRunner().invoke(main, ["edit", "--model", str(path), "--prompt", "{} is the capital of", "--subject",
                                     "Paris", "--target", "Germany", "--layer", "auto", "--mom2-samples", "300",
-                                    "--guard-threshold", "1e9", "--json", "--no-ppl"])
+                                    "--guard-threshold", "1e9", "--no-guard-efficacy", "--json", "--no-ppl"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout[res.stdout.index("{"):])
     assert data["model"] == "tiny" and data["layer"] == 1 and data["layer_choice"]["rule"] == "depth"

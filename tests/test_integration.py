@@ -128,7 +128,8 @@ def test_cli_rolls_back_an_edit_that_shows_only_after_the_prefix():
 def test_guard_on_the_collapsing_rome_edit(default_lm):
     """Paper setting (C = I): the shipped rule refuses the Paris ROME edit before applying it;
     verify applies it, measures the collapse on the probe and rolls back bit for bit;
-    fallback ends with the C-ROME edit applied and verified; a healthy ROME edit passes."""
+    fallback tries C-ROME here and at the neighbouring layers, none of which takes on the bare prompt,
+    and leaves the weights as they were; a healthy ROME edit passes."""
     from crome.editing.api import guarded_apply
     from crome.editing.records import GuardRefused
     from crome.editing.rules import DEFAULT_RULE
@@ -147,12 +148,14 @@ def test_guard_on_the_collapsing_rome_edit(default_lm):
     with pytest.raises(GuardRefused, match="rolled back") as refused:
         guarded_apply(default_lm, PARIS, "rome", "verify", verifier=verifier, hparams=PAPER)
     assert refused.value.decision.guard_ppl_ratio > 2 and untouched()
-    edit, handle, decision = guarded_apply(default_lm, PARIS, "rome", "fallback", verifier=verifier, hparams=PAPER)
-    assert edit.method == "crome" and decision.guard_action.startswith("fallback")
-    assert decision.guard_ppl_ratio < 1.1
-    handle.restore()
+    # fallback: C-ROME at layer 6, then 7 and 5, each healthy but none taking on the bare prompt, where the
+    # guard now looks (issue 38: C-ROME's Paris edit shows only after the test prefix); all rolled back
+    with pytest.raises(GuardRefused, match="refused") as refused:
+        guarded_apply(default_lm, PARIS, "rome", "fallback", verifier=verifier, hparams=PAPER)
+    message = str(refused.value)
+    assert "rome at layer 6: damaged the model" in message and "crome at layer 7: did not take" in message
+    assert "crome at layer 6: did not take: P(Germany) on the bare prompt" in message
     assert untouched()
-    assert torch.equal(edit.delta_w, compute_edit(default_lm, PARIS, "crome", hparams=PAPER).delta_w)
     normal = EditRequest.create("The mother tongue of {} is", "Danielle Darrieux", "English")
     edit, handle, decision = guarded_apply(default_lm, normal, "rome", "verify", verifier=verifier, hparams=PAPER)
     assert edit.method == "rome" and decision.guard_action == "applied" and decision.guard_ppl_ratio < 1.1
