@@ -91,33 +91,32 @@ def measure_edit(lm: LoadedModel, request: EditRequest, ctx: RunContext, *, ppl_
     ``ctx.settings.guard`` (off, refuse, verify, fallback; guard.py) judges the edit and may roll
     it back (``GuardRefused``, weights restored)."""
     prompt = request.text()
-    p_before = target_probability(lm, prompt, request.target_new)
-    places = partial(read_places, lm, prompt, request.target_new, request.target_true,
-                     choose_test_prefix("fixed", ctx.templates), natural_lead_in(ctx.settings.seed, prompt))
-    readings_before = places()
+    prefix = choose_test_prefix("fixed", ctx.templates) or ""
+    places = partial(read_places, lm, prompt, request.target_new, request.target_true, prefix,
+                     natural_lead_in(ctx.settings.seed, prompt))
+    readings_before = places()           # the unedited model's; P(target) bare and prefixed come from them
     edit, handle, decision = guarded(lm, [request], ctx)
-    prefix = choose_test_prefix("fixed", edit.context_templates) or ""
     after: dict = dict(ppl_after=None, ppl_ratio=None, collapsed=None, p_target_after=None,
                        p_target_after_prefixed=None, generation_after=None,
                        readings=_before_after(readings_before, None))
     if handle is not None:
-        handle.restore()  # the prefixed "before" (and a new monitor's baseline) need the unedited model
+        handle.restore()  # a new monitor's baseline needs the unedited model
     monitor = ctx.monitor.at(edit.layer) if ctx.monitor is not None else None   # a fallback may move the layer
     ppl_before = monitor.baseline if monitor is not None else None
-    p_before_prefixed = target_probability(lm, prompt, request.target_new, prefix=prefix)
     if handle is not None:
         handle = apply_edit(lm, edit)
         try:
-            after["p_target_after"] = target_probability(lm, prompt, request.target_new)
-            after["p_target_after_prefixed"] = target_probability(lm, prompt, request.target_new, prefix=prefix)
+            readings_after = places()
+            after["p_target_after"], after["p_target_after_prefixed"] = _bare_and_prefixed(readings_after)
             if monitor is not None:
                 after.update(ppl_fields(ppl_before, monitor()))
-            after["readings"] = _before_after(readings_before, places())
+            after["readings"] = _before_after(readings_before, readings_after)
             if generate_tokens:
                 after["generation_after"] = generate(lm, prompt, generate_tokens)
         finally:
             if not keep:
                 handle.restore()
+    p_before, p_before_prefixed = _bare_and_prefixed(readings_before)
     d = edit.diagnostics
     report = EditReport(
         method=ctx.settings.method, model=lm.name, layer=edit.layer, prompt=request.prompt, subject=request.subject,
@@ -132,6 +131,12 @@ def measure_edit(lm: LoadedModel, request: EditRequest, ctx: RunContext, *, ppl_
         **asdict(decision), **after,
     )
     return report, edit
+
+
+def _bare_and_prefixed(readings: dict) -> tuple[float, float]:
+    """P(target) on the bare prompt and after the test prefix (the bare one when there is no prefix)."""
+    bare = readings["bare"]["p_target"]
+    return bare, readings["prefix"]["p_target"] if "prefix" in readings else bare
 
 
 def _before_after(before: dict, after: dict | None) -> dict:
