@@ -49,11 +49,11 @@ def job_for(name: str, protocol: str, args):
     if protocol == "A" and not batch:
         raise SystemExit(f"protocol A edits 100 facts per update: {method} edits one")
     out = Path(args.out_dir) / protocol / f"{name}.jsonl"
-    return EvalJob(data=args.data, out=str(out), method=method, ppl_data=args.ppl_data, sequential=True,
+    return EvalJob(data=args.data, out=str(out), method=method, model=args.model, ppl_data=args.ppl_data, sequential=True,
                    monitor_every=args.monitor_every or BATCH[protocol] * (1 if protocol == "A" else 10),
                    retained_every=args.retained_every, retained_sample=args.retained_sample,
                    scores_every=args.scores_every, gen_tokens=0,
-                   gen_em=True, resume=True,
+                   gen_em=True, readings=args.readings, resume=True,
                    batch_size=BATCH[protocol] if batch else 1, seed=args.seed, hparams=hparams, layer=layer).absolute()
 
 
@@ -265,6 +265,11 @@ def main() -> None:
     ap.add_argument("--protocol", choices=list(BATCH), default="B")
     ap.add_argument("--runs", nargs="+", default=["calphaedit+mpes"])
     ap.add_argument("--n", type=int, default=3000)
+    ap.add_argument("--model", default=None, help="A model id, folder or GGUF file (default: crome's default model); "
+                    "give each model its own --out-dir.")
+    ap.add_argument("--readings", default="none",
+                    help="Each edit's readings beyond bare and prefixed (crome eval --readings): none, as the runs "
+                         "before issue 38 were measured, keeps their cost comparable.")
     ap.add_argument("--cap", type=int, default=1000, help="A run past 2x perplexity stops here.")
     ap.add_argument("--round", type=int, default=100, help="Edits per run per round.")
     ap.add_argument("--common-from", type=int, default=100,

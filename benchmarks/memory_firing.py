@@ -7,6 +7,7 @@ an entry that fires on ordinary text, or on another edit's prompt at a position 
 edit's subject, is what moves perplexity and retained efficacy.
 
     python benchmarks/memory_firing.py --run runs/lifelong/B/memory+mpes+t6+lr1.jsonl --upto 650 [--exact-below 0]
+    python benchmarks/memory_firing.py --run runs/lifelong/B/memory+mpes+t6+lr1.jsonl --upto 3000 --precision
 """
 
 from __future__ import annotations
@@ -77,6 +78,35 @@ def firing(lm, memory, texts: list[str]) -> list[tuple[int, int, int, str]]:
     return fired
 
 
+def precision(lm, memory, texts: list[str]) -> dict:
+    """The gate in float32 (what a float32 model's forward uses) against float64 at every position of
+    ``texts``: the positions where they decide differently (fire or not, or another entry), and the gate's
+    seconds per forward in each, timed on the same inputs in one run."""
+    import time
+
+    got = dict(positions=0, differ=0, seconds={"float32": 0.0, "float64": 0.0})
+
+    def spy(_module, args, _output):
+        decided = {}
+        for dtype in (torch.float32, torch.float64):
+            start = time.perf_counter()
+            decided[dtype] = memory.gate(args[0].to(dtype))
+            got["seconds"][str(dtype).split(".")[1]] += time.perf_counter() - start
+        (f32, o32), (f64, o64) = decided[torch.float32], decided[torch.float64]
+        got["positions"] += f32.numel()
+        got["differ"] += int(((f32 != f64) | (f32 & f64 & (o32 != o64))).sum())
+
+    handle = lm.mlp_out(memory.layer).register_forward_hook(spy)
+    try:
+        for text in texts:
+            with torch.no_grad():
+                lm.model(input_ids=torch.tensor([lm.tokenizer(text)["input_ids"][:512]], device=lm.device))
+    finally:
+        handle.remove()
+    got["seconds_per_forward"] = {k: round(v / len(texts), 5) for k, v in got.pop("seconds").items()}
+    return got
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True)
@@ -85,6 +115,8 @@ def main() -> None:
     ap.add_argument("--exact-below", type=int, default=None,
                     help="memory_exact_below for every key (0: none needs the exact threshold); default: as stored")
     ap.add_argument("--ppl-data", default=str(DATA / "me-ppl" / "ME-PPL_50.json"))
+    ap.add_argument("--precision", action="store_true",
+                    help="Compare the gate in float32 with float64 instead: decisions and seconds, same inputs.")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from crome.evaluation.jobs import EvalJob, load
@@ -93,8 +125,12 @@ def main() -> None:
     lm = load(EvalJob(data="x", out=""), progress=False)
     memory, owners = rebuilt(lm, Path(args.run), args.upto, args.threshold, args.exact_below)
     texts = load_texts(args.ppl_data)
-    on_text = firing(lm, memory, texts)
     prompts = [(n, prompt.replace("{}", subject)) for n, (subject, prompt, _) in owners.items()]
+    if args.precision:
+        emit(dict(run=args.run, upto=args.upto, stored=len(memory), ppl_texts=precision(lm, memory, texts),
+                  prompts=precision(lm, memory, [p for _, p in prompts])), args.out)
+        return
+    on_text = firing(lm, memory, texts)
     on_prompts = firing(lm, memory, [p for _, p in prompts])
     foreign = [(prompts[t][0], p, n, tok) for t, p, n, tok in on_prompts if n != prompts[t][0]]
     count = collections.Counter(n for _, _, n, _ in on_text)

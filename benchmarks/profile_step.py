@@ -1,7 +1,7 @@
 """Where an edit's time goes in a protocol-B lifelong run (one edit per update), by step.
 
 Runs ``--n`` sequential edits of each run (the names of ``lifelong.py``: ``crome``,
-``calphaedit+mpes``, ...) on the default model under cProfile, after one edit that warms the
+``calphaedit+mpes``, ...) on the default model (or ``--model``) under cProfile, after one edit that warms the
 caches up (not profiled), and splits the wall time per edit into the run's steps: the keys, v*,
 the solve, writing the update, and each of the run's own measurements (the case's ES/PS/NS before
 and after, generation exact match, perplexity, retained efficacy, the checkpoint).
@@ -70,6 +70,12 @@ def breakdown(profile: cProfile.Profile, edits: int, wall: float) -> dict:
     return out
 
 
+def hottest(profile: cProfile.Profile, edits: int, n: int) -> list[tuple[str, float]]:
+    """The ``n`` functions with the most time of their own (not their callees'), seconds per edit."""
+    own = sorted(pstats.Stats(profile).stats.items(), key=lambda kv: -kv[1][2])[:n]
+    return [(f"{Path(f[0]).name}:{f[1]} {_qualified(f)}", round(v[2] / edits, 3)) for f, v in own]
+
+
 def profile_run(name: str, args) -> dict:
     from benchlib import prepared_runs
 
@@ -86,13 +92,17 @@ def profile_run(name: str, args) -> dict:
         run(lm, cases[: args.n + 1], contexts[name], job.out, resume=True)
         profile.disable()
         wall = time.perf_counter() - start
-    return dict(run=name, edits=args.n, seconds_per_edit=breakdown(profile, args.n, wall))
+    return dict(run=name, model=lm.name, edits=args.n, seconds_per_edit=breakdown(profile, args.n, wall),
+                hottest=hottest(profile, args.n, args.top))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="+", default=["crome", "calphaedit+mpes"])
     ap.add_argument("--n", type=int, default=10, help="Profiled edits per run (after one warm-up edit).")
+    ap.add_argument("--model", default=None, help="A model id, folder or GGUF file (default: crome's default model).")
+    ap.add_argument("--readings", default="none", help="As lifelong.py's --readings.")
+    ap.add_argument("--top", type=int, default=15, help="List this many functions with the most time of their own.")
     ap.add_argument("--monitor-every", type=int, default=10)
     ap.add_argument("--retained-every", type=int, default=10)
     ap.add_argument("--retained-sample", type=int, default=0)

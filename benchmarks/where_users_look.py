@@ -17,6 +17,9 @@ model (its efficacy before the edit; its generation never names the counterfactu
 * the first-position check (``--sink``, ``sink.json``): each method's edit of a first-token subject,
   perplexity ratio on ME-PPL texts as they are (other first tokens) and after the subject (the bare
   key itself);
+* the chat reading's reference (``chat_reference.json``): how often the unedited model names the true
+  target through the chat template, on the same prompts and paraphrases (how often it answers a
+  completion asked through the template with the object at all);
 * ``crome→rome``: the per-edit fallback baseline, C-ROME's edit where the guard kept it, else ROME's
   (from the two runs; no extra edit).
 
@@ -75,6 +78,8 @@ def run(args) -> None:
         done[m] = {r["case_id"] for r in records}
     if args.sink and not (folder / "sink.json").exists():
         sink_check(lm, ctxs, cases, ctxs[first.method].texts[:args.sink_texts], args.sink, folder / "sink.json")
+    if args.chat_reference and not (folder / "chat_reference.json").exists():
+        chat_reference(lm, cases, folder / "chat_reference.json")
     todo = [c for c in cases if any(c.case_id not in done[m] for m in jobs)]
     print(f"{lm.name}: {len(todo)} of {len(cases)} cases to edit with {', '.join(jobs)}", flush=True)
     for at in range(0, len(todo), args.per_pass):
@@ -116,6 +121,27 @@ def sink_check(lm, ctxs: dict, cases: list, texts: list[str], n: int, out: Path)
     return summary
 
 
+def chat_reference(lm, cases: list, out: Path) -> dict:
+    """The chat reading's reference: how often the unedited model, asked through its chat template as the
+    chat reading asks, names the true target (before the counterfactual one) on the edit prompt and on its
+    paraphrases, i.e. how often it answers with the object at all. {"prompt": share, "paraphrase": share,
+    "n": cases}; {} without a template."""
+    from crome.scoring.measure import greedy_answers
+    from crome.scoring.readings import CHAT_TOKENS, chat_answer_matches, chat_text
+
+    rows = [(c, kind, chat_text(lm.tokenizer, p)) for c in cases
+            for kind, p in (("prompt", c.request.text()), *(("paraphrase", q) for q in c.paraphrase_prompts))]
+    if any(text is None for _, _, text in rows):
+        return {}
+    answers = greedy_answers(lm, [text for _, _, text in rows], [CHAT_TOKENS] * len(rows))
+    hits = {"prompt": [], "paraphrase": []}
+    for (case, kind, _), answer in zip(rows, answers):
+        hits[kind].append(chat_answer_matches(answer, case.request.target_true, case.request.target_new))
+    result = {kind: round(statistics.fmean(v), 3) for kind, v in hits.items() if v} | {"n": len(cases)}
+    emit(dict(result, cases=[c.case_id for c in cases], answers=answers[:20]), str(out))
+    return result
+
+
 def reading(rec: dict, group: str, key: str) -> float | None:
     """One reading of a case as the user meets it: the edited model's, or the unedited model's when the
     guard rolled the edit back (a generation of the counterfactual target: 0)."""
@@ -154,6 +180,33 @@ def combined(by_method: dict[str, list[dict]]) -> list[dict] | None:
             for r in by_method[FALLBACK[0]] if r["case_id"] in second]
 
 
+PAIRED = (("bare gen EM", "metrics", "gen_em"), ("paraphrase gen EM", "metrics", "gen_em_paraphrase"),
+          ("chat EM", "metrics", "gen_em_chat"), ("bare ES", "metrics", "es"))
+BASELINE = "rome"   # the paired differences are against the reference implementation's edits
+
+
+def paired(by_method: dict[str, list[dict]]) -> dict:
+    """Each method's readings minus ``BASELINE``'s on the same cases: mean, 95% interval half-width, cases
+    where it is higher and where lower. {method: {column: {...}}}."""
+    if BASELINE not in by_method:
+        return {}
+    base = {r["case_id"]: r for r in by_method[BASELINE]}
+    out = {}
+    for m, recs in by_method.items():
+        if m == BASELINE:
+            continue
+        out[m] = {}
+        for column, group, key in PAIRED:
+            d = [a - b for r in recs if r["case_id"] in base
+                 for a, b in [(reading(r, group, key), reading(base[r["case_id"]], group, key))]
+                 if a is not None and b is not None]
+            if len(d) > 1:
+                out[m][column] = dict(diff=round(statistics.fmean(d), 3),
+                                      ci95=round(1.96 * statistics.stdev(d) / math.sqrt(len(d)), 3),
+                                      higher=sum(x > 0 for x in d), lower=sum(x < 0 for x in d), n=len(d))
+    return out
+
+
 def report(args) -> dict:
     """{model: {split: {method: row}}} from the runs so far (the cases every method has edited, paired),
     written as JSON and Markdown."""
@@ -161,6 +214,8 @@ def report(args) -> dict:
     for folder in sorted(p for p in Path(args.out_dir).iterdir() if p.is_dir()):
         by_method = {f.stem: [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
                      for f in sorted(folder.glob("*.jsonl")) if not f.name.endswith(".timing.jsonl")}
+        if not by_method:
+            continue
         common = set.intersection(*({r["case_id"] for r in recs} for recs in by_method.values()))
         by_method = {m: [r for r in recs if r["case_id"] in common] for m, recs in by_method.items()}   # paired
         fallback = combined(by_method)
@@ -174,7 +229,10 @@ def report(args) -> dict:
         for kinds in first_position.values():
             for v in kinds.values():
                 v["median"] = round(v["median"], 4)
-        out[model] = dict(splits=splits, first_position=first_position)
+        reference = folder / "chat_reference.json"
+        chat = {k: v for k, v in json.loads(reference.read_text()).items() if k in ("prompt", "paraphrase", "n")} \
+            if reference.exists() else {}
+        out[model] = dict(splits=splits, first_position=first_position, chat_reference=chat, paired=paired(by_method))
     if args.docs:
         emit(out, str(Path(args.docs) / "where_users_look.json"))
         (Path(args.docs) / "where_users_look.md").write_text(markdown(out))
@@ -194,6 +252,18 @@ def markdown(result: dict) -> str:
             lines += [f"| {m} | " + " | ".join("-" if row[c] is None else str(row[c]) for c in columns) + " |"
                       for m, row in rows.items()]
             lines.append("")
+        if got.get("paired"):
+            lines += [f"**{model}, paired differences against {BASELINE}** (mean ± 95% interval; cases higher / lower)",
+                      "", "| method | " + " | ".join(c for c, _, _ in PAIRED) + " |", "|---|" + "---:|" * len(PAIRED)]
+            lines += [f"| {m} | " + " | ".join(f"{v['diff']:+.3f} ± {v['ci95']:.3f} ({v['higher']} / {v['lower']})"
+                                             if (v := cols.get(c)) else "-" for c, _, _ in PAIRED) + " |"
+                      for m, cols in got["paired"].items()]
+            lines.append("")
+        if got.get("chat_reference"):
+            c = got["chat_reference"]
+            lines += [f"**{model}, the chat reading's reference**: the unedited model, asked through the template, names "
+                      f"the true target in {c.get('prompt')} of the edit prompts and {c.get('paraphrase')} of the "
+                      f"paraphrases ({c['n']} cases)", ""]
         if got["first_position"]:
             lines += [f"**{model}, first-position check: perplexity ratio after a first-token subject's edit**", "",
                       "| method | texts | median | max | edits |", "|---|---|---:|---:|---:|"]
@@ -211,6 +281,8 @@ def main() -> None:
     ap.add_argument("--per-pass", type=int, default=2, help="Cases whose keys and v* are computed together.")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sink", type=int, default=20, help="First-token cases of the first-position check (0: none).")
+    ap.add_argument("--chat-reference", action=argparse.BooleanOptionalAction, default=True,
+                    help="How often the unedited model names the true target through the chat template (once per model).")
     ap.add_argument("--sink-texts", type=int, default=20, help="ME-PPL texts of the first-position check.")
     ap.add_argument("--data", default=str(DATA / "counterfact" / "counterfact-val.json"))
     ap.add_argument("--ppl-data", default=str(DATA / "me-ppl" / "ME-PPL_50.json"))

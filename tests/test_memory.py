@@ -225,3 +225,24 @@ def test_a_key_without_context_needs_the_exact_threshold(lm):
     fire, owner = memory.gate(x)
     assert fire.tolist() == [False, True, True, True, False]
     assert [memory.numbers[i] for i, f in zip(owner.tolist(), fire.tolist()) if f] == [1, 2, 1]
+
+
+def test_the_gate_compares_in_the_models_working_precision():
+    """Keys are stored as computed (float64 after dividing by √diag C from key statistics); a float32
+    model's inputs are compared in float32, the same decisions as in float64 away from the thresholds,
+    and a float64 model's in float64."""
+    torch.manual_seed(0)
+    scale = torch.rand(16, dtype=torch.float64) + 0.5
+    memory = EditMemory(1, 0.85, scale)
+    stored = torch.randn(40, 16, dtype=torch.float64)
+    for n in range(20):
+        memory.add(n + 1, stored[2 * n:2 * n + 2], torch.randn(3))
+    near = stored[::3] + 0.1 * torch.randn(14, 16, dtype=torch.float64)
+    x = torch.cat([near, torch.randn(30, 16, dtype=torch.float64)])
+    fire64, owner64 = memory.gate(x)
+    assert memory.table("cpu", torch.float64)[0].dtype == torch.float64
+    fire32, owner32 = memory.gate(x.float())
+    assert set(memory._tables) == {(torch.device("cpu"), torch.float64), (torch.device("cpu"), torch.float32)}
+    assert memory.keys[1].dtype == torch.float64
+    assert fire64[:14].all() and not fire64[14:].any()
+    assert torch.equal(fire32, fire64) and torch.equal(owner32[fire32], owner64[fire64])

@@ -92,6 +92,31 @@ def test_eval_records_and_summary_read_all_four_places(tokenizer, tmp_path):
     assert "S (natural)" not in rows and "S" in rows
 
 
+def test_eval_leaves_out_the_readings_it_is_told_to_and_resumes_only_with_the_same(tokenizer, tmp_path):
+    """``--readings none`` (a long run's cheaper measurements): no natural sentence and no chat reading in the
+    records, the bare and prefixed metrics as before; a resume with other readings is refused."""
+    from crome.errors import CromeError
+    from crome.evaluation.jobs import EvalJob, run_job
+
+    data = tmp_path / "cases.json"
+    data.write_text(json.dumps(FLAT))
+    out = tmp_path / "out.jsonl"
+    job = EvalJob(data=str(data), out=str(out), layer=1, seed=0, mom2=False, gen_em=True, gen_tokens=0,
+                  n_cases=1, readings="none", hparams={"v_steps": 3})
+    lm = tiny_model("llama", tokenizer)
+    records, _, _ = run_job(job, lm=lm)
+    r = records[0]
+    assert r["applied"] and list(r["readings"]) == []
+    assert r["metrics_natural"] is None and r["before_natural"] is None and r["natural_prefix_text"] is None
+    assert "gen_em_chat" not in r["metrics"] and {"es", "gen_em"} <= set(r["metrics"])
+    assert {"es", "gen_em"} <= set(r["metrics_prefixed"])
+    with pytest.raises(CromeError, match="readings"):
+        run_job(EvalJob(data=str(data), out=str(out), layer=1, seed=0, mom2=False, gen_em=True, gen_tokens=0,
+                        n_cases=2, resume=True, hparams={"v_steps": 3}), lm=lm)
+    with pytest.raises(CromeError, match="unknown reading 'chta'"):
+        EvalJob(data=str(data), out=str(out), readings="natural,chta")
+
+
 def test_crome_edit_reports_the_four_places(tokenizer, tmp_path):
     from crome.editing.api import context_for
     from crome.evaluation.report import measure_edit

@@ -32,6 +32,7 @@ from .editing.records import GuardRefused
 from .editing.verify import VERIFY_THRESHOLD
 from .errors import CromeError
 from .models import DTYPES
+from .scoring.readings import OPTIONAL_READINGS
 
 out = Console()
 err = Console(stderr=True)
@@ -525,6 +526,9 @@ def _print_demo(result) -> None:
 @click.option("--gen-em", is_flag=True,
               help="Also score generation-based exact match: greedy generation after the edit prompt, its "
                    "paraphrases and (with --sequential) every earlier edit's prompt.")
+@click.option("--readings", default=",".join(OPTIONAL_READINGS), show_default=True,
+              help="Where else each edit is read besides the bare prompt and the test prefix: after a natural "
+                   "sentence, through the chat template (with --gen-em); 'none' for neither (a cheaper run).")
 @_lifelong_opts
 def eval_(**o):
     """Edit, measure and restore each case of a dataset; one JSON line per case, then a summary."""
@@ -539,7 +543,7 @@ def eval_(**o):
     _writable(md_path)
     run_opts = ("data", "n_cases", "test_prefix", "resume", "skip_invalid", "sequential", "monitor_every",
                 "retained_every", "retained_sample", "scores_every", "gen_tokens", "edits_per_pass", "batch_size",
-                "gen_em")
+                "gen_em", "readings")
     job = _job(o, out=out_path, case_ids=tuple(case_ids.split(",")) if case_ids else None,
                **{k: o[k] for k in run_opts})
     cases, skipped, dataset_path = cases_of(job)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import CromeError
 from ..scoring.monitor import PerplexityMonitor
+from ..scoring.readings import OPTIONAL_READINGS
 from .hparams import Hparams, edited_layers
 from .memory import EditMemory
 from .methods import Method, method
@@ -51,6 +52,7 @@ class RunSettings:
     dtype: str = "float32"          # the model's weights while editing and measuring
     batch_size: int = 1             # MEMIT: cases edited as one update
     gen_em: bool = False            # also generation-based exact match (edit, paraphrases, retained edits)
+    readings: tuple[str, ...] = OPTIONAL_READINGS   # read beyond bare and prefixed: after a natural sentence, chat
 
 
 @dataclass

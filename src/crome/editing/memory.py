@@ -129,7 +129,7 @@ class EditMemory:
         self.keys: dict[int, torch.Tensor] = {}                           # number -> [n, d_in], normalised
         self.values: dict[int, torch.Tensor] = {}                         # number -> [d_out]
         self.thresholds: dict[int, torch.Tensor] = {}                     # number -> [n]: each key's threshold
-        self._table = None                                                # (keys, owners, values, thresholds)
+        self._tables: dict = {}                                           # (device, dtype) -> the gate's table
         self._hook = None                                                 # the forward hook while attached
         self._count = 0                                                   # the largest entry number so far
 
@@ -149,8 +149,9 @@ class EditMemory:
         """The same gate with no entries (a new run)."""
         return EditMemory(self.layer, self.threshold, self.scale)
 
-    def normalised(self, keys: torch.Tensor) -> torch.Tensor:
-        x = widen(keys) / self.scale.to(keys.device)
+    def normalised(self, keys: torch.Tensor, dtype=None) -> torch.Tensor:
+        """``keys`` divided by √diag C, unit length (in ``dtype``; default: as wide as the two are)."""
+        x = widen(keys) / self.scale.to(device=keys.device, dtype=dtype or self.scale.dtype)
         return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
     def add(self, number: int, keys: torch.Tensor, value: torch.Tensor, thresholds: torch.Tensor | None = None) -> None:
@@ -163,32 +164,37 @@ class EditMemory:
         self.values[number] = widen(value.detach()).cpu()
         self.thresholds[number] = (torch.full((len(keys),), self.threshold, dtype=torch.float64) if thresholds is None
                                    else thresholds.detach().cpu().to(torch.float64))
-        self._table = None
+        self._tables = {}
 
     def remove(self, number: int) -> None:
         if number not in self.keys:
             raise CromeError(f"the memory holds no edit {number}")
         self.numbers.remove(number)
         del self.keys[number], self.values[number], self.thresholds[number]
-        self._table = None
+        self._tables = {}
 
-    def table(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(every stored key [N, d_in], the entry each belongs to [N], the entries' values [E, d_out], each
-        key's threshold [N])."""
-        if self._table is None or self._table[0].device != torch.device(device):
-            keys = torch.cat([self.keys[n] for n in self.numbers]).to(device)
+    def table(self, device, dtype=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(every stored key [N, d_in] in ``dtype`` (default: as stored), the entry each belongs to [N], the
+        entries' values [E, d_out], each key's threshold [N])."""
+        dtype = dtype or self.keys[self.numbers[0]].dtype
+        key = (torch.device(device), dtype)
+        if key not in self._tables:
+            keys = torch.cat([self.keys[n] for n in self.numbers]).to(device=device, dtype=dtype)
             owners = torch.tensor([i for i, n in enumerate(self.numbers) for _ in range(len(self.keys[n]))],
                                   device=device)
             values = torch.stack([self.values[n] for n in self.numbers]).to(device)
-            thresholds = torch.cat([self.thresholds[n] for n in self.numbers]).to(device=device, dtype=keys.dtype)
-            self._table = (keys, owners, values, thresholds)
-        return self._table
+            thresholds = torch.cat([self.thresholds[n] for n in self.numbers]).to(device=device, dtype=dtype)
+            self._tables[key] = (keys, owners, values, thresholds)
+        return self._tables[key]
 
     def gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(where the memory fires [...], the entry that fires there [...]) for W's inputs ``x`` [..., d_in]:
-        among the keys whose threshold the similarity reaches, the most similar."""
-        keys, owners, _, thresholds = self.table(x.device)
-        sims = self.normalised(x) @ keys.T
+        among the keys whose threshold the similarity reaches, the most similar. Compared in the model's
+        working precision (``widen``: float32, float64 for a float64 model): with thousands of keys the
+        comparison is a large share of a forward pass, and float64 would double it."""
+        dtype = widen(x).dtype
+        keys, owners, _, thresholds = self.table(x.device, dtype)
+        sims = self.normalised(x, dtype) @ keys.T
         best, index = sims.masked_fill(sims < thresholds, -torch.inf).max(-1)
         return best > -torch.inf, owners[index]
 
@@ -199,7 +205,7 @@ class EditMemory:
         fire, owner = self.gate(args[0])
         if not bool(fire.any()):
             return None
-        _, _, values, _ = self.table(output.device)
+        _, _, values, _ = self.table(output.device, widen(args[0]).dtype)
         out = output.clone()
         out[fire] = (widen(out[fire]) + values[owner[fire]]).to(out.dtype)
         return out

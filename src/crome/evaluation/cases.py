@@ -43,7 +43,7 @@ def evaluate_cases(lm: LoadedModel, cases: list[Case], ctx: RunContext, measure_
         raise CromeError("a kept edit is measured in the weights: one case at a time")
     prefixes = [choose_test_prefix(s.test_prefix, ctx.templates, s.seed, c.case_id) for c in cases]
     recs = [_record(c, ctx, p) for c, p in zip(cases, prefixes)]
-    naturals = [natural_lead_in(s.seed, c.case_id) for c in cases]
+    naturals = [natural_lead_in(s.seed, c.case_id) if "natural" in s.readings else None for c in cases]
     scored = CaseScorer(lm, cases, prefixes, naturals) if score else None
     for i, rec in enumerate(recs) if score else ():
         groups = scored.metrics(i, scored.befores[i])
@@ -80,7 +80,8 @@ def _measure(lm, cases, recs, ctx: RunContext, scored: CaseScorer | None, applie
             recs[i].set(**ppl_fields(monitor.baseline, ppl))
     s = ctx.settings
     if s.gen_em and scored is not None:
-        generation_em(lm, [cases[i] for i in applied], [recs[i] for i in applied], scored, applied, overlay)
+        generation_em(lm, [cases[i] for i in applied], [recs[i] for i in applied], scored, applied, overlay,
+                      chat="chat" in s.readings)
     for slot, i in enumerate(applied):
         if cases[i].generation_prompts and s.gen_tokens:
             texts = sample(lm, cases[i].generation_prompts, s.gen_tokens, s.seed, overlay=overlay,

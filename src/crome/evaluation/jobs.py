@@ -33,6 +33,7 @@ from ..editing.templates import context_templates
 from ..editing.verify import VERIFY_THRESHOLD, Verifier
 from ..errors import CromeError
 from ..models import LoadedModel, LoadOptions, load_model
+from ..scoring.readings import OPTIONAL_READINGS, optional_readings
 from ..scoring.texts import load_texts, perplexity_source
 from .cases import evaluate_cases, prepare_together
 from .datasets import Case, load_cases, select
@@ -73,6 +74,7 @@ class EvalJob:
     scores_every: int = 1              # sequential: every k-th edit's own ES/PS/NS and generation EM scored
     gen_tokens: int = 100
     gen_em: bool = False               # generation-based exact match too
+    readings: tuple[str, ...] = OPTIONAL_READINGS   # after a natural sentence, through the chat template
     guard: str = "off"
     guard_threshold: float = VERIFY_THRESHOLD
     guard_rule: str | None = None
@@ -97,6 +99,8 @@ class EvalJob:
             raise CromeError("--retained-every must be at least 1 (or 0: with the perplexity)")
         if self.n_cases is not None and self.n_cases < 1:
             raise CromeError("--n must be at least 1")
+        given = self.readings if isinstance(self.readings, str) else ",".join(self.readings) or "none"
+        object.__setattr__(self, "readings", optional_readings(given))
         check_options(self.method, mom2=self.mom2, mom2_corpus=self.mom2_corpus, guard=self.guard,
                       batch_size=self.batch_size, edits_per_pass=self.edits_per_pass,
                       sequential=self.sequential, hparams=self.hparams)
@@ -233,7 +237,7 @@ def prepare(lm: LoadedModel, job: EvalJob, status: Status = quiet, say=None, tex
                            scores_every=job.scores_every if job.sequential else 1, guard=job.guard,
                            guard_threshold=job.guard_threshold if job.guard in ("verify", "fallback") else None,
                            key_stats_source=_source(stats), dtype=lm.dtype, batch_size=job.batch_size,
-                           gen_em=job.gen_em)
+                           gen_em=job.gen_em, readings=tuple(job.readings))
     null_space = None
     if m.null_space:
         with status("AlphaEdit's null-space projections"):

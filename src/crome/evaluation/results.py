@@ -135,6 +135,7 @@ def check_resumable(done: list[dict], settings: RunSettings | None, out: Path, r
     for key, value in want.items():
         if key in CADENCE:
             continue
-        if done[0].get(key, defaults[key]) != value:  # a field added later reads as its default
+        got = done[0].get(key, defaults[key])     # a field added later reads as its default
+        if (tuple(got) if isinstance(got, list) else got) != value:
             raise CromeError(f"{out} holds a run with {key}={done[0].get(key)!r}, not {value!r}: "
                              f"choose another --out")

@@ -114,12 +114,13 @@ def _gen_pairs(case: Case, context: str, prefix: str | None, tokenizer) -> list[
     return [(with_prefix(prefix if context != "plain" else None, p), case.request.target_new) for p in prompts]
 
 
-def generation_em(lm, cases, recs, scored: CaseScorer, indices, overlay) -> None:
+def generation_em(lm, cases, recs, scored: CaseScorer, indices, overlay, chat: bool = True) -> None:
     """Generation-based exact match of the new target (``measure.generation_matches``) on the edit
     prompt (``gen_em``) and its paraphrases (``gen_em_paraphrase``), plain, after the test prefix and
     after the natural sentence; and through the chat template (``gen_em_chat``, ``gen_em_chat_paraphrase``
-    in the plain metrics: the greedy answer names the new target before the old, ``chat_answer_matches``)."""
-    for context in ("plain", "prefix", "natural", "chat"):
+    in the plain metrics: the greedy answer names the new target before the old, ``chat_answer_matches``;
+    ``chat``: False leaves it out). A case without a natural sentence has no natural reading."""
+    for context in ("plain", "prefix", "natural") + (("chat",) if chat else ()):
         pairs, owners, spans = [], [], []
         for slot, (case, i) in enumerate(zip(cases, indices)):
             prefix = {"prefix": scored.prefixes[i], "natural": scored.naturals[i]}.get(context)

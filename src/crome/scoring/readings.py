@@ -17,6 +17,21 @@ import random
 import re
 
 READINGS = ("bare", "natural", "prefix", "chat")
+# the readings an eval run may leave out (``--readings``): the bare prompt and the test prefix are its
+# records' own metrics; these two cost a second scoring pass and 40-token generations per prompt
+OPTIONAL_READINGS = ("natural", "chat")
+
+
+def optional_readings(text: str) -> tuple[str, ...]:
+    """``--readings``' value (comma-separated, or ``none``) as a tuple in ``OPTIONAL_READINGS``' order."""
+    from ..errors import CromeError
+
+    names = {n.strip() for n in text.split(",") if n.strip()} - {"none"}
+    unknown = names - set(OPTIONAL_READINGS)
+    if unknown:
+        raise CromeError(f"unknown reading {', '.join(sorted(unknown))!r}: choose from {', '.join(OPTIONAL_READINGS)} "
+                         f"or none (the bare prompt and the test prefix are always read)")
+    return tuple(n for n in OPTIONAL_READINGS if n in names)
 
 # natural sentences a prompt might follow in a user's text: each ends a sentence, so the prompt reads
 # as the next one
