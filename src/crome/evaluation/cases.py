@@ -81,7 +81,7 @@ def _measure(lm, cases, recs, ctx: RunContext, scored: CaseScorer | None, applie
     s = ctx.settings
     if s.gen_em and scored is not None:
         generation_em(lm, [cases[i] for i in applied], [recs[i] for i in applied], scored, applied, overlay,
-                      chat="chat" in s.readings)
+                      s.readings)
     for slot, i in enumerate(applied):
         if cases[i].generation_prompts and s.gen_tokens:
             texts = sample(lm, cases[i].generation_prompts, s.gen_tokens, s.seed, overlay=overlay,

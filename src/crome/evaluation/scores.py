@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..models import LoadedModel
 from ..scoring.measure import generation_matches, greedy_answers, score_targets, with_prefix
 from ..scoring.metrics import accuracy, agreement, prob, score_and_magnitude
-from ..scoring.readings import CHAT_TOKENS, chat_answer_matches, chat_text
+from ..scoring.readings import CHAT_TOKENS, OPTIONAL_READINGS, chat_answer_matches, chat_text
 from .datasets import Case
 
 # the contexts a case is scored in (``CaseScorer``), and the record group each one's metrics go to
@@ -114,13 +114,14 @@ def _gen_pairs(case: Case, context: str, prefix: str | None, tokenizer) -> list[
     return [(with_prefix(prefix if context != "plain" else None, p), case.request.target_new) for p in prompts]
 
 
-def generation_em(lm, cases, recs, scored: CaseScorer, indices, overlay, chat: bool = True) -> None:
+def generation_em(lm, cases, recs, scored: CaseScorer, indices, overlay,
+                  readings: tuple[str, ...] = OPTIONAL_READINGS) -> None:
     """Generation-based exact match of the new target (``measure.generation_matches``) on the edit
     prompt (``gen_em``) and its paraphrases (``gen_em_paraphrase``), plain, after the test prefix and
     after the natural sentence; and through the chat template (``gen_em_chat``, ``gen_em_chat_paraphrase``
-    in the plain metrics: the greedy answer names the new target before the old, ``chat_answer_matches``;
-    ``chat``: False leaves it out). A case without a natural sentence has no natural reading."""
-    for context in ("plain", "prefix", "natural") + (("chat",) if chat else ()):
+    in the plain metrics: the greedy answer names the new target before the old, ``chat_answer_matches``),
+    the last two where ``readings`` (the run's ``OPTIONAL_READINGS``) name them."""
+    for context in ("plain", "prefix", *readings):
         pairs, owners, spans = [], [], []
         for slot, (case, i) in enumerate(zip(cases, indices)):
             prefix = {"prefix": scored.prefixes[i], "natural": scored.naturals[i]}.get(context)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import random
 import re
 
+from ..errors import CromeError
+
 READINGS = ("bare", "natural", "prefix", "chat")
 # the readings an eval run may leave out (``--readings``): the bare prompt and the test prefix are its
 # records' own metrics; these two cost a second scoring pass and 40-token generations per prompt
@@ -24,8 +26,6 @@ OPTIONAL_READINGS = ("natural", "chat")
 
 def optional_readings(text: str) -> tuple[str, ...]:
     """``--readings``' value (comma-separated, or ``none``) as a tuple in ``OPTIONAL_READINGS``' order."""
-    from ..errors import CromeError
-
     names = {n.strip() for n in text.split(",") if n.strip()} - {"none"}
     unknown = names - set(OPTIONAL_READINGS)
     if unknown:
