@@ -110,6 +110,7 @@ def summarise(records: list[dict], timing: list[dict]) -> dict:
     ns = [m["ns"] for m in metrics]
     steps = [r.get("opt_steps") for r in records if r.get("opt_steps") is not None]
     seconds = [t["seconds"] for t in timing]
+    anchored = [r for r in records if r.get("nas_ratio") is not None]   # NAS: v*'s norm over the anchor
     last = kept[-1] if kept else {}
 
     def at(rows, key):
@@ -131,6 +132,8 @@ def summarise(records: list[dict], timing: list[dict]) -> dict:
         weight_ratio_max=max(v["ratio"] for v in normed[-1]["weight_norms"].values()) if normed else None,
         seconds_per_edit=statistics.median(seconds) if seconds else None,
         v_steps_mean=_mean(steps),
+        nas_skipped=sum(bool(r.get("nas_skipped")) for r in anchored) if anchored else None,
+        nas_ratio_median=statistics.median(r["nas_ratio"] for r in anchored) if anchored else None,
         ppl_ratio_at=at(measured, "ppl_ratio"), retained_es_at=at(kept, "retained_efficacy"),
         retained_gen_em_at=at(kept, "retained_gen_em"))
 
@@ -188,6 +191,13 @@ def side_by_side(runs: dict[str, list[dict]], step: int = 100) -> tuple[int, lis
     return m, lines
 
 
+def result_files(args, protocol: str) -> list[Path]:
+    """The runs' results files of ``protocol`` in ``--out-dir`` and the ``--with`` folders, by name."""
+    folders = [Path(args.out_dir), *map(Path, args.with_runs)]
+    return sorted((f for folder in folders for f in (folder / protocol).glob("*.jsonl")
+                   if not f.name.endswith(".timing.jsonl")), key=lambda f: f.name)
+
+
 def report(args) -> None:
     import matplotlib
 
@@ -199,13 +209,11 @@ def report(args) -> None:
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     table, common, at_marks = {}, [], []
-    protocols = [p for p in "AB" if any(f.stat().st_size for f in (Path(args.out_dir) / p).glob("*.jsonl"))]
+    protocols = [p for p in "AB" if any(f.stat().st_size for f in result_files(args, p))]
     fig, axes = plt.subplots(len(protocols), 4, figsize=(18, 4 * len(protocols)), squeeze=False)
     for row, protocol in zip(axes, protocols):
         runs = {}
-        for path in sorted((Path(args.out_dir) / protocol).glob("*.jsonl")):
-            if path.name.endswith(".timing.jsonl"):
-                continue
+        for path in result_files(args, protocol):
             records = ResultsFile(path).read()
             timing = ResultsFile(timing_path(path)).read()
             if not records:
@@ -235,6 +243,7 @@ def report(args) -> None:
     cols = ["edits", "first_2x", "ppl_ratio_last", "retained_es", "retained_es_prefixed", "retained_gen_em",
             "retained_gen_em_prefixed", "es", "ps", "gen_em", "gen_em_prefixed",
             "ns_first_100", "ns_last_100", "weight_ratio_max", "seconds_per_edit", "v_steps_mean"]
+    cols += ["nas_skipped", "nas_ratio_median"] if any(row["nas_skipped"] is not None for row in table.values()) else []
     lines = ["| run | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     lines += [f"| {name} | " + " | ".join(_cell(row[c]) for c in cols) + " |" for name, row in table.items()]
     lines += ["", *common, "Each run at 100, 1,000, 3,000 ... edits:", "", *at_marks]
@@ -284,6 +293,8 @@ def main() -> None:
                     help="... on at most this many earlier edits, spread over the run (0: all of them).")
     ap.add_argument("--scores-every", type=int, default=1,
                     help="Score every k-th edit's own ES/PS/NS and generation EM (a sample; 1: every edit).")
+    ap.add_argument("--with", dest="with_runs", nargs="+", default=[], metavar="DIR",
+                    help="--report: the runs in these --out-dir folders too (another session's runs beside these).")
     add_run_options(ap, str(DATA / "counterfact" / "counterfact-train.json"), str(DATA / "me-ppl" / "ME-PPL_50.json"), "runs/lifelong",
                     "docs/results/lifelong")
     args = ap.parse_args()

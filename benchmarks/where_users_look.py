@@ -12,7 +12,8 @@ model (its efficacy before the edit; its generation never names the counterfactu
 * bare: ES and generation EM of the prompt as typed; natural: after a natural sentence
   (``scoring.readings.NATURAL_LEAD_INS``); prefix: after the test-time prefix; chat: the greedy answer
   through the chat template names the new target first;
-* paraphrases: PS and generation EM; NS; the perplexity ratio on ME-PPL_50 (median, max) and the
+* paraphrases: PS and generation EM; NS and NM (the neighbours' mean margin P(true) − P(new), which
+  shows whether an NS difference is a margin or a tie flipped at 10⁻⁶); the perplexity ratio on ME-PPL_50 (median, max) and the
   collapse rate;
 * the first-position check (``--sink``, ``sink.json``): each method's edit of a first-token subject,
   perplexity ratio on ME-PPL texts as they are (other first tokens) and after the subject (the bare
@@ -46,7 +47,8 @@ READINGS = (("bare ES", "metrics", "es"), ("bare gen EM", "metrics", "gen_em"),
             ("prefix ES", "metrics_prefixed", "es"), ("prefix gen EM", "metrics_prefixed", "gen_em"),
             ("chat EM", "metrics", "gen_em_chat"), ("PS", "metrics", "ps"),
             ("paraphrase gen EM", "metrics", "gen_em_paraphrase"),
-            ("chat EM paraphrase", "metrics", "gen_em_chat_paraphrase"), ("NS", "metrics", "ns"))
+            ("chat EM paraphrase", "metrics", "gen_em_chat_paraphrase"), ("NS", "metrics", "ns"),
+            ("NM", "metrics", "nm"))
 BEFORE = {"metrics": "before", "metrics_natural": "before_natural", "metrics_prefixed": "before_prefixed"}
 FALLBACK = ("crome", "rome")   # the per-edit baseline: the first method's kept edit, else the second's
 
@@ -181,7 +183,8 @@ def combined(by_method: dict[str, list[dict]]) -> list[dict] | None:
 
 
 PAIRED = (("bare gen EM", "metrics", "gen_em"), ("paraphrase gen EM", "metrics", "gen_em_paraphrase"),
-          ("chat EM", "metrics", "gen_em_chat"), ("bare ES", "metrics", "es"))
+          ("chat EM", "metrics", "gen_em_chat"), ("bare ES", "metrics", "es"), ("NS", "metrics", "ns"),
+          ("NM", "metrics", "nm"))
 BASELINE = "rome"   # the paired differences are against the reference implementation's edits
 
 
