@@ -194,6 +194,8 @@ def side_by_side(runs: dict[str, list[dict]], step: int = 100) -> tuple[int, lis
 def result_files(args, protocol: str) -> list[Path]:
     """The runs' results files of ``protocol`` in ``--out-dir`` and the ``--with`` folders, by name."""
     folders = [Path(args.out_dir), *map(Path, args.with_runs)]
+    if missing := [str(f) for f in folders if not f.is_dir()]:
+        raise SystemExit(f"no runs folder: {', '.join(missing)}")
     return sorted((f for folder in folders for f in (folder / protocol).glob("*.jsonl")
                    if not f.name.endswith(".timing.jsonl")), key=lambda f: f.name)
 
