@@ -29,14 +29,14 @@ def common(files):
     return ["--model", str(files / "tiny"), "--layer", "1", "--no-mom2"]
 
 
-def test_demo_runs_both_methods_on_both_cases(files):
+def test_demo_runs_every_demo_method_on_both_cases(files):
     r = CliRunner().invoke(main, ["demo", *common(files), "--ppl-data", str(files / "texts.txt"), "--tokens", "2",
                                   "--json"])
     assert r.exit_code == 0, r.output
     results = json.loads(r.stdout[r.stdout.index("["):])
     assert [c["case"] for c in results] == ["first-token subject", "subject later in the prompt"]
     for case in results:
-        assert [x["method"] for x in case["reports"]] == ["rome", "crome"]
+        assert [x["method"] for x in case["reports"]] == ["rome", "crome", "dual"]
         assert all(x["guard"] == "off" and x["layer"] == 1 and x["ppl_ratio"] > 0 for x in case["reports"])
 
 

@@ -267,3 +267,17 @@ def test_eval_records_an_edit_that_did_not_take(tokenizer, tmp_path):
     assert r["guard_action"] == "rolled back" and r["guard_reason"] == "did not take" and r["guard_took"] is False
     assert r["guard_efficacy"]["target_old"] == "France" and not r["applied"] and "did not take" in r["error"]
     assert r["key_outlier_ratio"] > 0 and r["value_shift"] > 0 and torch.equal(lm.mlp_out(1).weight, w)
+
+
+@pytest.mark.parametrize("method, took, expect, not_expect", [
+    ("crome", False, "--method dual", None), ("dual", False, "--layer auto", "--method"),
+    ("dual", None, "--method crome", "dual"), ("crome", None, "--method dual", "crome"),
+    ("rome", None, "--method crome or dual", None)])
+def test_next_step_names_methods_other_than_the_one_stopped(method, took, expect, not_expect):
+    """A rolled-back edit says what to try next, and never the method that was just stopped."""
+    from crome.editing.records import GuardDecision
+
+    decision = GuardDecision(guard="verify", edited_with=method, guard_took=took, guard_action="rolled back")
+    step = decision.next_step()
+    assert expect in step and (not_expect is None or not_expect not in step.split("try", 1)[1])
+    assert GuardDecision(guard="verify", edited_with=method).next_step() is None

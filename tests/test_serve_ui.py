@@ -18,6 +18,7 @@ import torch
 from conftest import TEXTS, tiny_model
 from test_serve import FACTS, job, replayed, same, weights
 
+from crome.editing.methods import DEFAULT_METHOD
 from crome.serving.app import serve
 from crome.serving.session import EditSession
 
@@ -76,7 +77,7 @@ def test_two_http_clients_editing_at_once(served, tokenizer):
 
 @pytest.mark.integration
 def test_browser_edits_asks_and_undoes_on_the_default_model(default_lm, me_ppl_50, tmp_path):
-    """Chromium loads the page, makes a C-ROME edit, sees the diagnostics and both generations,
+    """Chromium loads the page, makes an edit with the default method, sees the diagnostics and both generations,
     asks a question, undoes the edit and sees an empty history; a screenshot is kept."""
     if not Path(CHROMIUM).exists():
         pytest.fail(f"the browser test needs Chromium at {CHROMIUM}: apt-get install chromium "
@@ -104,6 +105,7 @@ def test_browser_edits_asks_and_undoes_on_the_default_model(default_lm, me_ppl_5
             expect(page.locator("#generations")).to_contain_text("The mother tongue of Danielle Darrieux is")
             generations = session.applied[0].report.get("generation_after")
             assert generations and len(session.history()) == 1
+            assert session.applied[0].report["method"] == DEFAULT_METHOD     # the page offers the default first
             expect(page.locator("#numbers")).to_contain_text("through the chat template")   # the four readings
             for table in ("#generations", "#numbers"):            # every column inside the page, none cut off
                 box, frame = page.locator(f"{table} table").first.bounding_box(), page.locator(table).bounding_box()

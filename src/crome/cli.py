@@ -441,7 +441,7 @@ def _settings_line(r: dict) -> str:
 @click.option("--tokens", default=20, show_default=True, help="Tokens generated after each edit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def demo(**o):
-    """ROME vs C-ROME on a first-token subject and a normal one: the collapse and its fix.
+    """ROME, C-ROME and dual (the default) on a first-token subject and a normal one: the collapse and its fixes.
 
     crome's default settings (key statistics on); --no-mom2 gives the "Fall of ROME" paper's
     setting (C = I). ROME's first-token edit collapses the model in both."""

@@ -92,14 +92,15 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("calphaedit", "C-AlphaEdit", "batch", "mean", needs_c=True, null_space=True),
     Method("memory", "Gated memory", "gated", "mean", needs_c=True, served=True),
 )}
-DEFAULT_METHOD = "crome"
+# the default (issue 38): consistent like C-ROME, and it takes on the bare prompt too (docs/EVAL.md, "Where users look")
+DEFAULT_METHOD = "dual"
 DEFAULT_BATCH_METHOD = "cmemit"
 # the method the guard falls back to, and the one trial edits of ``--layer auto`` make: consistent, one fact
 FALLBACK_METHOD = "crome"
 # what to try when an edit did not take on the bare prompt: it writes the bare prompt's key as well as k̄
 BARE_KEY_METHOD = "dual"
-# ``crome demo``: the reference and its consistent fix, side by side
-DEMO_METHODS = ("rome", "crome")
+# ``crome demo``: the reference, its consistent fix, and the default, side by side
+DEMO_METHODS = ("rome", "crome", "dual")
 # the reference implementation (bare keys): the method whose first-token collapse ``crome analyze
 # first-token`` edits again with random text before the subject
 REFERENCE_METHOD = "rome"

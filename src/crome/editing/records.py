@@ -144,14 +144,19 @@ class GuardDecision:
         return out
 
     def next_step(self) -> str | None:
-        """What to try after the guard stopped an edit (None: it did not)."""
+        """What to try after the guard stopped an edit (None: it did not): the other methods first."""
         if self.guard_action not in ("rolled back", "refused"):
             return None
         if self.guard_took is False:
-            return (f"the edit did not take: try --method {BARE_KEY_METHOD} (it also writes the bare prompt's key), "
-                    f"--layer auto, or another phrasing of the prompt")
-        return (f"the edit would damage the model: try --method {FALLBACK_METHOD} or {BARE_KEY_METHOD} (consistent "
-                f"keys), or another layer (--layer auto)")
+            other = self._try(BARE_KEY_METHOD, note=" (it also writes the bare prompt's key)")
+            return f"the edit did not take: try {other}--layer auto, or another phrasing of the prompt"
+        other = self._try(FALLBACK_METHOD, BARE_KEY_METHOD, note=" (consistent keys)")
+        return f"the edit would damage the model: try {other}another layer (--layer auto)"
+
+    def _try(self, *methods: str, note: str) -> str:
+        """``--method A or B<note>, `` for the methods other than the one that was stopped ('' if none)."""
+        others = [m for m in methods if m != self.edited_with]
+        return f"--method {' or '.join(others)}{note}, " if others else ""
 
 
 class GuardRefused(CromeError):

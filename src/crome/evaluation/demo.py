@@ -1,5 +1,5 @@
-"""``crome demo`` as a library function: the reference method and its consistent fix (``DEMO_METHODS``)
-edit the same facts, each on the unedited model, measured side by side.
+"""``crome demo`` as a library function: the reference method, its consistent fix and the default
+(``DEMO_METHODS``) edit the same facts, each on the unedited model, measured side by side.
 
 The cases: a subject that is the prompt's first token (the first position's keys are outliers, and
 the reference edit collapses the model) and a subject later in the prompt (the easy case).
