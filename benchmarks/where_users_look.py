@@ -156,6 +156,12 @@ def reading(rec: dict, group: str, key: str) -> float | None:
     return None if v is None else float(v)
 
 
+def measured(records: list[dict], group: str, key: str) -> bool:
+    """Whether a reading exists for these records' model at all (a model without a chat template has no
+    chat reading): some kept edit has it. A rolled-back edit counts 0 only for a reading that exists."""
+    return any(r.get("applied") and (r.get(group) or {}).get(key) is not None for r in records)
+
+
 def _mean(values: list) -> float | None:
     values = [v for v in values if v is not None and not math.isnan(v)]
     return round(statistics.fmean(values), 3) if values else None
@@ -165,7 +171,7 @@ def table_row(records: list[dict]) -> dict:
     """The readings of one method on one split, and its perplexity and collapse numbers."""
     row = {"cases": len(records), "kept": sum(bool(r.get("applied")) for r in records)}
     for column, group, key in READINGS:
-        row[column] = _mean([reading(r, group, key) for r in records])
+        row[column] = _mean([reading(r, group, key) for r in records]) if measured(records, group, key) else None
     ratios = [r["ppl_ratio"] for r in records if r.get("applied") and r.get("ppl_ratio") is not None]
     row["ppl ratio median"] = round(statistics.median(ratios), 4) if ratios else None
     row["ppl ratio max"] = round(max(ratios), 4) if ratios else None
@@ -200,6 +206,8 @@ def paired(by_method: dict[str, list[dict]]) -> dict:
             continue
         out[m] = {}
         for column, group, key in PAIRED:
+            if not (measured(recs, group, key) and measured(by_method[BASELINE], group, key)):
+                continue
             d = [a - b for r in recs if r["case_id"] in base
                  for a, b in [(reading(r, group, key), reading(base[r["case_id"]], group, key))]
                  if a is not None and b is not None]

@@ -134,3 +134,18 @@ def test_crome_edit_reports_the_four_places(tokenizer, tmp_path):
     rows = readings_rows(readings)
     assert [r[0].split(" ")[0] for r in rows] == ["P(target)", "P(target)", "P(target)", "answer"]
     assert all(len(r) == 3 for r in rows)
+
+
+def test_the_where_users_look_table_counts_a_rolled_back_edit_only_in_readings_the_model_has(monkeypatch):
+    """A rolled-back edit reads as the unedited model: 0 for a generation reading the model has, nothing
+    for one it has not (Gemma 3 has no chat template, so no chat column, whatever ROME rolled back)."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    table_row = importlib.import_module("where_users_look").table_row
+    back = {"applied": False, "before": {"es": 0.0}}
+    row = table_row([{"applied": True, "metrics": {"es": 1.0, "gen_em": 1.0}}, back])
+    assert row["bare gen EM"] == 0.5 and row["bare ES"] == 0.5 and row["chat EM"] is None and row["kept"] == 1
+    chat = table_row([{"applied": True, "metrics": {"es": 1.0, "gen_em": 1.0, "gen_em_chat": 1.0}}, back])
+    assert chat["chat EM"] == 0.5
