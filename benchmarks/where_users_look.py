@@ -4,7 +4,11 @@ Each method edits the same counterfact-val cases with crome's defaults (key stat
 verify``, whose check now includes the bare prompt) and ``--gen-em``; the runs share each case's keys
 and v* (computed once: they do not depend on the method), so a case costs one v* optimisation, not one
 per method. Every run's results file is a ``crome eval`` results file (``crome summarize`` reads it)
-and resumes: kill it whenever, the same command continues.
+and resumes: kill it whenever, the same command continues. The files live in the repository
+(``docs/results/where_users_look/records/<model>/``, committed): a run longer than a session (Gemma 3,
+~70 s per case on 2 cores, most of it perplexity through a 262k-token output layer) goes on from them in
+the next one, and the table can be recomputed from them (``--report``; a model without records here
+keeps its committed table).
 
 The table reads every case where a user would, an edit the guard rolled back counting as the unedited
 model (its efficacy before the edit; its generation never names the counterfactual target, scored 0):
@@ -245,10 +249,22 @@ def report(args) -> dict:
             if reference.exists() else {}
         out[model] = dict(splits=splits, first_position=first_position, chat_reference=chat, paired=paired(by_method))
     if args.docs:
+        out = {**kept_tables(Path(args.docs) / "where_users_look.json", out), **out}
         emit(out, str(Path(args.docs) / "where_users_look.json"))
         (Path(args.docs) / "where_users_look.md").write_text(markdown(out))
     print(markdown(out))
     return out
+
+
+def kept_tables(path: Path, measured: dict) -> dict:
+    """The tables already in ``path`` of models whose runs are not here (another session ran them): kept as
+    they are, not dropped, when the report is written again."""
+    if not path.exists():
+        return {}
+    kept = {m: got for m, got in json.loads(path.read_text()).items() if m not in measured}
+    for model in kept:
+        print(f"{model}: no runs here, its table is kept from {path}")
+    return kept
 
 
 def markdown(result: dict) -> str:
@@ -297,7 +313,8 @@ def main() -> None:
     ap.add_argument("--sink-texts", type=int, default=20, help="ME-PPL texts of the first-position check.")
     ap.add_argument("--data", default=str(DATA / "counterfact" / "counterfact-val.json"))
     ap.add_argument("--ppl-data", default=str(DATA / "me-ppl" / "ME-PPL_50.json"))
-    ap.add_argument("--out-dir", default="runs/where_users_look")
+    ap.add_argument("--out-dir", default="docs/results/where_users_look/records",
+                    help="The per-case records (committed: a run that outlasts a session resumes from them).")
     ap.add_argument("--report", action="store_true", help="Write the table from the runs so far.")
     ap.add_argument("--docs", default=None)
     args = ap.parse_args()

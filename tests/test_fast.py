@@ -54,6 +54,29 @@ def test_perplexity_monitor_matches_reference(tokenizer, model_type):
     assert monitor() == pytest.approx(monitor.baseline, rel=1e-6)
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gemma3_text"])
+def test_perplexity_in_output_row_chunks_matches_the_models_own_loss(tokenizer, model_type, monkeypatch):
+    """The output layer run a few rows at a time, at real positions only (padded batches), gives the
+    perplexity of the model's own loss on each text alone; Gemma's logit soft-capping included."""
+    import math
+
+    from crome.scoring import measure
+
+    lm = tiny_model(model_type, tokenizer)
+    if model_type == "gemma3_text":
+        lm.model.config.final_logit_softcapping = 3.0   # the loss below must see the cap too
+    texts = ["The cat sat on the mat and looked at the door.", "Rain fell.", "A longer passage about rivers."]
+    nll, count = 0.0, 0
+    for text in texts:
+        ids = torch.tensor([lm.tokenizer(text)["input_ids"]])
+        with torch.no_grad():
+            nll += float(lm.model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
+        count += ids.shape[1] - 1
+    monkeypatch.setattr(measure, "OUTPUT_ROWS", 3)
+    assert perplexity(lm, texts, batch_size=3) == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert PerplexityMonitor(lm, texts, layer=1, batch_size=3).baseline == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
 def test_perplexity_monitor_rejects_bad_layer(tiny):
     from crome.errors import CromeError
 

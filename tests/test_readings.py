@@ -149,3 +149,28 @@ def test_the_where_users_look_table_counts_a_rolled_back_edit_only_in_readings_t
     assert row["bare gen EM"] == 0.5 and row["bare ES"] == 0.5 and row["chat EM"] is None and row["kept"] == 1
     chat = table_row([{"applied": True, "metrics": {"es": 1.0, "gen_em": 1.0, "gen_em_chat": 1.0}}, back])
     assert chat["chat EM"] == 0.5
+
+
+def test_the_where_users_look_report_keeps_the_table_of_a_model_whose_records_are_elsewhere(monkeypatch, tmp_path):
+    """Writing the report again from one model's records keeps the committed table of a model whose
+    records are not here, and replaces the table of the model whose records are."""
+    import importlib
+    from argparse import Namespace
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    report = importlib.import_module("where_users_look").report
+    docs, records = tmp_path / "docs", tmp_path / "records" / "small"
+    docs.mkdir()
+    records.mkdir(parents=True)
+    other = {"splits": {"all": {"rome": {"cases": 200}}}, "first_position": {}, "chat_reference": {}, "paired": {}}
+    stale = {**other, "splits": {"all": {"rome": {"cases": 3}}}}
+    (docs / "where_users_look.json").write_text(json.dumps({"elsewhere": other, "small": stale}))
+    rows = [{"case_id": str(i), "model": "small", "applied": True, "first_token_subject": i == 0,
+             "metrics": {"es": 1.0, "gen_em": float(i)}, "ppl_ratio": 1.0} for i in range(2)]
+    (records / "rome.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = report(Namespace(out_dir=str(tmp_path / "records"), docs=str(docs)))
+    written = json.loads((docs / "where_users_look.json").read_text())
+    assert written["elsewhere"] == other and set(written) == {"elsewhere", "small"}
+    assert written["small"]["splits"]["all"]["rome"]["cases"] == 2 == out["small"]["splits"]["all"]["rome"]["cases"]
+    assert "elsewhere" in (docs / "where_users_look.md").read_text()

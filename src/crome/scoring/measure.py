@@ -169,6 +169,25 @@ def generation_matches(lm: LoadedModel, pairs: list[tuple[str, str]], prefix: st
     return [answer_matches(a, target) for a, (_, target) in zip(answers, pairs)]
 
 
+# Rows of the output layer computed at once when scoring text: a 262k-token vocabulary (Gemma 3) makes
+# the logits of a whole batch gigabytes; 512 rows of them stay small and cost the same matrix product.
+OUTPUT_ROWS = 512
+
+
+def next_token_nll(lm: LoadedModel, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+    """The summed negative log-likelihood of each padded text's next tokens, from the final hidden states,
+    and how many tokens it counts. The output layer runs only at real (unpadded) positions,
+    ``OUTPUT_ROWS`` at a time; per-token values are summed in float64."""
+    real = mask[:, 1:].bool()
+    states, targets = hidden[:, :-1][real], ids[:, 1:][real]
+    nll = 0.0
+    for start in range(0, len(targets), OUTPUT_ROWS):
+        logits = lm.logits(states[start:start + OUTPUT_ROWS])
+        lost = torch.nn.functional.cross_entropy(logits, targets[start:start + OUTPUT_ROWS], reduction="none")
+        nll += float(lost.double().sum())
+    return nll, len(targets)
+
+
 @torch.no_grad()
 def perplexity(lm: LoadedModel, texts: list[str], batch_size: int = 10, max_length: int = 256) -> float:
     """Token-weighted perplexity: exp(total NLL / number of predicted tokens)."""
@@ -177,11 +196,9 @@ def perplexity(lm: LoadedModel, texts: list[str], batch_size: int = 10, max_leng
         seqs = [lm.tokenizer(t, truncation=True, max_length=max_length)["input_ids"]
                 for t in texts[start:start + batch_size]]
         ids, mask = pad_right(seqs, lm.tokenizer.pad_token_id, lm.device)
-        logits = widen(lm.model(input_ids=ids, attention_mask=mask).logits[:, :-1])
-        lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
-        m = mask[:, 1:].bool()
-        nll -= float(lp[m].double().sum())
-        count += int(m.sum())
+        hidden = lm.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        lost, counted = next_token_nll(lm, hidden, ids, mask)
+        nll, count = nll + lost, count + counted
     return math.exp(nll / count)
 
 

@@ -11,9 +11,10 @@ import math
 
 import torch
 
-from ..hooks import repeat_output, run_until, short_circuit, widen
+from ..hooks import repeat_output, run_until, short_circuit
 from ..models import LoadedModel
 from ..request import pad_right
+from .measure import next_token_nll
 
 
 class PerplexityMonitor:
@@ -59,10 +60,9 @@ class PerplexityMonitor:
         for ids, mask, below in self.batches:
             skip = self.layers[: self.layer] if below is not None else []
             with short_circuit(skip, below):
-                logits = widen(self.lm.model(input_ids=ids, attention_mask=mask).logits[:, :-1])
-            m = mask[:, 1:].bool()
-            nll += float(torch.nn.functional.cross_entropy(logits[m], ids[:, 1:][m], reduction="sum").double())
-            count += int(m.sum())
+                hidden = self.lm.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            lost, counted = next_token_nll(self.lm, hidden, ids, mask)
+            nll, count = nll + lost, count + counted
         return math.exp(nll / count)
 
     @torch.no_grad()
@@ -85,10 +85,7 @@ class PerplexityMonitor:
                 with short_circuit(skip, repeat_output(below, n)), overlay.rows(self.lm, owners):
                     hidden = self.lm.model.base_model(input_ids=ids.repeat(n, 1),
                                                       attention_mask=mask.repeat(n, 1)).last_hidden_state
-                m = mask[:, 1:].bool()
-                for j, e in enumerate(group):  # the output layer one edit at a time: logits are large
-                    logits = self.lm.logits(hidden[j * b:(j + 1) * b, :-1])
-                    nll[e] += float(torch.nn.functional.cross_entropy(logits[m], ids[:, 1:][m],
-                                                                      reduction="sum").double())
+                for j, e in enumerate(group):
+                    nll[e] += next_token_nll(self.lm, hidden[j * b:(j + 1) * b], ids, mask)[0]
         return [math.exp(x / count) for x in nll]
 
