@@ -256,12 +256,12 @@ def report(args) -> dict:
     return out
 
 
-def kept_tables(path: Path, measured: dict) -> dict:
-    """The tables already in ``path`` of models whose runs are not here (another session ran them): kept as
-    they are, not dropped, when the report is written again."""
+def kept_tables(path: Path, fresh: dict) -> dict:
+    """The tables already in ``path`` of models not in ``fresh`` (their runs are not here: another session
+    ran them): kept as they are, not dropped, when the report is written again."""
     if not path.exists():
         return {}
-    kept = {m: got for m, got in json.loads(path.read_text()).items() if m not in measured}
+    kept = {m: got for m, got in json.loads(path.read_text()).items() if m not in fresh}
     for model in kept:
         print(f"{model}: no runs here, its table is kept from {path}")
     return kept
