@@ -222,6 +222,53 @@ def paired(by_method: dict[str, list[dict]]) -> dict:
     return out
 
 
+PPL_BASELINE = "crome"   # perplexity is compared with the consistent edit's, the issue's bar (≤ C-ROME's)
+
+
+def paired_ppl(by_method: dict[str, list[dict]]) -> dict:
+    """Each method's ME-PPL_50 ratio minus ``PPL_BASELINE``'s on the cases both kept: mean, 95% interval
+    half-width, median, cases higher and lower. {method: {...}}."""
+    kept = {m: {r["case_id"]: r["ppl_ratio"] for r in recs if r.get("applied") and r.get("ppl_ratio") is not None}
+            for m, recs in by_method.items()}
+    base = kept.get(PPL_BASELINE, {})
+    out = {}
+    for m, ratios in kept.items():
+        d = [ratio - base[case] for case, ratio in ratios.items() if case in base]
+        if m != PPL_BASELINE and len(d) > 1:
+            out[m] = dict(diff=round(statistics.fmean(d), 5), ci95=round(1.96 * statistics.stdev(d) / math.sqrt(len(d)), 5),
+                          median=round(statistics.median(d), 5), higher=sum(x > 0 for x in d),
+                          lower=sum(x < 0 for x in d), n=len(d))
+    return out
+
+
+def tradeoff_figure(result: dict, path: Path) -> None:
+    """Bare efficacy against perplexity, one panel per model: each method's bare generation EM against its
+    median ME-PPL_50 ratio, on all cases (o) and on first-token subjects (^); the dotted line is the
+    issue's median bound, 1.01."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m, got in result.items() if got["splits"].get("all")]
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for split, marker in (("all", "o"), ("first-token subject", "^")):
+            points = {}   # methods at the same point share one label
+            for i, (m, row) in enumerate(result[model]["splits"].get(split, {}).items()):
+                x, y = row.get("ppl ratio median"), row.get("bare gen EM")
+                if x is not None and y is not None:
+                    ax.scatter(x, y, marker=marker, color=f"C{i}")
+                    points.setdefault((x, y), []).append(m)
+            for xy, names in points.items():
+                ax.annotate(", ".join(names), xy, fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axvline(1.01, ls=":", color="grey")
+        ax.set(title=model, xlabel="ME-PPL_50 ratio, median", ylabel="bare generation EM")
+    fig.suptitle("bare efficacy against perplexity (o all cases, ^ first-token subjects; dotted: median bound 1.01)")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def report(args) -> dict:
     """{model: {split: {method: row}}} from the runs so far (the cases every method has edited, paired),
     written as JSON and Markdown."""
@@ -247,11 +294,13 @@ def report(args) -> dict:
         reference = folder / "chat_reference.json"
         chat = {k: v for k, v in json.loads(reference.read_text()).items() if k in ("prompt", "paraphrase", "n")} \
             if reference.exists() else {}
-        out[model] = dict(splits=splits, first_position=first_position, chat_reference=chat, paired=paired(by_method))
+        out[model] = dict(splits=splits, first_position=first_position, chat_reference=chat, paired=paired(by_method),
+                          paired_ppl=paired_ppl(by_method))
     if args.docs:
         out = {**kept_tables(Path(args.docs) / "where_users_look.json", out), **out}
         emit(out, str(Path(args.docs) / "where_users_look.json"))
         (Path(args.docs) / "where_users_look.md").write_text(markdown(out))
+        tradeoff_figure(out, Path(args.docs) / "where_users_look_tradeoff.png")
     print(markdown(out))
     return out
 
@@ -286,6 +335,10 @@ def markdown(result: dict) -> str:
                                              if (v := cols.get(c)) else "-" for c, _, _ in PAIRED) + " |"
                       for m, cols in got["paired"].items()]
             lines.append("")
+        if got.get("paired_ppl"):
+            lines += [f"**{model}, ME-PPL_50 ratio minus {PPL_BASELINE}'s** (paired, cases both kept): " + "; ".join(
+                f"{m} {v['diff']:+.5f} ± {v['ci95']:.5f}, median {v['median']:+.5f} ({v['higher']} / {v['lower']})"
+                for m, v in got["paired_ppl"].items()), ""]
         if got.get("chat_reference"):
             c = got["chat_reference"]
             lines += [f"**{model}, the chat reading's reference**: the unedited model, asked through the template, names "

@@ -174,3 +174,28 @@ def test_the_where_users_look_report_keeps_the_table_of_a_model_whose_records_ar
     assert written["elsewhere"] == other and set(written) == {"elsewhere", "small"}
     assert written["small"]["splits"]["all"]["rome"]["cases"] == 2 == out["small"]["splits"]["all"]["rome"]["cases"]
     assert "elsewhere" in (docs / "where_users_look.md").read_text()
+
+
+def test_the_where_users_look_report_pairs_perplexity_with_crome_s_and_draws_the_trade_off(monkeypatch, tmp_path):
+    """The report pairs each method's perplexity ratio with C-ROME's on the cases both kept (a rolled-back
+    edit is left out) and draws bare efficacy against perplexity."""
+    import importlib
+    from argparse import Namespace
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    report = importlib.import_module("where_users_look").report
+    docs, records = tmp_path / "docs", tmp_path / "records" / "small"
+    docs.mkdir()
+    records.mkdir(parents=True)
+    ratios = {"crome": [1.0, 1.01, 1.02], "dual": [1.01, 1.03, 9.0]}
+    for method, values in ratios.items():
+        rows = [{"case_id": str(i), "model": "small", "applied": i < 2 or method == "crome", "ppl_ratio": v,
+                 "first_token_subject": True, "metrics": {"es": 1.0, "gen_em": 1.0}} for i, v in enumerate(values)]
+        (records / f"{method}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = report(Namespace(out_dir=str(tmp_path / "records"), docs=str(docs)))
+    dual = out["small"]["paired_ppl"]["dual"]
+    assert dual["n"] == 2 and dual["diff"] == pytest.approx(0.015) and (dual["higher"], dual["lower"]) == (2, 0)
+    assert "crome" not in out["small"]["paired_ppl"]
+    assert (docs / "where_users_look_tradeoff.png").stat().st_size > 0
+    assert "minus crome's" in (docs / "where_users_look.md").read_text()
