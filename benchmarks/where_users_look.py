@@ -216,10 +216,14 @@ def paired(by_method: dict[str, list[dict]]) -> dict:
                  for a, b in [(reading(r, group, key), reading(base[r["case_id"]], group, key))]
                  if a is not None and b is not None]
             if len(d) > 1:
-                out[m][column] = dict(diff=round(statistics.fmean(d), 3),
-                                      ci95=round(1.96 * statistics.stdev(d) / math.sqrt(len(d)), 3),
-                                      higher=sum(x > 0 for x in d), lower=sum(x < 0 for x in d), n=len(d))
+                out[m][column] = difference(d, 3)
     return out
+
+
+def difference(d: list[float], digits: int) -> dict:
+    """Paired differences summarised: mean, 95% interval half-width, cases higher and lower."""
+    return dict(diff=round(statistics.fmean(d), digits), ci95=round(1.96 * statistics.stdev(d) / math.sqrt(len(d)), digits),
+                higher=sum(x > 0 for x in d), lower=sum(x < 0 for x in d), n=len(d))
 
 
 PPL_BASELINE = "crome"   # perplexity is compared with the consistent edit's, the issue's bar (≤ C-ROME's)
@@ -235,9 +239,7 @@ def paired_ppl(by_method: dict[str, list[dict]]) -> dict:
     for m, ratios in kept.items():
         d = [ratio - base[case] for case, ratio in ratios.items() if case in base]
         if m != PPL_BASELINE and len(d) > 1:
-            out[m] = dict(diff=round(statistics.fmean(d), 5), ci95=round(1.96 * statistics.stdev(d) / math.sqrt(len(d)), 5),
-                          median=round(statistics.median(d), 5), higher=sum(x > 0 for x in d),
-                          lower=sum(x < 0 for x in d), n=len(d))
+            out[m] = difference(d, 5) | dict(median=round(statistics.median(d), 5))
     return out
 
 
